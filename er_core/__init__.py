@@ -1,0 +1,44 @@
+"""er_core: the embedding-recycling library (no Ray here; pipelines/ builds on it)."""
+
+__version__ = "0.1.0"
+
+from .cache import CacheReader, CacheWriter, open_cache  # noqa: E402
+from .codecs import CODECS, DEFAULT_CODEC, get_codec  # noqa: E402
+from .errors import (  # noqa: E402
+    ArtifactMismatchError,
+    CacheCorruptError,
+    CacheLockedError,
+    CacheMismatchError,
+    DataFormatError,
+    ErError,
+    LabelError,
+    UnsupportedModelError,
+)
+from .keys import TokenizerSettings, example_key, tokenizer_settings  # noqa: E402
+from .manifest import CacheSpec, Manifest, ShardInfo  # noqa: E402
+from .models import DEFAULT_MODEL, load_encoder  # noqa: E402
+
+__all__ = [
+    "ArtifactMismatchError",
+    "CODECS",
+    "CacheCorruptError",
+    "CacheLockedError",
+    "CacheMismatchError",
+    "CacheReader",
+    "CacheSpec",
+    "CacheWriter",
+    "DEFAULT_CODEC",
+    "DEFAULT_MODEL",
+    "DataFormatError",
+    "ErError",
+    "LabelError",
+    "Manifest",
+    "ShardInfo",
+    "TokenizerSettings",
+    "UnsupportedModelError",
+    "example_key",
+    "get_codec",
+    "load_encoder",
+    "open_cache",
+    "tokenizer_settings",
+]

@@ -1,0 +1,74 @@
+"""Turn head outputs into task predictions (labels, word tags, answer spans) and score them."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .metrics import classification_metrics, ner_metrics, qa_metrics
+from .task_data import Item, SplitData, iter_batches
+
+
+def decode(kind: str, item: Item, logits: np.ndarray, labels) -> object:
+    """One example's prediction from its (unpadded) logits."""
+    if kind == "classification":
+        return labels.decode(int(logits.argmax()))
+    if kind == "ner":
+        # A word's tag is the first sub-token's; words cut off by truncation are tagged O.
+        tags = ["O"] * len(item.example.words)
+        prev = None
+        for t, w in enumerate(item.word_ids or []):
+            if w is not None and w != prev and t < len(logits):
+                tags[w] = labels.decode(int(logits[t].argmax()))
+            prev = w
+        return tags
+    if kind == "qa":
+        start, end = logits[:, 0], logits[:, 1]
+        ctx = [t for t, o in enumerate(item.offsets) if o is not None and t < len(logits)]
+        if not ctx:
+            return ""
+        best, span = -np.inf, (ctx[0], ctx[0])
+        for s in ctx:  # best start/end pair with end >= start, answers at most 30 tokens
+            for e in ctx:
+                if s <= e < s + 30 and start[s] + end[e] > best:
+                    best, span = start[s] + end[e], (s, e)
+        a, b = item.offsets[span[0]][0], item.offsets[span[1]][1]
+        return item.example.text_pair[a:b]
+    raise ValueError(kind)
+
+
+def score(kind: str, items: list[Item], preds: list) -> dict:
+    if kind == "classification":
+        return classification_metrics([it.example.label for it in items], preds)
+    if kind == "ner":
+        return ner_metrics([list(it.example.tags) for it in items], preds)
+    refs = {it.example.id: [a for a, _ in it.example.answers] for it in items}
+    return qa_metrics({it.example.id: p for it, p in zip(items, preds)}, refs)
+
+
+@torch.inference_mode()
+def predict(model, data: SplitData, source: str, labels, batch_size: int = 64, pad_id: int = 0) -> list:
+    """Predictions for every item of `data`, in item order."""
+    was_training = model.training
+    model.eval()
+    preds: list = [None] * len(data.items)
+    for order, batch in iter_batches(data, batch_size, source, pad_id):
+        logits = forward(model, batch).float().cpu().numpy()
+        for r, i in enumerate(order):
+            n = len(data.items[i].input_ids)
+            preds[i] = decode(data.kind, data.items[i], logits[r] if data.kind == "classification" else logits[r, :n], labels)
+    model.train(was_training)
+    return preds
+
+
+def evaluate(model, data: SplitData, source: str, labels, batch_size: int = 64, pad_id: int = 0) -> dict:
+    if not data.items:
+        return {}
+    return score(data.kind, data.items, predict(model, data, source, labels, batch_size, pad_id))
+
+
+def forward(model, batch: dict) -> torch.Tensor:
+    """Run a model on a batch fed either with cached states or with token ids."""
+    if "hidden_states" in batch:
+        return model(batch["hidden_states"], batch["attention_mask"])
+    return model(batch["input_ids"], batch["attention_mask"])

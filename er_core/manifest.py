@@ -1,0 +1,133 @@
+"""The cache manifest: what makes a cache valid, and the list of its committed shards.
+
+`manifest.json` is the only file readers trust: a shard exists for them once it is listed
+here with its checksum. It is self-describing (format and er versions recorded), like
+peft's `adapter_config.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+from .errors import CacheCorruptError, CacheMismatchError
+from .keys import TokenizerSettings
+
+FORMAT_NAME = "er-embedding-cache"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """Everything a cached state depends on. Two specs with no `diff` produce identical rows."""
+
+    model_name: str
+    model_type: str
+    lower_fingerprint: str
+    layer: int
+    num_layers: int
+    hidden_size: int
+    tokenizer: TokenizerSettings
+    codec: str = "fp16"
+
+    def diff(self, other: "CacheSpec", check_codec: bool = True) -> list[str]:
+        """Human-readable differences that make `other` unusable against this cache."""
+        out = []
+        if self.layer != other.layer:
+            out.append(f"layer k: cache has {self.layer}, requested {other.layer}")
+        if self.lower_fingerprint != other.lower_fingerprint:
+            out.append(
+                f"model: cache was built with {self.model_name!r} (lower fingerprint {self.lower_fingerprint[:12]}), "
+                f"requested {other.model_name!r} (fingerprint {other.lower_fingerprint[:12]})"
+            )
+        if self.tokenizer.fingerprint != other.tokenizer.fingerprint:
+            out.append(f"tokenizer: cache used {self.tokenizer.name!r}, requested {other.tokenizer.name!r} (vocabulary or settings differ)")
+        if self.tokenizer.max_length != other.tokenizer.max_length:
+            out.append(f"max_length: cache has {self.tokenizer.max_length}, requested {other.tokenizer.max_length}")
+        if check_codec and self.codec != other.codec:
+            out.append(f"codec: cache has {self.codec!r}, requested {other.codec!r}")
+        return out
+
+    def check(self, other: "CacheSpec", where: str, check_codec: bool = False) -> None:
+        problems = self.diff(other, check_codec=check_codec)
+        if problems:
+            raise CacheMismatchError(f"cache {where} does not match: " + "; ".join(problems))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CacheSpec":
+        d = dict(d)
+        d["tokenizer"] = TokenizerSettings(**d["tokenizer"])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    path: str  # relative to the cache root
+    rows: int
+    tokens: int
+    bytes: int
+    sha256: str
+    truncated: int = 0
+
+
+@dataclass
+class Manifest:
+    spec: CacheSpec
+    shards: list[ShardInfo] = field(default_factory=list)
+    generation: int = 0
+    skipped: dict = field(default_factory=dict)  # counted, documented skips (e.g. empty texts)
+    created: float = field(default_factory=time.time)
+    updated: float = field(default_factory=time.time)
+
+    @property
+    def totals(self) -> dict:
+        t = {k: sum(getattr(s, k) for s in self.shards) for k in ("rows", "tokens", "bytes", "truncated")}
+        t["shards"] = len(self.shards)
+        t["bytes_per_token"] = round(t["bytes"] / t["tokens"], 2) if t["tokens"] else 0.0
+        return t
+
+    def to_json(self) -> bytes:
+        from . import __version__
+
+        d = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "er_version": __version__,
+            "generation": self.generation,
+            "created": self.created,
+            "updated": self.updated,
+            "spec": self.spec.to_dict(),
+            "totals": self.totals,
+            "skipped": self.skipped,
+            "shards": [asdict(s) for s in self.shards],
+        }
+        return json.dumps(d, indent=1).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, where: str) -> "Manifest":
+        try:
+            d = json.loads(data)
+        except ValueError as e:
+            raise CacheCorruptError(f"manifest {where} is truncated or not valid JSON ({e}); the cache cannot be read") from None
+        if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
+            raise CacheCorruptError(f"{where} is not an er cache manifest")
+        if d.get("format_version") != FORMAT_VERSION:
+            raise CacheCorruptError(
+                f"manifest {where} has format version {d.get('format_version')}, this er reads {FORMAT_VERSION}"
+            )
+        try:
+            return cls(
+                spec=CacheSpec.from_dict(d["spec"]),
+                shards=[ShardInfo(**s) for s in d["shards"]],
+                generation=int(d["generation"]),
+                skipped=dict(d.get("skipped", {})),
+                created=float(d["created"]),
+                updated=float(d["updated"]),
+            )
+        except (KeyError, TypeError) as e:
+            raise CacheCorruptError(f"manifest {where} is missing or has a malformed field: {e}") from None

@@ -1,0 +1,111 @@
+"""The frozen lower part and the cache spec it defines, plus the plain single-process ingestion loop.
+
+`ingest_local` is the reference the Ray pipeline is tested and benchmarked against, and
+what runs when no Ray is wanted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+
+from .cache import CacheWriter
+from .codecs import DEFAULT_CODEC, get_codec
+from .embed import Embedder, is_empty, tokenize
+from .families import num_layers
+from .keys import example_key, tokenizer_settings
+from .manifest import CacheSpec, Manifest
+from .models import DEFAULT_MODEL, load_encoder
+from .split import lower_fingerprint, resolve_layer, split_encoder
+
+
+@dataclass
+class Recycler:
+    spec: CacheSpec
+    encoder: torch.nn.Module
+    tokenizer: object
+    lower: torch.nn.Module
+
+    @classmethod
+    def load(cls, model: str = DEFAULT_MODEL, layer="0.5", codec: str = DEFAULT_CODEC, max_length: int | None = None) -> "Recycler":
+        get_codec(codec)
+        encoder, tokenizer = load_encoder(model)
+        return cls.from_encoder(encoder, tokenizer, model, layer, codec, max_length)
+
+    @classmethod
+    def from_encoder(cls, encoder, tokenizer, name: str, layer, codec=DEFAULT_CODEC, max_length=None) -> "Recycler":
+        k = resolve_layer(layer, num_layers(encoder.config))
+        lower, _ = split_encoder(encoder, k)
+        spec = CacheSpec(
+            model_name=name,
+            model_type=encoder.config.model_type,
+            lower_fingerprint=lower_fingerprint(lower),
+            layer=k,
+            num_layers=num_layers(encoder.config),
+            hidden_size=encoder.config.hidden_size,
+            tokenizer=tokenizer_settings(tokenizer, name, max_length),
+            codec=codec,
+        )
+        return cls(spec, encoder, tokenizer, lower)
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id or 0
+
+    def key(self, inputs: dict) -> str:
+        return example_key(inputs, self.spec.tokenizer)
+
+    def tokenize(self, inputs: list[dict]):
+        return tokenize(self.tokenizer, inputs, self.spec.tokenizer.max_length)
+
+    def embedder(self, device: str = "cpu", autocast=None) -> Embedder:
+        return Embedder(self.lower, self.pad_id, device=device, autocast=autocast)
+
+
+def ingest_local(
+    inputs: Iterable[dict],
+    url: str,
+    recycler: Recycler,
+    storage_options: dict | None = None,
+    batch_size: int = 256,
+    progress: bool = True,
+    total: int | None = None,
+) -> Manifest:
+    """Add every input not yet cached to the cache at `url`, in one process. Empty texts are skipped and counted."""
+    embed = recycler.embedder()
+    with CacheWriter(url, recycler.spec, storage_options) as writer:
+        seen = writer.existing_keys()
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, desc="ingest", unit="ex")
+        buf: list[tuple[str, dict]] = []
+
+        def run():
+            toks = recycler.tokenize([inp for _, inp in buf])
+            states = embed([t.input_ids for t in toks])
+            for (key, _), t, h in zip(buf, toks, states):
+                writer.add(key, t.input_ids, h, t.truncated)
+            buf.clear()
+
+        for inp in inputs:
+            if bar is not None:
+                bar.update(1)
+            if is_empty(inp):
+                writer.count_skipped("empty_text")
+                continue
+            key = recycler.key(inp)
+            if key in seen:
+                continue
+            seen.add(key)
+            buf.append((key, inp))
+            if len(buf) >= batch_size:
+                run()
+        if buf:
+            run()
+        if bar is not None:
+            bar.close()
+    return writer.manifest

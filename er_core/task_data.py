@@ -1,0 +1,167 @@
+"""A task's labels joined to the cache by key, and the padded, length-grouped batches training reads.
+
+Each example is tokenized again (cheap) to get what labels need (word ids for NER, offsets
+for QA); its token ids must equal the cached ones, which proves the join is right.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .embed import tokenize
+from .errors import CacheMismatchError, ErError
+from .heads import IGNORE
+from .keys import TokenizerSettings, example_key
+from .tasks import Example, LabelMap, Task, example_input
+
+
+@dataclass
+class Item:
+    key: str
+    input_ids: np.ndarray
+    target: object  # int (classification), int array (ner), (start, end) (qa)
+    example: Example
+    word_ids: list | None = None  # ner: word index per token
+    offsets: list | None = None  # qa: char span per context token, None elsewhere
+
+
+@dataclass
+class SplitData:
+    kind: str
+    items: list[Item]
+    rows: object = None  # CachedRows with these keys, for cache-fed batches
+    missing: list[Example] = field(default_factory=list)
+
+    def lengths(self) -> np.ndarray:
+        return np.asarray([len(it.input_ids) for it in self.items])
+
+
+def label_map(task: Task) -> LabelMap:
+    return LabelMap(task.labels)
+
+
+def encode_split(task: Task, split: str, tokenizer, settings: TokenizerSettings, labels: LabelMap | None) -> list[Item]:
+    """Tokenize one split and turn its labels into per-token or per-example targets."""
+    examples = task.splits[split]
+    inputs = [example_input(ex) for ex in examples]
+    toks = tokenize(tokenizer, inputs, settings.max_length)
+    items = []
+    for ex, inp, tok in zip(examples, inputs, toks):
+        key = example_key(inp, settings)
+        where = f"{split} example {ex.id}"
+        if task.kind == "classification":
+            items.append(Item(key, tok.input_ids, labels.encode(ex.label, where=where), ex))
+        elif task.kind == "ner":
+            enc = tokenizer(list(ex.words), is_split_into_words=True, truncation=True, max_length=settings.max_length)
+            wids = enc.word_ids()
+            target = np.full(len(wids), IGNORE, dtype=np.int64)
+            prev = None
+            for t, w in enumerate(wids):
+                if w is not None and w != prev:
+                    target[t] = labels.encode(ex.tags[w], where=where)
+                prev = w
+            items.append(Item(key, tok.input_ids, target, ex, word_ids=wids))
+        elif task.kind == "qa":
+            enc = tokenizer(ex.text, ex.text_pair, truncation="only_second", max_length=settings.max_length, return_offsets_mapping=True)
+            seq = enc.sequence_ids()
+            offsets = [o if s == 1 else None for o, s in zip(enc["offset_mapping"], seq)]
+            target = (0, 0)  # answer cut off by truncation: point at [CLS], as SQuAD training does
+            if ex.answers:
+                text, start = ex.answers[0]
+                end = start + len(text)
+                toks_in = [t for t, o in enumerate(offsets) if o is not None and o[0] < end and o[1] > start]
+                if toks_in:
+                    target = (toks_in[0], toks_in[-1])
+            items.append(Item(key, tok.input_ids, target, ex, offsets=offsets))
+        else:
+            raise ErError(f"unknown task kind {task.kind!r}")
+    return items
+
+
+def join_cache(task: Task, split: str, tokenizer, settings, labels, reader=None, rows=None) -> SplitData:
+    """Match a split's examples to cache rows by key; report the examples the cache lacks."""
+    items = encode_split(task, split, tokenizer, settings, labels)
+    if reader is None and rows is None:
+        return SplitData(task.kind, items)
+    if rows is None:
+        rows = reader.load({it.key for it in items})
+    present, missing = [], []
+    for it in items:
+        i = rows.index.get(it.key)
+        if i is None:
+            missing.append(it.example)
+            continue
+        if not np.array_equal(np.asarray(rows.input_ids[i], dtype=np.int32), it.input_ids):
+            raise CacheMismatchError(f"{split} example {it.example.id}: cached token ids differ from the tokenizer's; the cache was built with other settings")
+        present.append(it)
+    return SplitData(task.kind, present, rows, missing)
+
+
+def require_complete(data: SplitData, split: str, url: str) -> None:
+    if data.missing:
+        ids = ", ".join(ex.id for ex in data.missing[:5])
+        raise ErError(
+            f"{len(data.missing)} {split} examples are not in the cache {url} (e.g. {ids}); "
+            f"ingest the task folder into it first (`er ingest TASK_DIR --cache {url}`)"
+        )
+
+
+def grouped_order(lengths: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0, epoch: int = 0) -> list[np.ndarray]:
+    """Batches of similar length; with shuffle, a new random grouping each epoch, every row once."""
+    n = len(lengths)
+    rng = np.random.default_rng(seed * 1_000_003 + epoch)
+    idx = rng.permutation(n) if shuffle else np.arange(n)
+    chunk = batch_size * 50
+    batches = []
+    for s in range(0, n, chunk):
+        part = idx[s : s + chunk]
+        part = part[np.argsort(lengths[part], kind="stable")]
+        batches += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
+    if shuffle:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+def collate(kind: str, ids: list[np.ndarray], targets: list, hidden: list[np.ndarray] | None, pad_id: int) -> dict:
+    """Pad one batch. `hidden` given: cache-fed batch; else: token ids for the full model."""
+    B, T = len(ids), max(len(x) for x in ids)
+    mask = torch.zeros(B, T, dtype=torch.long)
+    batch: dict = {}
+    if hidden is not None:
+        H = hidden[0].shape[-1]
+        hs = torch.zeros(B, T, H, dtype=torch.float32)
+        for r, h in enumerate(hidden):
+            hs[r, : len(h)] = torch.from_numpy(np.asarray(h, dtype=np.float32))
+        batch["hidden_states"] = hs
+    else:
+        input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+        for r, x in enumerate(ids):
+            input_ids[r, : len(x)] = torch.from_numpy(np.asarray(x, dtype=np.int64))
+        batch["input_ids"] = input_ids
+    for r, x in enumerate(ids):
+        mask[r, : len(x)] = 1
+    batch["attention_mask"] = mask
+    if kind == "classification":
+        batch["labels"] = torch.tensor([int(t) for t in targets], dtype=torch.long)
+    elif kind == "ner":
+        lab = torch.full((B, T), IGNORE, dtype=torch.long)
+        for r, t in enumerate(targets):
+            lab[r, : len(t)] = torch.from_numpy(np.asarray(t, dtype=np.int64))
+        batch["labels"] = lab
+    elif kind == "qa":
+        batch["start_positions"] = torch.tensor([t[0] for t in targets], dtype=torch.long)
+        batch["end_positions"] = torch.tensor([t[1] for t in targets], dtype=torch.long)
+    return batch
+
+
+def iter_batches(data: SplitData, batch_size: int, source: str, pad_id: int, shuffle=False, seed=0, epoch=0):
+    """Yield (item indices, batch) pairs; `source` is 'cache' (layer-k states) or 'text' (token ids)."""
+    for order in grouped_order(data.lengths(), batch_size, shuffle, seed, epoch):
+        its = [data.items[i] for i in order]
+        hidden = None
+        if source == "cache":
+            hidden = [data.rows.hidden(data.rows.index[it.key]) for it in its]
+        yield order, collate(data.kind, [it.input_ids for it in its], [it.target for it in its], hidden, pad_id)

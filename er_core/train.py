@@ -1,0 +1,181 @@
+"""One training loop for all three methods, plain torch so Ray Train workers can run it as is.
+
+- `full`:    the whole encoder + head, from token ids (the baseline; no cache).
+- `reduced`: upper layers k..L-1 + head, fine-tuned from cached layer-k states.
+- `lora`:    peft LoRA on the upper layers only + head, from cached layer-k states.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+
+from .errors import ErError
+from .evaluate import forward
+from .heads import HEADS, FullModel, RecycledModel, make_head
+from .split import split_encoder
+from .families import lora_target_modules
+
+METHODS = ("full", "reduced", "lora")
+
+
+@dataclass
+class TrainConfig:
+    method: str = field(default="reduced", metadata={"help": "full | reduced | lora"})
+    epochs: int = field(default=3, metadata={"help": "maximum number of passes over train"})
+    lr: float | None = field(default=None, metadata={"help": "peak learning rate; default 5e-5, or 5e-4 for lora"})
+    batch_size: int = field(default=32, metadata={"help": "examples per optimizer step (per worker)"})
+    warmup_ratio: float = field(default=0.06, metadata={"help": "share of steps with linear warm-up"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    patience: int = field(default=2, metadata={"help": "epochs without dev improvement before stopping"})
+    seed: int = field(default=0, metadata={"help": "seed for init, dropout and shuffling"})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha"})
+    lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout"})
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ErError(f"method {self.method!r} is not one of {METHODS}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ErError(f"epochs ({self.epochs}) and batch_size ({self.batch_size}) must be at least 1")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ErError(f"warmup_ratio {self.warmup_ratio} must be in [0, 1)")
+        if self.lr is None:
+            self.lr = 5e-4 if self.method == "lora" else 5e-5
+        if self.lr <= 0 or self.lora_r < 1:
+            raise ErError(f"lr ({self.lr}) must be > 0 and lora_r ({self.lora_r}) >= 1")
+
+    @property
+    def source(self) -> str:
+        return "text" if self.method == "full" else "cache"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_model(encoder, layer: int, kind: str, num_labels: int, cfg: TrainConfig) -> torch.nn.Module:
+    """The trainable model for a method; for `full` the encoder is trained whole."""
+    if kind not in HEADS:
+        raise ErError(f"unknown task kind {kind!r}; expected one of {sorted(HEADS)}")
+    torch.manual_seed(cfg.seed)
+    head = make_head(kind, encoder.config.hidden_size, num_labels)
+    if cfg.method == "full":
+        return FullModel(encoder, head)
+    _, upper = split_encoder(encoder, layer)
+    model = RecycledModel(upper, head)
+    if cfg.method == "lora":
+        model = apply_lora(model, encoder.config.model_type, cfg)
+    return model
+
+
+def apply_lora(model: RecycledModel, model_type: str, cfg: TrainConfig):
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=lora_target_modules(model_type),
+        modules_to_save=["head"],
+    )
+    return get_peft_model(model, lora)
+
+
+def make_optimizer(model, cfg: TrainConfig, total_steps: int):
+    """AdamW (no decay on biases and norms) with linear warm-up then linear decay."""
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    warm = max(1, int(total_steps * cfg.warmup_ratio))
+
+    def schedule(step):
+        if step < warm:
+            return (step + 1) / warm
+        return max(0.0, (total_steps - step) / max(1, total_steps - warm))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+
+
+def loss_step(model, batch: dict, kind: str) -> torch.Tensor:
+    return HEADS[kind].loss(forward(model, batch), batch)
+
+
+@dataclass
+class FitResult:
+    history: list[dict]
+    best_epoch: int
+    best_metric: float
+    train_seconds: float
+    train_examples: int
+
+    @property
+    def examples_per_second(self) -> float:
+        return self.train_examples / self.train_seconds if self.train_seconds else 0.0
+
+
+def fit(
+    model,
+    kind: str,
+    cfg: TrainConfig,
+    train_batches: Callable[[int], Iterable[dict]],
+    steps_per_epoch: int,
+    evaluate_dev: Callable[[], dict] | None,
+    primary: str,
+    log: Callable[[dict], None] = lambda m: None,
+    progress: bool = False,
+) -> FitResult:
+    """Train with early stopping on dev[primary]; the best epoch's weights are restored at the end."""
+    opt, sched = make_optimizer(model, cfg, steps_per_epoch * cfg.epochs)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    history, best, best_epoch, best_state, stale = [], -math.inf, -1, None, 0
+    seconds, seen = 0.0, 0
+    for epoch in range(cfg.epochs):
+        model.train()
+        t0, total, n = time.perf_counter(), 0.0, 0
+        batches = train_batches(epoch)
+        if progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
+        for batch in batches:
+            loss = loss_step(model, batch, kind)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+            opt.step()
+            sched.step()
+            total += float(loss)
+            n += 1
+            seen += int(batch["attention_mask"].shape[0])
+        seconds += time.perf_counter() - t0
+        row = {"epoch": epoch + 1, "train_loss": total / max(n, 1)}
+        if evaluate_dev is not None:
+            row.update({f"dev_{k}": v for k, v in evaluate_dev().items()})
+        history.append(row)
+        log(row)
+        metric = row.get(f"dev_{primary}", -row["train_loss"])
+        if metric > best:
+            best, best_epoch, stale = metric, epoch + 1, 0
+            # Only trainable tensors change, so only they are kept (not a second copy of the encoder).
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items() if k in trainable}
+        else:
+            stale += 1
+            if stale >= cfg.patience:
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state, strict=False)
+    return FitResult(history, best_epoch, best, seconds, seen)

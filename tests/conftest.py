@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny saved models with a tokenizer, the real data folder, the S3 server (plugin)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["tests.conftest_s3"]
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tasks"
+
+# A word-level vocabulary small enough for the tiny configs (vocab 100) yet covering test sentences.
+WORDS = (
+    "the a of and to in is was with for on by that as at from this be are it an or not protein gene disease "
+    "cell cells patients drug inhibitor binds activates cancer mutation results study method we show "
+    "background result effect level expression human receptor treatment increased reduced"
+).split()
+
+
+def save_tiny(name: str, folder: Path, seed: int = 0) -> Path:
+    """A tiny random model of family `name` plus a WordPiece tokenizer, saved as an HF folder."""
+    from transformers import BertTokenizerFast
+
+    from tests.tiny_models import VOCAB, make_tiny
+
+    folder.mkdir(parents=True, exist_ok=True)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    letters = list("abcdefghijklmnopqrstuvwxyz0123456789.,()-")
+    vocab = (specials + WORDS + letters + [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"])[:VOCAB]
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, model_max_length=48)
+    model = make_tiny(name, seed=seed)
+    if model.config.pad_token_id is None or model.config.pad_token_id != tok.pad_token_id:
+        model.config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> str:
+    return str(save_tiny("bert", tmp_path_factory.mktemp("tiny-bert")))
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not DATA.is_dir():
+        pytest.skip(f"real task data not found at {DATA}")
+    return DATA
+
+
+@pytest.fixture
+def tiny_task(tmp_path) -> Path:
+    """A small classification task folder in the JSONL format."""
+    import json
+    import random
+
+    rnd = random.Random(0)
+    folder = tmp_path / "tiny-task"
+    folder.mkdir()
+    for split, n in (("train", 48), ("dev", 16), ("test", 16)):
+        with open(folder / f"{split}.jsonl", "w") as f:
+            for i in range(n):
+                label = ["inhibitor", "activates"][i % 2]
+                words = [rnd.choice(WORDS) for _ in range(rnd.randint(3, 12))]
+                words.insert(rnd.randint(0, len(words)), label)  # the label word makes the task learnable
+                f.write(json.dumps({"text": " ".join(words), "label": label}) + "\n")
+    return folder

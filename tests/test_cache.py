@@ -1,0 +1,217 @@
+"""The cache format: codecs, ragged storage, manifest checks, commit protocol, lock, and the local ingest loop."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from er_core import CacheCorruptError, CacheLockedError, CacheMismatchError, CacheWriter, ErError, open_cache
+from er_core.codecs import CODECS
+from er_core.recycle import Recycler, ingest_local
+from er_core.task_data import grouped_order
+
+H = 32
+
+
+def _spec(recycler, **kw):
+    from dataclasses import replace
+
+    return replace(recycler.spec, **kw)
+
+
+@pytest.fixture(scope="module")
+def rec(tiny_bert):
+    return Recycler.load(tiny_bert, layer=2, codec="fp32")
+
+
+def _rows(n=20, seed=0, lo=1, hi=30):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        L = int(rng.integers(lo, hi))
+        out.append((f"k{i}", rng.integers(0, 100, L).astype(np.int32), (rng.standard_normal((L, H)) * 3).astype(np.float32)))
+    return out
+
+
+@pytest.mark.parametrize("codec", sorted(CODECS))
+def test_round_trip_within_stated_bound(tmp_path, rec, codec):
+    rows = _rows()
+    with CacheWriter(str(tmp_path / "c"), _spec(rec, codec=codec), shard_rows=7) as w:
+        for k, ids, h in rows:
+            w.add(k, ids, h)
+    r = open_cache(str(tmp_path / "c"))
+    got = r.load()
+    assert len(got) == len(rows) and len(r.manifest.shards) == 3
+    for k, ids, h in rows:
+        i = got.index[k]
+        x = got.hidden(i)
+        assert np.array_equal(np.asarray(got.input_ids[i]), ids)
+        if codec == "fp32":
+            assert np.array_equal(x, h)  # bit-exact
+        elif codec == "fp16":
+            assert np.all(np.abs(x - h) <= np.abs(h) * 2**-11 + 1e-7)
+        elif codec == "bf16":
+            assert np.all(np.abs(x - h) <= np.abs(h) * 2**-8)
+        else:
+            bound = np.abs(h).max(axis=1, keepdims=True) / 254 * (1 + 1e-6)
+            assert np.all(np.abs(x - h) <= bound)
+
+
+def test_no_padding_stored_bytes_scale_with_real_tokens(tmp_path, rec):
+    def build(name, length):
+        with CacheWriter(str(tmp_path / name), _spec(rec, codec="fp16")) as w:
+            for i in range(64):
+                w.add(f"{name}{i}", np.arange(length, dtype=np.int32), np.ones((length, H), np.float32) * i)
+        return open_cache(str(tmp_path / name)).manifest.totals
+
+    short, long = build("short", 5), build("long", 40)
+    assert short["tokens"] == 64 * 5 and long["tokens"] == 64 * 40
+    payload = 2 * H  # fp16 bytes per token of hidden states; ids add up to 4 more
+    assert long["bytes"] - short["bytes"] == pytest.approx(64 * 35 * (payload + 4), rel=0.1)
+    t = pq.read_table(tmp_path / "long" / open_cache(str(tmp_path / "long")).manifest.shards[0].path)
+    assert all(len(b) == 40 * payload for b in t.column("hidden").to_pylist())
+
+
+def test_shuffle_yields_every_row_once_per_epoch():
+    lengths = np.random.default_rng(1).integers(1, 100, 1000)
+    orders = []
+    for epoch in range(3):
+        batches = grouped_order(lengths, 32, shuffle=True, seed=7, epoch=epoch)
+        flat = np.concatenate(batches)
+        assert sorted(flat.tolist()) == list(range(1000))
+        orders.append(flat)
+        # grouped by length: padding waste stays small
+        waste = sum(len(b) * lengths[b].max() - lengths[b].sum() for b in batches) / lengths.sum()
+        assert waste < 0.1
+    assert not np.array_equal(orders[0], orders[1])
+
+
+def test_files_are_plain_parquet(tmp_path, rec):
+    with CacheWriter(str(tmp_path / "c"), rec.spec) as w:
+        for k, ids, h in _rows(5):
+            w.add(k, ids, h)
+    m = open_cache(str(tmp_path / "c")).manifest
+    df = pd.read_parquet(tmp_path / "c" / m.shards[0].path)
+    assert list(df.columns) == ["key", "length", "input_ids", "hidden", "scale", "truncated"]
+    row = df.iloc[0]
+    assert np.frombuffer(row["hidden"], "<f4").reshape(row["length"], H).shape == (row["length"], H)
+
+
+def test_mismatched_model_layer_tokenizer_are_refused(tmp_path, rec):
+    url = str(tmp_path / "c")
+    with CacheWriter(url, rec.spec) as w:
+        w.add("a", np.array([2, 3], np.int32), np.zeros((2, H), np.float32))
+    before = (tmp_path / "c" / "manifest.json").read_bytes()
+    with pytest.raises(CacheMismatchError, match="layer k: cache has 2, requested 3"):
+        open_cache(url, expect=_spec(rec, layer=3))
+    with pytest.raises(CacheMismatchError, match="model: cache was built with"):
+        open_cache(url, expect=_spec(rec, lower_fingerprint="f" * 64))
+    from dataclasses import replace
+
+    tok = replace(rec.spec.tokenizer, fingerprint="0" * 64)
+    with pytest.raises(CacheMismatchError, match="tokenizer"):
+        open_cache(url, expect=_spec(rec, tokenizer=tok))
+    with pytest.raises(CacheMismatchError, match="codec"):
+        CacheWriter(url, _spec(rec, codec="int8"))
+    assert (tmp_path / "c" / "manifest.json").read_bytes() == before
+    assert not (tmp_path / "c" / "_writer.lock").exists()
+
+
+def test_corrupted_shard_is_refused_by_name(tmp_path, rec):
+    url = str(tmp_path / "c")
+    with CacheWriter(url, rec.spec, shard_rows=5) as w:
+        for k, ids, h in _rows(10):
+            w.add(k, ids, h)
+    shard = open_cache(url).manifest.shards[1]
+    p = tmp_path / "c" / shard.path
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    p.write_bytes(bytes(data))
+    with pytest.raises(CacheCorruptError, match=shard.path.replace(".", r"\.")):
+        open_cache(url).load()
+    problems = open_cache(url).verify()
+    assert len(problems) == 1 and shard.path in problems[0]
+
+
+def test_truncated_manifest_is_a_clear_error(tmp_path, rec):
+    url = str(tmp_path / "c")
+    with CacheWriter(url, rec.spec) as w:
+        w.add("a", np.array([2, 3], np.int32), np.zeros((2, H), np.float32))
+    m = tmp_path / "c" / "manifest.json"
+    m.write_bytes(m.read_bytes()[:100])
+    with pytest.raises(CacheCorruptError, match="truncated or not valid JSON"):
+        open_cache(url)
+    with pytest.raises(ErError, match="no er cache"):
+        open_cache(str(tmp_path / "nothing"))
+
+
+def test_failed_write_leaves_previous_cache_and_no_orphans(tmp_path, rec):
+    url = str(tmp_path / "c")
+    with CacheWriter(url, rec.spec, shard_rows=2) as w:
+        for k, ids, h in _rows(4):
+            w.add(k, ids, h)
+    before = (tmp_path / "c" / "manifest.json").read_bytes()
+    with pytest.raises(RuntimeError):
+        with CacheWriter(url, rec.spec, shard_rows=2) as w:
+            for k, ids, h in _rows(6, seed=3):
+                w.add("new" + k, ids, h)
+            raise RuntimeError("crash mid-run")
+    assert (tmp_path / "c" / "manifest.json").read_bytes() == before
+    assert len(os.listdir(tmp_path / "c" / "shards")) > 2  # the crashed run's shards exist, unlisted
+    assert len(open_cache(url).load()) == 4
+    with CacheWriter(url, rec.spec):  # the next writer removes them
+        pass
+    assert len(os.listdir(tmp_path / "c" / "shards")) == 2
+
+
+def test_second_writer_is_refused_and_stale_lock_taken_over(tmp_path, rec):
+    url = str(tmp_path / "c")
+    w = CacheWriter(url, rec.spec)
+    with pytest.raises(CacheLockedError, match="being written by run"):
+        CacheWriter(url, rec.spec)
+    w.close()
+    # a lock left by a dead process on this host is stale
+    lock = tmp_path / "c" / "_writer.lock"
+    import socket
+
+    lock.write_text(json.dumps({"run_id": "dead", "host": socket.gethostname(), "pid": 2**22 + 12345, "heartbeat": 0}))
+    CacheWriter(url, rec.spec).close()
+    assert not lock.exists()
+
+
+def test_ingest_local_matches_plain_lower_and_handles_edge_inputs(tmp_path, rec):
+    texts = ["the protein binds cancer cells", "gene", "", "   ", " ".join(["disease"] * 100), "the protein binds cancer cells"]
+    url = str(tmp_path / "c")
+    m = ingest_local(({"text": t} for t in texts), url, rec, progress=False)
+    assert m.totals["rows"] == 3  # two empties skipped, one duplicate
+    assert m.skipped == {"empty_text": 2}
+    assert m.totals["truncated"] == 1
+    rows = open_cache(url, expect=rec.spec).load()
+    for t in ("the protein binds cancer cells", "gene", " ".join(["disease"] * 100)):
+        (tok,) = rec.tokenize([{"text": t}])
+        assert len(tok.input_ids) <= rec.spec.tokenizer.max_length
+        with torch.no_grad():
+            ref = rec.lower(torch.tensor(tok.input_ids[None], dtype=torch.long), torch.ones(1, len(tok.input_ids), dtype=torch.long))[0]
+        i = rows.index[rec.key({"text": t})]
+        np.testing.assert_allclose(rows.hidden(i), ref.numpy(), atol=1e-5)
+    # incremental: a second run over a grown corpus adds only the new key
+    m2 = ingest_local(({"text": t} for t in texts + ["the gene"]), url, rec, progress=False)
+    assert m2.totals["rows"] == 4 and m2.generation == m.generation + 1
+
+
+def test_keys_depend_on_text_and_tokenizer_settings(rec):
+    from dataclasses import replace
+
+    from er_core import example_key
+
+    a = example_key({"text": "x"}, rec.spec.tokenizer)
+    assert a == example_key({"text": "x"}, rec.spec.tokenizer)
+    assert a != example_key({"text": "y"}, rec.spec.tokenizer)
+    assert a != example_key({"text": "x"}, replace(rec.spec.tokenizer, max_length=8))
+    assert a == example_key({"text": "x"}, replace(rec.spec.tokenizer, name="elsewhere"))
