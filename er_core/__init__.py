@@ -16,9 +16,28 @@ from .errors import (  # noqa: E402
 )
 from .keys import TokenizerSettings, example_key, tokenizer_settings  # noqa: E402
 from .manifest import CacheSpec, Manifest, ShardInfo  # noqa: E402
+from .families import lora_target_modules, supported_model_types  # noqa: E402
+from .finetune import finetune  # noqa: E402
 from .models import DEFAULT_MODEL, load_encoder  # noqa: E402
+from .recycle import Recycler, ingest_local  # noqa: E402
+from .split import lower_fingerprint, resolve_layer, split_encoder  # noqa: E402
+from .tasks import Example, LabelMap, Task, load_task  # noqa: E402
+from .train import TrainConfig  # noqa: E402
 
 __all__ = [
+    "Example",
+    "LabelMap",
+    "Recycler",
+    "Task",
+    "TrainConfig",
+    "finetune",
+    "ingest_local",
+    "load_task",
+    "lora_target_modules",
+    "lower_fingerprint",
+    "resolve_layer",
+    "split_encoder",
+    "supported_model_types",
     "ArtifactMismatchError",
     "CODECS",
     "CacheCorruptError",

@@ -48,7 +48,10 @@ class _Part(nn.Module):
 
 
 class Lower(_Part):
-    """`lower(input_ids, attention_mask, token_type_ids=None)` -> hidden states after layer k."""
+    """`lower(input_ids, attention_mask, token_type_ids=None)` -> hidden states after layer k.
+
+    token_type_ids=None means zeros, as in the model; families without token types (DistilBERT) ignore it.
+    """
 
     def __init__(self, model: nn.Module, model_type: str, k: int):
         super().__init__(model, model_type, k)

@@ -132,10 +132,10 @@ def collate(kind: str, ids: list[np.ndarray], targets: list, hidden: list[np.nda
     batch: dict = {}
     if hidden is not None:
         H = hidden[0].shape[-1]
-        hs = torch.zeros(B, T, H, dtype=torch.float32)
+        hs = np.zeros((B, T, H), dtype=np.float32)
         for r, h in enumerate(hidden):
-            hs[r, : len(h)] = torch.from_numpy(np.asarray(h, dtype=np.float32))
-        batch["hidden_states"] = hs
+            hs[r, : len(h)] = h
+        batch["hidden_states"] = torch.from_numpy(hs)
     else:
         input_ids = torch.full((B, T), pad_id, dtype=torch.long)
         for r, x in enumerate(ids):

@@ -74,6 +74,9 @@ def build_model(encoder, layer: int, kind: str, num_labels: int, cfg: TrainConfi
     if cfg.method == "full":
         return FullModel(encoder, head)
     _, upper = split_encoder(encoder, layer)
+    for name, p in upper.named_parameters():
+        if name in upper.shared_with_lower:
+            p.requires_grad_(False)  # DeBERTa's relative embeddings also feed the cached lower part
     model = RecycledModel(upper, head)
     if cfg.method == "lora":
         model = apply_lora(model, encoder.config.model_type, cfg)
@@ -158,7 +161,7 @@ def fit(
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
             opt.step()
             sched.step()
-            total += float(loss)
+            total += float(loss.detach())
             n += 1
             seen += int(batch["attention_mask"].shape[0])
         seconds += time.perf_counter() - t0

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Start a multi-node Ray cluster on this one machine: a head and N worker nodes, each its own
+# raylet with its own CPUs, so Ray Data / Ray Train spread over several nodes as on a real cluster.
+#
+#   cluster/local-start.sh [N_WORKERS]        # default 1 worker node
+#   export RAY_ADDRESS=127.0.0.1:6390         # printed at the end; then e.g.
+#   er ingest corpus.jsonl --cache /tmp/er-cache --address "$RAY_ADDRESS"
+#   cluster/local-stop.sh
+#
+# Each node runs `ray start --block` in its own process group; their ids go to $ER_LOCAL_DIR so
+# local-stop.sh ends exactly these processes (no `ray stop`, which would kill every Ray on the host).
+set -euo pipefail
+
+WORKERS=${1:-${ER_LOCAL_WORKERS:-1}}
+PORT=${ER_RAY_PORT:-6390}                     # GCS port of the head; not 6379, to leave the default free
+CLIENT_PORT=${ER_RAY_CLIENT_PORT:-10001}      # ray:// clients (er ... --address ray://127.0.0.1:10001)
+CPUS=${ER_NODE_CPUS:-2}                       # logical CPUs per node; may exceed the real cores
+OBJ_MEM=${ER_OBJECT_STORE_BYTES:-500000000}   # per node; Ray's default (30% of RAM) is too much times N
+DIR=${ER_LOCAL_DIR:-/tmp/er-local-ray}        # pids and logs of the nodes started here
+# Ray's own files. Not /tmp/ray: a head there becomes the cluster that a plain ray.init() on
+# this host joins. Kept short because Ray puts unix sockets under it (108-byte limit).
+RAY_TMP=${ER_RAY_TMP:-/tmp/er-ray}
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}   # Ray 2.60 turns token auth on; off for local use
+export RAY_USAGE_STATS_ENABLED=0
+
+if [[ -e "$DIR/head.pid" ]]; then
+  echo "a local cluster is already started from $DIR; run cluster/local-stop.sh first" >&2
+  exit 1
+fi
+mkdir -p "$DIR" "$RAY_TMP"
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# Two nodes on one host must not share any listening port; Ray's defaults for the agent
+# (52365) would collide, so every per-node port is picked free.
+node_ports() {
+  echo "--node-manager-port=$(free_port) --object-manager-port=$(free_port)" \
+       "--dashboard-agent-listen-port=$(free_port) --dashboard-agent-grpc-port=$(free_port)" \
+       "--runtime-env-agent-port=$(free_port) --metrics-export-port=$(free_port)"
+}
+
+# setsid: the node gets its own process group (pgid = the pid we record), so stop can end
+# ray start and every daemon it spawned in one signal.
+start_node() {
+  local name=$1; shift
+  setsid ray start --block --disable-usage-stats --temp-dir="$RAY_TMP" \
+    --num-cpus="$CPUS" --object-store-memory="$OBJ_MEM" "$@" >"$DIR/$name.log" 2>&1 &
+  echo $! >"$DIR/$name.pid"
+}
+
+alive_nodes() {
+  ray status --address="127.0.0.1:$PORT" 2>/dev/null |
+    awk '/^Active:/{a=1;next} /^(Pending|Recent failures):/{a=0} a && /node_/{n++} END{print n+0}'
+}
+
+wait_nodes() {   # wait_nodes COUNT: until `ray status` shows COUNT active nodes (60 s)
+  for _ in $(seq 60); do
+    [[ $(alive_nodes) -ge $1 ]] && return 0
+    sleep 1
+  done
+  echo "only $(alive_nodes) of $1 nodes came up; logs in $DIR" >&2
+  return 1
+}
+
+# shellcheck disable=SC2046  # node_ports is meant to split into separate flags
+start_node head --head --node-ip-address=127.0.0.1 --port="$PORT" \
+  --ray-client-server-port="$CLIENT_PORT" --include-dashboard="${ER_RAY_DASHBOARD:-false}" \
+  $(node_ports)
+wait_nodes 1 || { "$(dirname "$0")/local-stop.sh"; exit 1; }
+
+for i in $(seq "$WORKERS"); do
+  # shellcheck disable=SC2046
+  start_node "worker$i" --address="127.0.0.1:$PORT" --node-ip-address=127.0.0.1 $(node_ports)
+done
+wait_nodes $((WORKERS + 1)) || { "$(dirname "$0")/local-stop.sh"; exit 1; }
+
+echo "local Ray cluster up: 1 head + $WORKERS worker node(s), $CPUS CPUs each"
+echo "export RAY_ADDRESS=127.0.0.1:$PORT RAY_AUTH_MODE=$RAY_AUTH_MODE   # ray:// clients: ray://127.0.0.1:$CLIENT_PORT"

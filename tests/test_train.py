@@ -1,0 +1,143 @@
+"""Training on the upper part: equivalence with freezing, the three methods end to end, artefacts."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from er_core import ArtifactMismatchError, TrainConfig, finetune, ingest_local, load_task, open_cache
+from er_core.artifacts import check_cache, load_trained
+from er_core.codecs import get_codec
+from er_core.evaluate import predict
+from er_core.heads import FullModel, RecycledModel, make_head
+from er_core.recycle import Recycler
+from er_core.split import split_encoder
+from er_core.task_data import join_cache, label_map
+from er_core.tasks import example_input
+from tests.tiny_models import TINY_CONFIGS, make_tiny, padded_batch
+
+
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+@pytest.mark.parametrize("k", [1, 2])
+def test_reduced_step_equals_frozen_full_model(name, k):
+    """Loss and upper gradients from cached fp32 states equal the full model's with layers < k frozen."""
+    enc = make_tiny(name)
+    ref = copy.deepcopy(enc)
+    ids, mask = padded_batch(enc.config)
+    labels = torch.tensor([0, 1, 2])
+    torch.manual_seed(1)
+    head = make_head("classification", enc.config.hidden_size, 3)
+    ref_head = copy.deepcopy(head)
+
+    lower, upper = split_encoder(enc, k)
+    with torch.no_grad():
+        states = lower(ids, mask)
+    codec = get_codec("fp32")  # through the cache codec, so the cached bytes are what is tested
+    cached = torch.stack([torch.from_numpy(codec.decode(*codec.encode(s.numpy()), s.shape).copy()) for s in states])
+    model = RecycledModel(upper, head).eval()
+    loss = torch.nn.functional.cross_entropy(model(cached, mask), labels)
+    loss.backward()
+
+    full = FullModel(ref, ref_head).eval()
+    ref_lower, ref_upper = split_encoder(ref, k)
+    for p in ref_lower.parameters():
+        p.requires_grad_(False)
+    ref_loss = torch.nn.functional.cross_entropy(full(ids, mask), labels)
+    ref_loss.backward()
+
+    assert abs(loss.item() - ref_loss.item()) < 1e-5
+    grads = dict(upper.named_parameters())
+    checked = 0
+    for n, p in ref_upper.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(grads[n].grad, p.grad, atol=1e-5), n
+            checked += 1
+    assert checked > 0
+    for n, p in ref_head.named_parameters():
+        assert torch.allclose(dict(head.named_parameters())[n].grad, p.grad, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tiny_bert, tmp_path_factory):
+    """The tiny task folder ingested at k=2, fp32."""
+    import json as _json
+    import random
+
+    from tests.conftest import WORDS
+
+    rnd = random.Random(0)
+    folder = tmp_path_factory.mktemp("task")
+    for split, n in (("train", 64), ("dev", 24), ("test", 24)):
+        with open(folder / f"{split}.jsonl", "w") as f:
+            for i in range(n):
+                label = ["inhibitor", "activates"][i % 2]
+                words = [rnd.choice(WORDS) for _ in range(rnd.randint(3, 10))]
+                words.insert(rnd.randint(0, len(words)), label)
+                f.write(_json.dumps({"text": " ".join(words), "label": label}) + "\n")
+    rec = Recycler.load(tiny_bert, layer=2, codec="fp32")
+    task = load_task(folder)
+    url = str(tmp_path_factory.mktemp("cache") / "c")
+    ingest_local((example_input(e) for exs in task.splits.values() for e in exs), url, rec, progress=False)
+    return url, folder, rec
+
+
+@pytest.mark.parametrize("method", ["reduced", "lora", "full"])
+def test_methods_train_save_and_reload(tiny_cache, tmp_path, method):
+    url, folder, rec = tiny_cache
+    cfg = TrainConfig(method=method, epochs=2, lr=1e-3, batch_size=8, seed=3)
+    out = tmp_path / "out"
+    m = finetune(url, str(folder), str(out), cfg, progress=False, log=lambda r: None)
+    assert json.loads((out / "metrics.json").read_text())["test"] == m["test"]
+    assert set(m["test"]) >= {"micro_f1", "macro_f1"}
+    if method == "lora":
+        assert (out / "adapter" / "adapter_config.json").exists()
+    # reload and predict: same metrics on test as at the end of training
+    meta, lower, model, tok = load_trained(out)
+    reader = open_cache(url)
+    task = load_task(folder)
+    data = join_cache(task, "test", tok, reader.spec.tokenizer, label_map(task), reader=None if method == "full" else reader)
+    preds = predict(model, data, "text" if method == "full" else "cache", label_map(task))
+    from er_core.evaluate import score
+
+    assert score("classification", data.items, preds) == m["test"]
+
+
+def test_lora_trains_only_adapters_and_head(tiny_bert):
+    from er_core.train import build_model
+
+    rec = Recycler.load(tiny_bert, layer=2)
+    model = build_model(rec.encoder, 2, "classification", 2, TrainConfig(method="lora"))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or "head" in n for n in trainable)
+
+
+def test_artifact_refuses_other_cache(tiny_cache, tmp_path):
+    url, folder, rec = tiny_cache
+    out = tmp_path / "out"
+    finetune(url, str(folder), str(out), TrainConfig(epochs=1, batch_size=16), progress=False, log=lambda r: None)
+    from dataclasses import replace
+
+    from er_core.artifacts import read_meta
+
+    meta = read_meta(out)
+    check_cache(meta, open_cache(url).spec, out)  # its own cache is fine
+    with pytest.raises(ArtifactMismatchError, match="trained on another cache"):
+        check_cache(meta, replace(open_cache(url).spec, layer=1), out)
+
+
+def test_missing_examples_are_reported(tiny_bert, tiny_cache, tmp_path):
+    url, folder, rec = tiny_cache
+    import shutil
+
+    grown = tmp_path / "grown"
+    shutil.copytree(folder, grown)
+    with open(grown / "train.jsonl", "a") as f:
+        f.write(json.dumps({"text": "a brand new sentence", "label": "inhibitor"}) + "\n")
+    from er_core import ErError
+
+    with pytest.raises(ErError, match="1 train examples are not in the cache"):
+        finetune(url, str(grown), str(tmp_path / "o"), TrainConfig(epochs=1), progress=False)
