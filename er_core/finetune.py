@@ -33,8 +33,9 @@ class Prepared:
     pad_id: int
 
 
-def setup_data(cache_url: str, task_dir: str, cfg: TrainConfig, storage_options=None, limit=None, text_field="text") -> Prepared:
-    """Open the cache, check the bundled/named model is the one it was built with, join the task's splits."""
+def setup_data(cache_url: str, task_dir: str, cfg: TrainConfig, storage_options=None, limit=None, text_field="text",
+               splits=None) -> Prepared:
+    """Open the cache, check the named model is the one it was built with, join the task's splits (all, or `splits`)."""
     reader = open_cache(cache_url, storage_options=storage_options)
     spec = reader.spec
     encoder, tokenizer = load_encoder(spec.model_name)
@@ -45,7 +46,9 @@ def setup_data(cache_url: str, task_dir: str, cfg: TrainConfig, storage_options=
     labels = label_map(task) if task.kind != "qa" else None
     source_reader = None if cfg.method == "full" else reader
     data = {}
-    for split in task.splits:
+    for split in splits or task.splits:
+        if split not in task.splits:
+            continue
         d = join_cache(task, split, tokenizer, spec.tokenizer, labels, reader=source_reader)
         if source_reader is not None:
             require_complete(d, split, cache_url)

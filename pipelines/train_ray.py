@@ -1,0 +1,200 @@
+"""Ray Train: one task from the cache on `num_workers` data-parallel TorchTrainer workers.
+
+The driver joins the task's train labels to the cache by key and builds a Ray Dataset that reads
+(and checksums) the cache shards, keeping the task's rows; every worker reads its share with
+`get_dataset_shard("train")`, groups rows by length into padded batches, and runs er_core's loop
+under DDP (gloo on CPU, NCCL on GPU). Dev/test are evaluated on every worker (same weights, same
+early-stopping decision); rank 0 saves the artefact as the run's checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from er_core import ErError, TrainConfig, open_cache
+from er_core.cache import CacheReader
+from er_core.manifest import Manifest
+from er_core.task_data import collate, encode_split, grouped_order, label_map
+from er_core.tasks import load_task
+
+
+def _target_list(kind: str, target) -> list[int]:
+    if kind == "classification":
+        return [int(target)]
+    if kind == "qa":
+        return [int(target[0]), int(target[1])]
+    return [int(t) for t in target]
+
+
+def _from_target_list(kind: str, t: np.ndarray):
+    return int(t[0]) if kind == "classification" else (int(t[0]), int(t[1])) if kind == "qa" else np.asarray(t)
+
+
+class ReadShard:
+    """Ray Data UDF: read one cache shard (checksum verified) and keep the rows of one task split."""
+
+    def __init__(self, url: str, manifest_json: bytes, targets: dict, kind: str, storage_options=None):
+        self.reader = CacheReader(url, Manifest.from_json(manifest_json, url), storage_options)
+        self.shards = {s.path: s for s in self.reader.manifest.shards}
+        self.targets, self.kind = targets, kind
+
+    def __call__(self, batch: dict) -> dict:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        tables = []
+        for path in batch["path"]:
+            t = self.reader.read_shard(self.shards[path], ["key", "length", "hidden", "scale"])
+            t = t.filter(pc.is_in(t.column("key"), pa.array(list(self.targets), pa.string())))
+            tables.append(t)
+        t = pa.concat_tables(tables)
+        keys = t.column("key").to_pylist()
+        return t.append_column("target", pa.array([self.targets[k] for k in keys], pa.list_(pa.int64())))
+
+
+def _train_batches(shard, spec, kind, batch_size, seed, epoch, pad_id):
+    """Length-grouped, padded batches from this worker's share of the train rows."""
+    from er_core.codecs import get_codec
+
+    codec = get_codec(spec.codec)
+    for chunk in shard.iter_batches(batch_size=batch_size * 32, batch_format="numpy", local_shuffle_buffer_size=batch_size * 64,
+                                    local_shuffle_seed=seed * 1000 + epoch):
+        lengths = chunk["length"].astype(np.int64)
+        for order in grouped_order(lengths, batch_size, shuffle=True, seed=seed, epoch=epoch):
+            hidden = [codec.decode(chunk["hidden"][i], chunk["scale"][i], (int(lengths[i]), spec.hidden_size)) for i in order]
+            ids = [np.zeros(int(lengths[i]), np.int64) for i in order]  # only lengths matter for cache-fed batches
+            targets = [_from_target_list(kind, chunk["target"][i]) for i in order]
+            yield collate(kind, ids, targets, hidden, pad_id)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from er_core.artifacts import cache_meta, save_trained
+    from er_core.evaluate import evaluate
+    from er_core.finetune import setup_data
+    from er_core.metrics import primary_metric
+    from er_core.train import build_model, fit, seed_everything
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    cfg = TrainConfig(**config["cfg"])
+    torch.set_num_threads(max(1, int(config.get("threads", 1))))
+    seed_everything(cfg.seed)
+    p = setup_data(config["cache"], config["task"], cfg, config["storage_options"], config["limit"], splits=("dev", "test"))
+    kind = p.task.kind
+    model = build_model(p.encoder, p.spec.layer, kind, len(p.task.labels) or 2, cfg)
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False}) if world > 1 else model
+    core = model.module if hasattr(model, "module") else model
+    per_worker = max(1, cfg.batch_size // world)  # the global batch stays cfg.batch_size
+    shard = ray.train.get_dataset_shard("train")
+    steps = math.ceil(config["n_train"] / world / per_worker)
+    dev = p.data.get("dev")
+
+    def dev_metrics():
+        return evaluate(core, dev, "cache", p.labels, pad_id=p.pad_id) if dev is not None and dev.items else {}
+
+    def report(row):
+        ray.train.report({k: v for k, v in row.items() if isinstance(v, (int, float))})
+
+    res = fit(model, kind, cfg, lambda e: _train_batches(shard, p.spec, kind, per_worker, cfg.seed, e, p.pad_id), steps,
+              dev_metrics, primary_metric(kind), log=report)
+    metrics = {"task": p.task.name, "kind": kind, "method": cfg.method, "layer": p.spec.layer, "workers": world,
+               "best_epoch": res.best_epoch, "train_seconds": round(res.train_seconds, 3),
+               "train_examples_per_second": round(res.examples_per_second * world, 2), "history": res.history}
+    for split in ("dev", "test"):
+        if split in p.data and p.data[split].items:
+            metrics[split] = evaluate(core, p.data[split], "cache", p.labels, pad_id=p.pad_id)
+    if rank == 0:
+        with tempfile.TemporaryDirectory() as d:
+            meta = {"method": cfg.method, "task": {"name": p.task.name, "kind": kind, "labels": p.task.labels},
+                    "model": {"name": p.spec.model_name, "model_type": p.spec.model_type}, "cache": cache_meta(p.spec),
+                    "train_config": cfg.to_dict()}
+            save_trained(d, core, meta)
+            Path(d, "metrics.json").write_text(json.dumps(metrics, indent=1))
+            ray.train.report({"final": 1.0}, checkpoint=ray.train.Checkpoint.from_directory(d))
+    else:
+        ray.train.report({"final": 1.0})
+
+
+def train_dataset(cache_url: str, task_dir: str, cfg: TrainConfig, storage_options=None, limit=None):
+    """The task's train rows read from the cache shards, with targets; reports examples the cache lacks."""
+    import ray.data
+
+    reader = open_cache(cache_url, storage_options=storage_options)
+    spec = reader.spec
+    tokenizer = _tokenizer(spec.model_name)
+    task = load_task(task_dir, limit=limit)
+    items = encode_split(task, "train", tokenizer, spec.tokenizer, label_map(task) if task.kind != "qa" else None)
+    cached = set(reader.keys())
+    missing = [it.example.id for it in items if it.key not in cached]
+    if missing:
+        raise ErError(f"{len(missing)} train examples are not in the cache {cache_url} (e.g. {', '.join(missing[:5])}); "
+                      f"ingest the task folder first (`er ingest {task_dir} --cache {cache_url}`)")
+    targets = {it.key: _target_list(task.kind, it.target) for it in items}
+    paths = ray.data.from_items([{"path": s.path} for s in reader.manifest.shards])
+    ds = paths.map_batches(ReadShard, batch_size=1, fn_constructor_kwargs=dict(
+        url=cache_url, manifest_json=reader.manifest.to_json(), targets=targets, kind=task.kind, storage_options=storage_options),
+        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)
+    return ds, len(targets), task
+
+
+def _tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    from er_core.models import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model(name))
+
+
+def train_on_ray(cache_url: str, task_dir: str, out_dir: str, cfg: TrainConfig, workers: int = 1, cpus_per_worker: float = 1.0,
+                 gpus_per_worker: float = 0.0, storage_options=None, limit=None, address=None, storage_path=None,
+                 name: str | None = None) -> dict:
+    """Run one training on Ray Train; the artefact and metrics.json end up in `out_dir`."""
+    import atexit
+    import shutil
+
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipelines.ray_env import ensure_ray
+
+    if cfg.method == "full":
+        raise ErError("method 'full' trains from raw text, not the cache: use `er train --workers 0` for the baseline")
+    ensure_ray(address)
+    tmp = tempfile.mkdtemp(prefix="er-train-")
+    ds, n_train, task = train_dataset(cache_url, task_dir, cfg, storage_options, limit)
+    use_gpu = gpus_per_worker > 0
+    resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "cache": cache_url, "task": str(task_dir), "storage_options": storage_options,
+                           "limit": limit, "n_train": n_train, "threads": max(1, int(cpus_per_worker))},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        datasets={"train": ds},
+        # Local runs keep Ray's checkpoints in a temp folder; clusters need shared storage (s3://...).
+        run_config=RunConfig(name=name or f"er-{task.name}-{cfg.method}", storage_path=storage_path or tmp),
+    )
+    try:
+        result = trainer.fit()
+    finally:
+        if storage_path is None:
+            atexit.register(shutil.rmtree, tmp, True)
+    if result.checkpoint is None:
+        raise ErError(f"training of {task.name} finished without a checkpoint: {result.error}")
+    out = Path(out_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    result.checkpoint.to_directory(str(out))
+    if storage_path is None:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return json.loads((out / "metrics.json").read_text())
