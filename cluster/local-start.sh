@@ -13,7 +13,6 @@ set -euo pipefail
 
 WORKERS=${1:-${ER_LOCAL_WORKERS:-1}}
 PORT=${ER_RAY_PORT:-6390}                     # GCS port of the head; not 6379, to leave the default free
-CLIENT_PORT=${ER_RAY_CLIENT_PORT:-10001}      # ray:// clients (er ... --address ray://127.0.0.1:10001)
 CPUS=${ER_NODE_CPUS:-2}                       # logical CPUs per node; may exceed the real cores
 OBJ_MEM=${ER_OBJECT_STORE_BYTES:-500000000}   # per node; Ray's default (30% of RAM) is too much times N
 DIR=${ER_LOCAL_DIR:-/tmp/er-local-ray}        # pids and logs of the nodes started here
@@ -55,19 +54,25 @@ alive_nodes() {
     awk '/^Active:/{a=1;next} /^(Pending|Recent failures):/{a=0} a && /node_/{n++} END{print n+0}'
 }
 
-wait_nodes() {   # wait_nodes COUNT: until `ray status` shows COUNT active nodes (60 s)
-  for _ in $(seq 60); do
+wait_nodes() {   # wait_nodes COUNT: until `ray status` shows COUNT active nodes (90 s)
+  local deadline=$((SECONDS + 90)) f
+  while ((SECONDS < deadline)); do
     [[ $(alive_nodes) -ge $1 ]] && return 0
+    for f in "$DIR"/*.pid; do
+      kill -0 "$(cat "$f")" 2>/dev/null || { echo "node $(basename "$f" .pid) exited:" >&2; tail -5 "${f%.pid}.log" >&2; return 1; }
+    done
     sleep 1
   done
-  echo "only $(alive_nodes) of $1 nodes came up; logs in $DIR" >&2
+  echo "only $(alive_nodes) of $1 nodes came up in 90 s; logs in $DIR" >&2
   return 1
 }
 
 # shellcheck disable=SC2046  # node_ports is meant to split into separate flags
+# The head also serves ray:// clients on 10001 when ray[client] (grpcio) is installed;
+# ER_RAY_CLIENT_PORT picks another port (and then requires ray[client]).
 start_node head --head --node-ip-address=127.0.0.1 --port="$PORT" \
-  --ray-client-server-port="$CLIENT_PORT" --include-dashboard="${ER_RAY_DASHBOARD:-false}" \
-  $(node_ports)
+  --include-dashboard="${ER_RAY_DASHBOARD:-false}" \
+  ${ER_RAY_CLIENT_PORT:+--ray-client-server-port="$ER_RAY_CLIENT_PORT"} $(node_ports)
 wait_nodes 1 || { "$(dirname "$0")/local-stop.sh"; exit 1; }
 
 for i in $(seq "$WORKERS"); do
@@ -77,4 +82,4 @@ done
 wait_nodes $((WORKERS + 1)) || { "$(dirname "$0")/local-stop.sh"; exit 1; }
 
 echo "local Ray cluster up: 1 head + $WORKERS worker node(s), $CPUS CPUs each"
-echo "export RAY_ADDRESS=127.0.0.1:$PORT RAY_AUTH_MODE=$RAY_AUTH_MODE   # ray:// clients: ray://127.0.0.1:$CLIENT_PORT"
+echo "export RAY_ADDRESS=127.0.0.1:$PORT RAY_AUTH_MODE=$RAY_AUTH_MODE"

@@ -43,42 +43,53 @@ def label_map(task: Task) -> LabelMap:
     return LabelMap(task.labels)
 
 
-def encode_split(task: Task, split: str, tokenizer, settings: TokenizerSettings, labels: LabelMap | None) -> list[Item]:
-    """Tokenize one split and turn its labels into per-token or per-example targets."""
-    examples = task.splits[split]
+def align(kind: str, ex: Example, tokenizer, max_length: int) -> tuple[list | None, list | None]:
+    """What decoding needs beyond the ids: word index per token (ner) or context char span per token (qa)."""
+    if kind == "ner":
+        return tokenizer(list(ex.words), is_split_into_words=True, truncation=True, max_length=max_length).word_ids(), None
+    if kind == "qa":
+        enc = tokenizer(ex.text, ex.text_pair, truncation="only_second", max_length=max_length, return_offsets_mapping=True)
+        return None, [o if s == 1 else None for o, s in zip(enc["offset_mapping"], enc.sequence_ids())]
+    return None, None
+
+
+def _target(kind: str, ex: Example, labels: LabelMap | None, where: str, word_ids, offsets):
+    if kind == "classification":
+        return labels.encode(ex.label, where=where)
+    if kind == "ner":
+        target = np.full(len(word_ids), IGNORE, dtype=np.int64)
+        prev = None
+        for t, w in enumerate(word_ids):
+            if w is not None and w != prev:
+                target[t] = labels.encode(ex.tags[w], where=where)
+            prev = w
+        return target
+    if kind == "qa":
+        if ex.answers:
+            text, start = ex.answers[0]
+            end = start + len(text)
+            inside = [t for t, o in enumerate(offsets) if o is not None and o[0] < end and o[1] > start]
+            if inside:
+                return (inside[0], inside[-1])
+        return (0, 0)  # answer cut off by truncation: point at [CLS], as SQuAD training does
+    raise ErError(f"unknown task kind {kind!r}")
+
+
+def encode_examples(kind: str, examples: list[Example], tokenizer, settings: TokenizerSettings, labels: LabelMap | None,
+                    split: str = "", with_targets: bool = True) -> list[Item]:
+    """Tokenize examples, key them, and (with_targets) turn their labels into per-example or per-token targets."""
     inputs = [example_input(ex) for ex in examples]
     toks = tokenize(tokenizer, inputs, settings.max_length)
     items = []
     for ex, inp, tok in zip(examples, inputs, toks):
-        key = example_key(inp, settings)
-        where = f"{split} example {ex.id}"
-        if task.kind == "classification":
-            items.append(Item(key, tok.input_ids, labels.encode(ex.label, where=where), ex))
-        elif task.kind == "ner":
-            enc = tokenizer(list(ex.words), is_split_into_words=True, truncation=True, max_length=settings.max_length)
-            wids = enc.word_ids()
-            target = np.full(len(wids), IGNORE, dtype=np.int64)
-            prev = None
-            for t, w in enumerate(wids):
-                if w is not None and w != prev:
-                    target[t] = labels.encode(ex.tags[w], where=where)
-                prev = w
-            items.append(Item(key, tok.input_ids, target, ex, word_ids=wids))
-        elif task.kind == "qa":
-            enc = tokenizer(ex.text, ex.text_pair, truncation="only_second", max_length=settings.max_length, return_offsets_mapping=True)
-            seq = enc.sequence_ids()
-            offsets = [o if s == 1 else None for o, s in zip(enc["offset_mapping"], seq)]
-            target = (0, 0)  # answer cut off by truncation: point at [CLS], as SQuAD training does
-            if ex.answers:
-                text, start = ex.answers[0]
-                end = start + len(text)
-                toks_in = [t for t, o in enumerate(offsets) if o is not None and o[0] < end and o[1] > start]
-                if toks_in:
-                    target = (toks_in[0], toks_in[-1])
-            items.append(Item(key, tok.input_ids, target, ex, offsets=offsets))
-        else:
-            raise ErError(f"unknown task kind {task.kind!r}")
+        word_ids, offsets = align(kind, ex, tokenizer, settings.max_length)
+        target = _target(kind, ex, labels, f"{split} example {ex.id}", word_ids, offsets) if with_targets else None
+        items.append(Item(example_key(inp, settings), tok.input_ids, target, ex, word_ids, offsets))
     return items
+
+
+def encode_split(task: Task, split: str, tokenizer, settings: TokenizerSettings, labels: LabelMap | None) -> list[Item]:
+    return encode_examples(task.kind, task.splits[split], tokenizer, settings, labels, split)
 
 
 def join_cache(task: Task, split: str, tokenizer, settings, labels, reader=None, rows=None) -> SplitData:
@@ -125,7 +136,7 @@ def grouped_order(lengths: np.ndarray, batch_size: int, shuffle: bool, seed: int
     return batches
 
 
-def collate(kind: str, ids: list[np.ndarray], targets: list, hidden: list[np.ndarray] | None, pad_id: int) -> dict:
+def collate(kind: str, ids: list[np.ndarray], targets: list | None, hidden: list[np.ndarray] | None, pad_id: int) -> dict:
     """Pad one batch. `hidden` given: cache-fed batch; else: token ids for the full model."""
     B, T = len(ids), max(len(x) for x in ids)
     mask = torch.zeros(B, T, dtype=torch.long)
@@ -144,6 +155,8 @@ def collate(kind: str, ids: list[np.ndarray], targets: list, hidden: list[np.nda
     for r, x in enumerate(ids):
         mask[r, : len(x)] = 1
     batch["attention_mask"] = mask
+    if targets is None:  # inference
+        return batch
     if kind == "classification":
         batch["labels"] = torch.tensor([int(t) for t in targets], dtype=torch.long)
     elif kind == "ner":

@@ -71,3 +71,34 @@ def tiny_task(tmp_path) -> Path:
                 words.insert(rnd.randint(0, len(words)), label)  # the label word makes the task learnable
                 f.write(json.dumps({"text": " ".join(words), "label": label}) + "\n")
     return folder
+
+
+def write_tiny_task(folder: Path, sizes=(("train", 64), ("dev", 24), ("test", 24)), seed: int = 0) -> Path:
+    """A learnable two-class JSONL task: the label word is in the text."""
+    import json
+    import random
+
+    rnd = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in sizes:
+        with open(folder / f"{split}.jsonl", "w") as f:
+            for i in range(n):
+                label = ["inhibitor", "activates"][i % 2]
+                words = [rnd.choice(WORDS) for _ in range(rnd.randint(3, 10))]
+                words.insert(rnd.randint(0, len(words)), label)
+                f.write(json.dumps({"text": " ".join(words), "label": label}) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tiny_bert, tmp_path_factory):
+    """(cache url, task folder, recycler): the tiny task ingested at k=2, fp32; shared by the whole session."""
+    from er_core import Recycler, ingest_local, load_task
+    from er_core.tasks import example_input
+
+    folder = write_tiny_task(tmp_path_factory.mktemp("tiny-cache-task") / "tiny")
+    rec = Recycler.load(tiny_bert, layer=2, codec="fp32")
+    task = load_task(folder)
+    url = str(tmp_path_factory.mktemp("tiny-cache") / "c")
+    ingest_local((example_input(e) for exs in task.splits.values() for e in exs), url, rec, progress=False)
+    return url, folder, rec
