@@ -40,8 +40,8 @@ node_ports() {
        "--runtime-env-agent-port=$(free_port) --metrics-export-port=$(free_port)"
 }
 
-# setsid: the node gets its own process group (pgid = the pid we record), so stop can end
-# ray start and every daemon it spawned in one signal.
+# setsid: each node gets its own process group (pgid = the pid we record), so local-stop.sh
+# can find, and if need be kill, every daemon that node's `ray start` spawned.
 start_node() {
   local name=$1; shift
   setsid ray start --block --disable-usage-stats --temp-dir="$RAY_TMP" \
@@ -67,19 +67,20 @@ wait_nodes() {   # wait_nodes COUNT: until `ray status` shows COUNT active nodes
   return 1
 }
 
+# Ray advertises this host's own IP for every node (it maps 127.0.0.1 to it); all traffic stays
+# on this machine. The head serves ray:// clients on 10001 only when ray[client] (grpcio) is
+# installed; ER_RAY_CLIENT_PORT picks another port (and then requires ray[client]).
 # shellcheck disable=SC2046  # node_ports is meant to split into separate flags
-# The head also serves ray:// clients on 10001 when ray[client] (grpcio) is installed;
-# ER_RAY_CLIENT_PORT picks another port (and then requires ray[client]).
-start_node head --head --node-ip-address=127.0.0.1 --port="$PORT" \
+start_node head --head --port="$PORT" \
   --include-dashboard="${ER_RAY_DASHBOARD:-false}" \
   ${ER_RAY_CLIENT_PORT:+--ray-client-server-port="$ER_RAY_CLIENT_PORT"} $(node_ports)
-wait_nodes 1 || { "$(dirname "$0")/local-stop.sh"; exit 1; }
+wait_nodes 1 || { bash "$(dirname "$0")/local-stop.sh"; exit 1; }
 
 for i in $(seq "$WORKERS"); do
   # shellcheck disable=SC2046
-  start_node "worker$i" --address="127.0.0.1:$PORT" --node-ip-address=127.0.0.1 $(node_ports)
+  start_node "worker$i" --address="127.0.0.1:$PORT" $(node_ports)
 done
-wait_nodes $((WORKERS + 1)) || { "$(dirname "$0")/local-stop.sh"; exit 1; }
+wait_nodes $((WORKERS + 1)) || { bash "$(dirname "$0")/local-stop.sh"; exit 1; }
 
 echo "local Ray cluster up: 1 head + $WORKERS worker node(s), $CPUS CPUs each"
 echo "export RAY_ADDRESS=127.0.0.1:$PORT RAY_AUTH_MODE=$RAY_AUTH_MODE"

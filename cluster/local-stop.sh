@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Stop the local cluster that cluster/local-start.sh started, and only that one: each node's
-# process group gets SIGTERM (ray start --block then shuts its daemons down), SIGKILL after 30 s.
+# Stop the local cluster that cluster/local-start.sh started, and only that one.
+# Each node's `ray start --block` gets SIGTERM: it drains the node and ends the daemons it
+# started. Whatever of its process group is still up after 40 s gets SIGKILL.
 #
 #   cluster/local-stop.sh          # ER_KEEP_LOGS=1 keeps Ray's logs in $ER_RAY_TMP
 set -uo pipefail
@@ -8,24 +9,27 @@ set -uo pipefail
 DIR=${ER_LOCAL_DIR:-/tmp/er-local-ray}
 RAY_TMP=${ER_RAY_TMP:-/tmp/er-ray}
 
-group_alive() { kill -0 -- "-$1" 2>/dev/null; }
+group_alive() { [[ -n $(ps -o pid= -g "$1" 2>/dev/null) ]]; }
 
-pids=()
-for f in "$DIR"/worker*.pid "$DIR"/head.pid; do   # workers first, so none outlives its head
-  [[ -e $f ]] && pids+=("$(cat "$f")")
-done
-[[ ${#pids[@]} -eq 0 ]] && { echo "no local cluster recorded in $DIR"; exit 0; }
+stop_node() {   # stop_node PIDFILE
+  local pid deadline
+  pid=$(cat "$1")
+  # Only the leader: signalling the whole group kills raylet/GCS under the drain, which then hangs.
+  kill -TERM "$pid" 2>/dev/null
+  deadline=$((SECONDS + 40))
+  while group_alive "$pid" && ((SECONDS < deadline)); do sleep 0.5; done
+  if group_alive "$pid"; then
+    echo "$(basename "$1" .pid) (group $pid) did not stop in 40 s; SIGKILL" >&2
+    kill -KILL -- "-$pid" 2>/dev/null
+  fi
+}
 
-for pid in "${pids[@]}"; do kill -TERM -- "-$pid" 2>/dev/null; done
-for _ in $(seq 30); do
-  left=0
-  for pid in "${pids[@]}"; do group_alive "$pid" && left=1; done
-  [[ $left -eq 0 ]] && break
-  sleep 1
-done
-for pid in "${pids[@]}"; do
-  group_alive "$pid" && { echo "node group $pid still up; SIGKILL" >&2; kill -KILL -- "-$pid" 2>/dev/null; }
-done
+shopt -s nullglob
+files=("$DIR"/worker*.pid)
+[[ -e $DIR/head.pid ]] || [[ ${#files[@]} -gt 0 ]] || { echo "no local cluster recorded in $DIR"; exit 0; }
+for f in "${files[@]}"; do stop_node "$f" & done   # workers first and together, then the head
+wait
+[[ -e $DIR/head.pid ]] && stop_node "$DIR/head.pid"
 
 rm -rf "$DIR"
 [[ -n ${ER_KEEP_LOGS:-} ]] || rm -rf "$RAY_TMP"

@@ -1,0 +1,56 @@
+"""`er bench`: run the benchmarks side by side and write their figures to a report.
+
+Every figure is a ratio measured in one run on this machine: Ray ingestion vs a plain loop,
+and recycled training/inference vs the full model, each beside its ideal.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+
+def _report(results: dict) -> str:
+    lines = ["# er benchmark report", "", f"Measured {time.strftime('%Y-%m-%d %H:%M')} by `er bench`"
+             f"{' --quick' if results.get('quick') else ''}; every ratio is taken side by side in one run.", ""]
+    ing = results.get("ingest")
+    if ing:
+        lines += ["## Ingestion (Ray Data pipeline vs plain single-process loop)", "", "```json", json.dumps(ing, indent=1), "```", ""]
+    tr = results.get("train")
+    if tr:
+        ideal = tr["ideal_ratio"]
+        lines += [
+            f"## Training and inference ({tr['model']}, L={tr['layers']}, k={tr['k']}, task {tr['task']}, batch {tr['batch_size']})",
+            "",
+            "| what | examples/s | ratio vs full | ideal L/(L-k) | share of ideal |",
+            "|---|---|---|---|---|",
+            f"| train full (raw text) | {tr['train_examples_per_s']['full']} | 1.00 | | |",
+            f"| train reduced (cache) | {tr['train_examples_per_s']['reduced']} | {tr['train_ratio']['reduced']:.2f} | {ideal:.2f} | {tr['train_ratio_of_ideal']['reduced']:.0%} |",
+            f"| train lora (cache) | {tr['train_examples_per_s']['lora']} | {tr['train_ratio']['lora']:.2f} | {ideal:.2f} | {tr['train_ratio_of_ideal']['lora']:.0%} |",
+            f"| inference full | {tr['infer_examples_per_s']['full']} | 1.00 | | |",
+            f"| inference cache hit | {tr['infer_examples_per_s']['cache_hit']} | {tr['infer_ratio']:.2f} | {ideal:.2f} | {tr['infer_ratio_of_ideal']:.0%} |",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    from benchmarks import bench_train
+
+    data = Path(args.data) if args.data else bench_train.DATA
+    results: dict = {"quick": bool(args.quick)}
+    try:
+        from benchmarks import bench_ingest
+    except ImportError:
+        bench_ingest = None
+    if bench_ingest is not None:
+        results["ingest"] = bench_ingest.run(data, None, quick=args.quick)
+    results["train"] = bench_train.run(data, quick=args.quick)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(_report(results))
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    print(_report(results))
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+    return 0
