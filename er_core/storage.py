@@ -88,19 +88,39 @@ class WriterLock:
             return False
         return time.time() - float(other.get("heartbeat", 0)) > self.ttl
 
+    def _create(self) -> bool:
+        """Create the lock only if absent: O_EXCL on disk, `If-None-Match: *` on S3. False if it exists."""
+        data = json.dumps({**self.info, "heartbeat": time.time()}).encode()
+        try:
+            if is_local(self.fs):
+                with open(self.path, "xb") as f:
+                    f.write(data)
+            else:
+                self.fs.pipe_file(self.path, data, mode="create")
+            return True
+        except FileExistsError:
+            return False
+        except OSError as e:  # s3fs reports a failed precondition as a plain OSError
+            if "pre-condition" in str(e) or "precondition" in str(e).lower():
+                return False
+            raise
+
     def acquire(self) -> None:
         self.fs.makedirs(self.path.rsplit("/", 1)[0], exist_ok=True)
-        other = self._read()
-        if other is not None and not self._stale(other):
-            raise CacheLockedError(
-                f"cache is being written by run {other.get('run_id')} (host {other.get('host')}, pid {other.get('pid')}); "
-                f"wait for it to finish, or delete {self.path} if that writer is dead"
-            )
-        self.heartbeat()
-        # Re-read: of two writers racing for a stale lock, only the last PUT wins.
-        time.sleep(0.05)
-        if (self._read() or {}).get("run_id") != self.info["run_id"]:
-            raise CacheLockedError(f"another writer took the lock {self.path} at the same moment; try again")
+        if not self._create():
+            other = self._read()
+            if other is not None and not self._stale(other):
+                raise CacheLockedError(
+                    f"cache is being written by run {other.get('run_id')} (host {other.get('host')}, pid {other.get('pid')}); "
+                    f"wait for it to finish, or delete {self.path} if that writer is dead"
+                )
+            # Stale: remove it and race for a fresh one; of several takers only one create succeeds.
+            try:
+                self.fs.rm_file(self.path)
+            except FileNotFoundError:
+                pass
+            if not self._create():
+                raise CacheLockedError(f"another writer took the stale lock {self.path} at the same moment; try again")
         self.held = True
 
     def heartbeat(self) -> None:

@@ -59,7 +59,7 @@ class ReadShard:
 
 
 def _train_batches(shard, spec, kind, batch_size, seed, epoch, pad_id):
-    """Length-grouped, padded batches from this worker's share of the train rows."""
+    """Length-grouped, padded batches from this worker's share of the train rows (states, or ids for `full`)."""
     from er_core.codecs import get_codec
 
     codec = get_codec(spec.codec)
@@ -67,9 +67,12 @@ def _train_batches(shard, spec, kind, batch_size, seed, epoch, pad_id):
                                     local_shuffle_seed=seed * 1000 + epoch):
         lengths = chunk["length"].astype(np.int64)
         for order in grouped_order(lengths, batch_size, shuffle=True, seed=seed, epoch=epoch):
+            targets = [_from_target_list(kind, chunk["target"][i]) for i in order]
+            if "input_ids" in chunk:
+                yield collate(kind, [chunk["input_ids"][i] for i in order], targets, None, pad_id)
+                continue
             hidden = [codec.decode(chunk["hidden"][i], chunk["scale"][i], (int(lengths[i]), spec.hidden_size)) for i in order]
             ids = [np.zeros(int(lengths[i]), np.int64) for i in order]  # only lengths matter for cache-fed batches
-            targets = [_from_target_list(kind, chunk["target"][i]) for i in order]
             yield collate(kind, ids, targets, hidden, pad_id)
 
 
@@ -100,7 +103,7 @@ def train_loop_per_worker(config: dict) -> None:
     dev = p.data.get("dev")
 
     def dev_metrics():
-        return evaluate(core, dev, "cache", p.labels, pad_id=p.pad_id) if dev is not None and dev.items else {}
+        return evaluate(core, dev, cfg.source, p.labels, pad_id=p.pad_id) if dev is not None and dev.items else {}
 
     def report(row):
         ray.train.report({k: v for k, v in row.items() if isinstance(v, (int, float))})
@@ -112,7 +115,7 @@ def train_loop_per_worker(config: dict) -> None:
                "train_examples_per_second": round(res.examples_per_second * world, 2), "history": res.history}
     for split in ("dev", "test"):
         if split in p.data and p.data[split].items:
-            metrics[split] = evaluate(core, p.data[split], "cache", p.labels, pad_id=p.pad_id)
+            metrics[split] = evaluate(core, p.data[split], cfg.source, p.labels, pad_id=p.pad_id)
     if rank == 0:
         with tempfile.TemporaryDirectory() as d:
             meta = {"method": cfg.method, "task": {"name": p.task.name, "kind": kind, "labels": p.task.labels},
@@ -134,6 +137,10 @@ def train_dataset(cache_url: str, task_dir: str, cfg: TrainConfig, storage_optio
     tokenizer = _tokenizer(spec.model_name)
     task = load_task(task_dir, limit=limit)
     items = encode_split(task, "train", tokenizer, spec.tokenizer, label_map(task) if task.kind != "qa" else None)
+    if cfg.method == "full":  # the baseline: token ids from the text, no cached states
+        rows = [{"input_ids": it.input_ids.tolist(), "length": len(it.input_ids), "target": _target_list(task.kind, it.target)}
+                for it in items]
+        return ray.data.from_items(rows), len(rows), task
     cached = set(reader.keys())
     missing = [it.example.id for it in items if it.key not in cached]
     if missing:
@@ -167,8 +174,6 @@ def train_on_ray(cache_url: str, task_dir: str, out_dir: str, cfg: TrainConfig, 
 
     from pipelines.ray_env import ensure_ray
 
-    if cfg.method == "full":
-        raise ErError("method 'full' trains from raw text, not the cache: use `er train --workers 0` for the baseline")
     ensure_ray(address)
     tmp = tempfile.mkdtemp(prefix="er-train-")
     ds, n_train, task = train_dataset(cache_url, task_dir, cfg, storage_options, limit)

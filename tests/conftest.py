@@ -74,17 +74,19 @@ def tiny_task(tmp_path) -> Path:
 
 
 def write_tiny_task(folder: Path, sizes=(("train", 64), ("dev", 24), ("test", 24)), seed: int = 0) -> Path:
-    """A learnable two-class JSONL task: the label word is in the text."""
+    """A learnable two-class JSONL task: the label word is in the text, and only there."""
     import json
     import random
 
     rnd = random.Random(seed)
+    labels = ["inhibitor", "activates"]
+    fillers = [w for w in WORDS if w not in labels]
     folder.mkdir(parents=True, exist_ok=True)
     for split, n in sizes:
         with open(folder / f"{split}.jsonl", "w") as f:
             for i in range(n):
-                label = ["inhibitor", "activates"][i % 2]
-                words = [rnd.choice(WORDS) for _ in range(rnd.randint(3, 10))]
+                label = labels[i % 2]
+                words = [rnd.choice(fillers) for _ in range(rnd.randint(3, 10))]
                 words.insert(rnd.randint(0, len(words)), label)
                 f.write(json.dumps({"text": " ".join(words), "label": label}) + "\n")
     return folder

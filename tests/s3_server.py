@@ -185,7 +185,8 @@ class SeaweedS3:
                 fs = s3fs.S3FileSystem(skip_instance_cache=True, **self.storage_options())
                 if not fs.exists(self.bucket):
                     fs.mkdir(self.bucket)
-                fs.pipe_file(f"{self.bucket}/.ready", b"ok")
+                fs.pipe_file(f"{self.bucket}/.ready", b"ok")  # a write succeeds end to end...
+                fs.rm_file(f"{self.bucket}/.ready")  # ...and leaves the bucket empty for the tests
                 return
             except Exception as e:  # noqa: BLE001 - any failure before the deadline means "not yet"
                 last = e
