@@ -61,30 +61,6 @@ def test_reduced_step_equals_frozen_full_model(name, k):
         assert torch.allclose(dict(head.named_parameters())[n].grad, p.grad, atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def tiny_cache(tiny_bert, tmp_path_factory):
-    """The tiny task folder ingested at k=2, fp32."""
-    import json as _json
-    import random
-
-    from tests.conftest import WORDS
-
-    rnd = random.Random(0)
-    folder = tmp_path_factory.mktemp("task")
-    for split, n in (("train", 64), ("dev", 24), ("test", 24)):
-        with open(folder / f"{split}.jsonl", "w") as f:
-            for i in range(n):
-                label = ["inhibitor", "activates"][i % 2]
-                words = [rnd.choice(WORDS) for _ in range(rnd.randint(3, 10))]
-                words.insert(rnd.randint(0, len(words)), label)
-                f.write(_json.dumps({"text": " ".join(words), "label": label}) + "\n")
-    rec = Recycler.load(tiny_bert, layer=2, codec="fp32")
-    task = load_task(folder)
-    url = str(tmp_path_factory.mktemp("cache") / "c")
-    ingest_local((example_input(e) for exs in task.splits.values() for e in exs), url, rec, progress=False)
-    return url, folder, rec
-
-
 @pytest.mark.parametrize("method", ["reduced", "lora", "full"])
 def test_methods_train_save_and_reload(tiny_cache, tmp_path, method):
     url, folder, rec = tiny_cache
