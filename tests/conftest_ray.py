@@ -1,0 +1,33 @@
+"""pytest plugin: one local Ray for the whole session, as the `ray_session` fixture.
+
+`ray.init` costs ~5 s, so every Ray-level test shares this one. It declares 8 logical CPUs on
+purpose (more than this machine's cores): actors and Train workers hold a CPU for a whole run,
+and Ray Data must always find one left to read with. Tests that need another cluster shape
+(logical GPUs) start their own Ray in a subprocess instead of touching this one.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=8, include_dashboard=False, object_store_memory=1_000_000_000, log_to_driver=True)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+def pytest_collection_modifyitems(items):
+    # Any test that uses the fixture is a `ray` test, so `-m "not ray"` runs without Ray.
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
