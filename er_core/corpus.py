@@ -21,12 +21,16 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
+import pyarrow as pa
 
 from .embed import is_empty
 from .errors import DataFormatError, ErError
 from .storage import url_to_fs
 
-__all__ = ["CorpusSource", "CorpusRow", "CorpusStats", "KeyClaims", "batch_token", "find_sources", "key_digests", "read_source", "scan"]
+__all__ = [
+    "CorpusRecord", "CorpusRow", "CorpusSource", "CorpusStats", "KeyClaims",
+    "batch_token", "find_sources", "key_digests", "read_corpus", "read_source", "scan",
+]
 
 # Extension -> reader. A new format is one row here plus one reader below.
 FORMATS = {
@@ -119,7 +123,7 @@ def find_sources(paths: Iterable[str], storage_options: dict | None = None) -> l
 # ---------------------------------------------------------------- readers
 
 
-def _lines(f, src: CorpusSource) -> Iterator[tuple[int, str]]:
+def _lines(f, src: CorpusSource, keep_ends: bool = False) -> Iterator[tuple[int, str]]:
     """Decoded lines with their numbers; bad bytes are reported at their line."""
     for lineno, raw in enumerate(f, start=1):
         try:
@@ -131,7 +135,7 @@ def _lines(f, src: CorpusSource) -> Iterator[tuple[int, str]]:
             ) from None
         if lineno == 1:
             line = line.lstrip("\ufeff")
-        yield lineno, line.rstrip("\r\n")
+        yield lineno, line if keep_ends else line.rstrip("\r\n")
 
 
 def _inputs(value, field: str, where: str) -> dict:
@@ -185,7 +189,8 @@ def _read_text(f, src, text_field, id_field):
 
 
 def _read_csv(f, src, text_field, id_field):
-    reader = csv.reader((line for _, line in _lines(f, src)), delimiter="\t" if src.fmt == "tsv" else ",")
+    # Line ends kept: a quoted field may span lines.
+    reader = csv.reader((line for _, line in _lines(f, src, keep_ends=True)), delimiter="\t" if src.fmt == "tsv" else ",")
     header = next(reader, None)
     if header is None:
         return
@@ -252,8 +257,21 @@ def read_source(
                 if limit is not None and n >= limit:
                     return
                 yield r
-        except (OSError, EOFError) as e:  # truncated/corrupt compressed or Parquet file
+        except (OSError, EOFError, pa.ArrowException) as e:  # truncated or corrupt compressed/Parquet file
             raise DataFormatError(f"{src.url}: unreadable ({type(e).__name__}: {e})") from None
+
+
+class CorpusRecord(NamedTuple):
+    id: str  # the id field's value, else "<file>:<line>" (or "<file> row N")
+    inputs: dict
+
+
+def read_corpus(paths, text_field="text", id_field=None, storage_options=None, skip_empty=True) -> Iterator[CorpusRecord]:
+    """Every row of files, folders or globs with an id, in order (for prediction; empty texts skipped by default)."""
+    for src in find_sources(paths, storage_options):
+        for r in read_source(src, text_field, id_field, storage_options):
+            if not (skip_empty and is_empty(r.inputs)):
+                yield CorpusRecord(r.ident if r.ident is not None else src.where(r.row), r.inputs)
 
 
 def scan(sources, text_field="text", id_field=None, storage_options=None, limit=None) -> CorpusStats:
@@ -296,6 +314,9 @@ class KeyClaims:
 
     def __len__(self) -> int:
         return len(self._sorted) + len(self._recent)
+
+    def stats(self) -> dict:
+        return {"known": len(self), "claimed": self.claimed}
 
     def _known(self, d: np.ndarray) -> np.ndarray:
         if not len(self._sorted) or not len(d):

@@ -80,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="texts per actor call")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="mixed precision of the lower layers on GPU")
     p.add_argument("--local", action="store_true", help="plain single-process loop, no Ray")
+    p.add_argument("--shard-rows", type=int, default=512,
+                   help="rows per actor call and per shard file; the actor embeds them in length-sorted passes of --batch-size texts")
+    p.add_argument("--threads", type=int, help="torch threads per CPU actor (default: cores / actors)")
+    p.add_argument("--commit-every", type=int, default=16, help="commit the manifest every N shards (and at the end)")
+    p.add_argument("--commit-seconds", type=float, default=60.0, help="... or when this many seconds passed since the last commit")
     _ray_args(p)
     _storage_args(p)
 

@@ -139,11 +139,12 @@ def predict(cache_url: str, model_dirs: list[str], corpus: list[str], out: str, 
         parts.append(ray.data.from_items(misses).map_batches(Predictor, **predictor))
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     n = _write(ds, out)
-    if record and misses:
-        from pipelines.ingest import ingest_examples
+    if record and misses:  # misses are few next to the corpus: the plain loop records them
+        from er_core import Recycler, ingest_local
 
-        ingest_examples([example_input(_ex_from_json(json.loads(m["examples"])[0])) for m in misses], cache_url,
-                        storage_options=storage_options, address=address)
+        rec = Recycler.load(spec.model_name, spec.layer, spec.codec, spec.tokenizer.max_length)
+        ingest_local((example_input(_ex_from_json(json.loads(m["examples"])[0])) for m in misses), cache_url, rec,
+                     storage_options=storage_options, progress=False)
     return {"examples": n, "cache_hits": sum(len(v) for k, v in by_key.items() if k in cached),
             "cache_misses": sum(len(v) for k, v in by_key.items() if k not in cached), "out": out}
 

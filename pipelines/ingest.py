@@ -1,0 +1,432 @@
+"""`er ingest`: stream a corpus through the frozen lower layers into the cache, on Ray Data.
+
+    corpus sources --read_rows (tasks)--> rows {key, input, src, row}
+        --EmbedShards (actor pool: claim keys, tokenize, embed, write one shard)--> one ShardInfo row per shard
+    driver: holds the CacheWriter (its lock), registers shards, commits every N shards / T seconds and at the end.
+
+The driver first scans the corpus (streaming) so bad input fails before anything is committed.
+Keys are claimed from one small KeyClaims actor seeded with the keys already cached, so a key is
+embedded once per cache, whatever the number of actors, duplicates in the corpus, or re-runs.
+A killed run leaves the last commit intact; re-running completes it (CacheWriter takes over the
+stale lock and removes the dead run's unlisted shards).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field, fields, replace
+
+import numpy as np
+
+from er_core import DEFAULT_CODEC, DEFAULT_MODEL, CacheWriter, ErError, Manifest, Recycler, ShardInfo, ingest_local, open_cache
+from er_core.cache import encode_table, write_shard
+from er_core.corpus import KeyClaims, batch_token, find_sources, key_digests, read_source, scan
+from er_core.embed import is_empty
+from er_core.keys import example_key
+
+log = logging.getLogger("er.ingest")
+
+# Workers on other nodes do not share the driver's environment: forward what storage and HF need.
+_FORWARD_ENV = ("AWS_", "HF_HUB_OFFLINE", "HF_HOME", "TRANSFORMERS_OFFLINE")
+_AUTOCAST = {"bf16": "bfloat16", "fp16": "float16"}
+_INFO_FIELDS = [f.name for f in fields(ShardInfo)]
+
+
+@dataclass
+class Report:
+    manifest: Manifest
+    summary: dict
+    actors: list[dict] = field(default_factory=list)  # per actor: device and assigned Ray resources
+
+
+# ---------------------------------------------------------------- the two Ray Data stages
+
+
+def read_rows(batch, sources, text_field, id_field, tokenizer, storage_options, limit, chunk=1024):
+    """Read stage (one call per source): non-empty rows with their key; empties were counted by the scan."""
+    for i in batch["src"]:
+        src, out = sources[int(i)], []
+        for r in read_source(src, text_field, id_field, storage_options, limit):
+            if is_empty(r.inputs):
+                continue
+            key = r.ident if id_field else example_key(r.inputs, tokenizer)
+            out.append((key, json.dumps(r.inputs, ensure_ascii=False), int(i), r.row))
+            if len(out) >= chunk:
+                yield _columns(out)
+                out = []
+        if out:
+            yield _columns(out)
+
+
+def _columns(rows):
+    key, inp, src, row = zip(*rows)
+    return {"key": np.array(key, dtype=object), "input": np.array(inp, dtype=object),
+            "src": np.array(src, np.int32), "row": np.array(row, np.int64)}
+
+
+class EmbedShards:
+    """Actor: holds the lower part once; each call claims its rows' keys, embeds the new ones and writes one shard."""
+
+    def __init__(self, model, layer, codec, max_length, spec, cache, storage_options, claims, run_id,
+                 batch_size=64, dtype="fp32", threads=None):
+        import ray
+        import torch
+
+        self.resources = ray.get_runtime_context().get_assigned_resources()
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.resources.get("GPU") and self.device == "cpu":
+            log.warning("this actor was given a GPU but torch sees no CUDA; computing on CPU"
+                        + (f" in fp32 (--dtype {dtype} applies on GPU only)" if dtype != "fp32" else ""))
+        if self.device == "cpu" and threads:
+            torch.set_num_threads(max(1, min(int(threads), os.cpu_count() or 1)))
+        rec = Recycler.load(model, layer, codec, max_length)
+        spec.check(rec.spec, f"for {model!r} on this worker", check_codec=True)  # same weights on every node
+        self.rec = replace(rec, encoder=None)  # keep the lower part only
+        autocast = getattr(torch, _AUTOCAST[dtype]) if self.device != "cpu" and dtype in _AUTOCAST else None
+        self.embed = self.rec.embedder(self.device, autocast)
+        self.cache, self.storage_options, self.claims = cache, storage_options, claims
+        self.run_id, self.batch_size = run_id, batch_size
+        self.actor = ray.get_runtime_context().get_actor_id()[:8]
+
+    def _states(self, ids):
+        # Forward passes of `batch_size` texts of similar length (the Embedder also caps tokens per pass).
+        order = np.argsort([len(x) for x in ids], kind="stable")
+        out = [None] * len(ids)
+        for s in range(0, len(order), self.batch_size):
+            part = order[s: s + self.batch_size]
+            for i, h in zip(part, self.embed([ids[i] for i in part])):
+                out[i] = h
+        return out
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import ray
+
+        t0 = time.perf_counter()
+        keys = batch["key"]
+        mask = ray.get(self.claims.claim.remote(list(keys), batch_token(batch["src"], batch["row"])))
+        info = ShardInfo(path="", rows=0, tokens=0, bytes=0, sha256="")
+        if mask.any():
+            toks = self.rec.tokenize([json.loads(s) for s in batch["input"][mask]])
+            ids = [t.input_ids for t in toks]
+            table = encode_table(keys[mask], ids, self._states(ids), [t.truncated for t in toks], self.rec.spec.codec)
+            info = write_shard(self.cache, f"part-{self.run_id}-{uuid.uuid4().hex[:12]}.parquet", table, self.storage_options)
+        row = {k: np.array([getattr(info, k)]) for k in _INFO_FIELDS}
+        row.update(seen=np.array([len(keys)]), seconds=np.array([time.perf_counter() - t0]),
+                   actor=np.array([self.actor]), device=np.array([self.device]),
+                   resources=np.array([json.dumps(self.resources, sort_keys=True)]))
+        return row
+
+
+# ---------------------------------------------------------------- planning
+
+
+@dataclass
+class Pool:
+    size: int
+    num_gpus: float
+    num_cpus: float
+    threads: int
+
+
+def plan_pool(actors: int | None, threads: int | None, resources: dict, nodes: int, local: bool) -> Pool:
+    """One actor per GPU when the cluster has GPUs; else one single-threaded actor per core.
+
+    One thread per actor measured best on CPU (small matmuls scale poorly across threads; see
+    benchmarks/bench_ingest.py). Actors reserve less than a CPU each if needed so that Ray Data
+    always keeps one logical CPU to read with.
+    """
+    gpus, cpus = int(resources.get("GPU", 0)), float(resources.get("CPU", 1))
+    # A local Ray may declare more logical CPUs than cores (so Train never starves Data): size by cores.
+    cores = min(cpus, os.cpu_count() or 1) if local else cpus
+    size = actors or (gpus if gpus else max(1, int(cores)))
+    per_node = math.ceil(size / max(nodes, 1))
+    return Pool(
+        size=size,
+        num_gpus=1 if gpus else 0,
+        num_cpus=round(min(1.0, max(cpus - 1, 0.5) / size), 3),
+        threads=threads or max(1, int(cores / max(nodes, 1)) // per_node),
+    )
+
+
+def _read_placement(sources) -> dict | None:
+    """Local files exist on this node only: read them here (a label selector on the node id)."""
+    import ray
+
+    if all("://" in s.url for s in sources):
+        return None
+    return {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
+
+
+def _runtime_env() -> dict | None:
+    env = {k: v for k, v in os.environ.items() if k.startswith(_FORWARD_ENV)}
+    return {"env_vars": env} if env else None
+
+
+def _unwrap(e: BaseException) -> BaseException:
+    """The ErError (bad input, mismatch) behind a Ray task failure, if any, so the CLI prints it plainly."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, ErError):
+            return e
+        e = getattr(e, "cause", None) or e.__cause__
+    return None
+
+
+class _Heartbeat:
+    """Refreshes the writer lock while shards are slow to come, so other hosts never see it as stale."""
+
+    def __init__(self, writer: CacheWriter, every: float = 60.0):
+        self.writer, self.every, self.stop = writer, every, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self.stop.wait(self.every):
+            try:
+                self.writer.lock.heartbeat()
+            except OSError as e:  # transient storage error: the next beat retries
+                log.warning("lock heartbeat failed: %s", e)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+# ---------------------------------------------------------------- driver
+
+
+@dataclass
+class IngestConfig:
+    """Everything `er ingest` takes besides corpus and cache; each field is the CLI flag of the same name."""
+
+    model: str = DEFAULT_MODEL  # HF id or local folder
+    layer: object = "0.5"  # cut layer k: int, or fraction of depth
+    codec: str = DEFAULT_CODEC
+    text_field: str = "text"
+    id_field: str | None = None  # trusted user ids as keys instead of content hashes (first row of an id wins)
+    max_length: int | None = None
+    limit: int | None = None  # first N rows of each source (of each split for a task folder)
+    actors: int | None = None  # default: one per GPU, else one per core
+    threads: int | None = None  # torch threads per CPU actor; default cores / actors
+    shard_rows: int = 512  # rows per actor call and per shard file
+    batch_size: int = 64  # texts per forward pass, length-sorted (the Embedder also caps tokens per pass)
+    dtype: str = "fp32"  # autocast dtype on GPU
+    commit_every: int = 16  # shards per manifest commit ...
+    commit_seconds: float = 60.0  # ... or seconds, whichever comes first
+    address: str | None = None
+    storage_options: dict | None = None
+    local: bool = False  # the plain single-process loop, no Ray
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("max_length", "actors", "threads", "shard_rows", "batch_size", "commit_every"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ErError(f"{name} must be a positive integer, got {v!r}")
+        if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 0):
+            raise ErError(f"limit must be an integer >= 0, got {self.limit!r}")
+        if self.dtype not in ("fp32", *_AUTOCAST):
+            raise ErError(f"dtype must be fp32, bf16 or fp16, got {self.dtype!r}")
+        if not self.commit_seconds > 0:
+            raise ErError(f"commit_seconds must be > 0, got {self.commit_seconds!r}")
+
+
+def run(corpus: list[str], cache: str, config: IngestConfig | None = None, **kw) -> Report:
+    """Add every example of `corpus` not yet cached to the cache at `cache`; return the manifest and a summary."""
+    cfg = config or IngestConfig(**kw)
+    t0 = time.perf_counter()
+    sources = find_sources(corpus, cfg.storage_options)
+    rec = Recycler.load(cfg.model, cfg.layer, cfg.codec, cfg.max_length)
+    if cfg.local:
+        return _run_local(sources, cache, rec, cfg, t0)
+    writer = CacheWriter(cache, rec.spec, cfg.storage_options)  # fails fast if another run holds the lock
+    try:
+        stats = scan(sources, cfg.text_field, cfg.id_field, cfg.storage_options, cfg.limit)
+        if stats.empty:
+            writer.count_skipped("empty_text", stats.empty)
+        with _Heartbeat(writer):
+            totals, actors = _run_ray(sources, writer, rec, cfg)
+        manifest = writer.close()
+    except BaseException as e:
+        writer.abort()
+        cause = _unwrap(e)
+        if cause is not None and cause is not e:
+            raise cause from None
+        raise
+    if totals["seen"] != stats.usable:
+        raise ErError(f"read {totals['seen']} examples but the scan found {stats.usable}: did the corpus change during "
+                      f"the run? The cache is valid; re-run to complete it")
+    if totals["claimed"] != totals["rows"]:
+        raise ErError(f"{totals['claimed'] - totals['rows']} claimed examples were not written (a worker failed and its "
+                      f"retry was batched differently); the cache is valid but incomplete: re-run the same command")
+    return Report(manifest, _summary(totals, stats.empty, time.perf_counter() - t0, manifest, cache), actors)
+
+
+def ingest(corpus, cache, **kw) -> Manifest:
+    """Programmatic entry point: like `er ingest`, returns the committed manifest."""
+    return run(corpus, cache, **kw).manifest
+
+
+def _run_ray(sources, writer, rec, cfg: IngestConfig):
+    import ray
+
+    from pipelines.ray_env import ensure_ray
+
+    ensure_ray(cfg.address)
+    ray.data.DataContext.get_current().enable_progress_bars = cfg.progress
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    pool = plan_pool(cfg.actors, cfg.threads, ray.cluster_resources(), len(nodes), local=cfg.address is None)
+    log.info("actor pool: %s", pool)
+
+    # Seed the claims with the cached keys as 16-byte digests (the key strings are never all in memory).
+    reader = open_cache(writer.url, storage_options=writer.storage_options, manifest=writer.manifest)
+    existing = [np.array(key_digests(t.column("key").to_pylist()), dtype="S16") for t in reader.iter_tables(["key"])]
+    claims = ray.remote(KeyClaims).options(num_cpus=0).remote(np.concatenate(existing) if existing else ())
+    del existing
+    try:
+        return _stream(_pipeline(sources, writer, rec, cfg, pool, claims), writer, cfg, claims)
+    finally:
+        ray.kill(claims)
+
+
+def _pipeline(sources, writer, rec, cfg: IngestConfig, pool: Pool, claims):
+    """sources -> rows (read tasks) -> blocks of one shard -> ShardInfo rows (actor pool)."""
+    import ray
+
+    env = _runtime_env()
+    ds = ray.data.from_items([{"src": i} for i in range(len(sources))], override_num_blocks=len(sources))
+    rows = ds.map_batches(
+        read_rows, batch_size=1, compute=ray.data.TaskPoolStrategy(size=min(len(sources), 4)), runtime_env=env,
+        label_selector=_read_placement(sources), fn_kwargs=dict(
+            sources=sources, text_field=cfg.text_field, id_field=cfg.id_field, tokenizer=rec.spec.tokenizer,
+            storage_options=cfg.storage_options, limit=cfg.limit, chunk=cfg.shard_rows))
+    # Ray Data merges small read outputs into big blocks (one actor call for all); cut them back to
+    # one shard each. Being its own operator, this also keeps reading from being fused into the actors.
+    rows = rows.repartition(target_num_rows_per_block=cfg.shard_rows)
+    return rows.map_batches(
+        EmbedShards, batch_size=cfg.shard_rows, compute=ray.data.ActorPoolStrategy(size=pool.size),
+        num_gpus=pool.num_gpus, num_cpus=pool.num_cpus, runtime_env=env,
+        fn_constructor_kwargs=dict(
+            model=cfg.model, layer=cfg.layer, codec=cfg.codec, max_length=cfg.max_length, spec=rec.spec,
+            cache=writer.url, storage_options=cfg.storage_options, claims=claims, run_id=writer.run_id,
+            batch_size=cfg.batch_size, dtype=cfg.dtype, threads=pool.threads))
+
+
+def _stream(shards, writer: CacheWriter, cfg: IngestConfig, claims):
+    """Consume the shard rows as they come (tiny, never all in memory): register each, commit on the cadence."""
+    import ray
+
+    totals = dict(rows=0, tokens=0, bytes=0, truncated=0, seen=0, shards=0, busy=0.0, first=None)
+    actors, pending, start = {}, 0, time.monotonic()
+    last = start
+    for r in shards.iter_rows():
+        totals["seen"] += int(r["seen"])
+        totals["busy"] += float(r["seconds"])
+        totals["first"] = totals["first"] or time.monotonic() - start
+        actors.setdefault(r["actor"], {"actor": r["actor"], "device": r["device"], "resources": json.loads(r["resources"])})
+        if r["path"]:
+            info = ShardInfo(**{k: _py(r[k]) for k in _INFO_FIELDS})
+            writer.add_shard(info)
+            for k in ("rows", "tokens", "bytes", "truncated"):
+                totals[k] += getattr(info, k)
+            totals["shards"] += 1
+            pending += 1
+        if pending and (pending >= cfg.commit_every or time.monotonic() - last >= cfg.commit_seconds):
+            m = writer.commit()
+            log.info("committed generation %d: %d shards, %d rows", m.generation, len(m.shards), m.totals["rows"])
+            pending, last = 0, time.monotonic()
+    totals["claimed"] = ray.get(claims.stats.remote())["claimed"]
+    return totals, sorted(actors.values(), key=lambda a: a["actor"])
+
+
+def _py(v):
+    return v.item() if hasattr(v, "item") else v
+
+
+class _IdKeyed(Recycler):
+    """--id-field in the plain loop: the user's id (carried in the input dict) is the key."""
+
+    def key(self, inputs: dict) -> str:
+        return inputs["_id"]
+
+
+def _run_local(sources, cache, rec, cfg: IngestConfig, t0: float) -> Report:
+    try:
+        before = open_cache(cache, storage_options=cfg.storage_options).manifest.totals
+    except ErError:
+        before = {"rows": 0, "tokens": 0, "bytes": 0, "truncated": 0, "shards": 0}
+    if cfg.id_field:
+        rec = _IdKeyed(**{f.name: getattr(rec, f.name) for f in fields(rec)})
+    counts = {"seen": 0, "empty": 0}
+
+    def inputs():
+        for src in sources:
+            for r in read_source(src, cfg.text_field, cfg.id_field, cfg.storage_options, cfg.limit):
+                counts["empty" if is_empty(r.inputs) else "seen"] += 1
+                yield r.inputs if cfg.id_field is None else {**r.inputs, "_id": r.ident}
+
+    manifest = ingest_local(inputs(), cache, rec, cfg.storage_options, progress=cfg.progress)
+    totals = {k: manifest.totals[k] - before[k] for k in ("rows", "tokens", "bytes", "truncated", "shards")}
+    totals["seen"] = counts["seen"]
+    summary = _summary(totals, counts["empty"], time.perf_counter() - t0, manifest, cache)
+    return Report(manifest, summary, [{"actor": "local", "device": "cpu", "resources": {}}])
+
+
+# ---------------------------------------------------------------- summary
+
+
+def _summary(t, empty, seconds, manifest, cache) -> dict:
+    return {
+        "examples": t["rows"],
+        "tokens": t["tokens"],
+        "truncated": t["truncated"],
+        "skipped_empty": empty,
+        "skipped_cached_or_duplicate": t["seen"] - t["rows"],
+        "shards": t["shards"],
+        "bytes": t["bytes"],
+        "bytes_per_token": round(t["bytes"] / t["tokens"], 2) if t["tokens"] else 0.0,
+        "seconds": round(seconds, 2),
+        # actor-seconds inside calls, and the wait for the first shard (worker start, model load)
+        "busy_seconds": round(t.get("busy", seconds), 2),
+        "first_shard_seconds": round(t.get("first") or 0.0, 2),
+        "tokens_per_s": round(t["tokens"] / seconds, 1) if seconds else 0.0,
+        "examples_per_s": round(t["rows"] / seconds, 2) if seconds else 0.0,
+        "cache": cache,
+        "generation": manifest.generation,
+        "cache_rows": manifest.totals["rows"],
+    }
+
+
+def print_summary(rep: Report) -> None:
+    s = rep.summary
+    devices = {}
+    for a in rep.actors:
+        devices.setdefault((a["device"], json.dumps(a["resources"], sort_keys=True)), 0)
+        devices[(a["device"], json.dumps(a["resources"], sort_keys=True))] += 1
+    print(f"examples written  {s['examples']}  ({s['skipped_cached_or_duplicate']} already cached or duplicate, "
+          f"{s['skipped_empty']} empty skipped)")
+    print(f"tokens            {s['tokens']}  ({s['truncated']} examples truncated)")
+    print(f"bytes written     {s['bytes']}  ({s['bytes_per_token']} bytes/token, {s['shards']} shards)")
+    print(f"throughput        {s['tokens_per_s']} tokens/s, {s['examples_per_s']} examples/s  ({s['seconds']} s)")
+    print("actors            " + ", ".join(f"{n} on {d} {r}" for (d, r), n in devices.items()))
+    print(f"cache             {s['cache']}  (generation {s['generation']}, {s['cache_rows']} rows)")
+
+
+def main(args) -> int:
+    from pipelines.cli import storage_options
+
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    names = {f.name for f in fields(IngestConfig)} - {"storage_options", "progress", "limit"}
+    cfg = IngestConfig(storage_options=storage_options(args), **{n: getattr(args, n) for n in names})
+    print_summary(run(args.corpus, args.cache, cfg))
+    return 0
