@@ -76,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-field", default="text", help="field holding the text in JSONL/Parquet/CSV corpora")
     p.add_argument("--id-field", help="use this field as the example key instead of a content hash")
     p.add_argument("--max-length", type=int, help="truncate longer texts (counted in the manifest); default: model max")
-    p.add_argument("--actors", type=int, help="size of the lower-layer actor pool (default: one per GPU, else cores - 1)")
-    p.add_argument("--batch-size", type=int, default=64, help="texts per actor call")
+    p.add_argument("--actors", type=int, help="size of the lower-layer actor pool (default: one per GPU, else one single-threaded actor per core)")
+    p.add_argument("--batch-size", type=int, default=64, help="texts per forward pass (length-sorted)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="mixed precision of the lower layers on GPU")
     p.add_argument("--local", action="store_true", help="plain single-process loop, no Ray")
     p.add_argument("--shard-rows", type=int, default=512,

@@ -44,7 +44,7 @@ def main(args) -> int:
 
     if out.exists():
         shutil.rmtree(out)
-    cfg = TrainConfig(method="reduced", epochs=args.epochs, lr=2e-4, batch_size=32)
+    cfg = TrainConfig(method="reduced", epochs=args.epochs, lr=3e-4, batch_size=32)
     if args.local:
         metrics = finetune(str(cache), str(task), str(out), cfg, limit=limit)
     else:

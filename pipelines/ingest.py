@@ -9,6 +9,11 @@ Keys are claimed from one small KeyClaims actor seeded with the keys already cac
 embedded once per cache, whatever the number of actors, duplicates in the corpus, or re-runs.
 A killed run leaves the last commit intact; re-running completes it (CacheWriter takes over the
 stale lock and removes the dead run's unlisted shards).
+
+--id-field: the user's id is the key, and it is trusted: the first row of an id wins, and a text
+changed under an id already cached is not embedded again (use content keys for that).
+On a multi-node cluster the cache must be s3:// (or a shared filesystem), since actors write
+shards themselves; local corpus files are read on the driver's node.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import os
 import threading
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
@@ -409,10 +415,7 @@ def _summary(t, empty, seconds, manifest, cache) -> dict:
 
 def print_summary(rep: Report) -> None:
     s = rep.summary
-    devices = {}
-    for a in rep.actors:
-        devices.setdefault((a["device"], json.dumps(a["resources"], sort_keys=True)), 0)
-        devices[(a["device"], json.dumps(a["resources"], sort_keys=True))] += 1
+    devices = Counter((a["device"], json.dumps(a["resources"], sort_keys=True)) for a in rep.actors)
     print(f"examples written  {s['examples']}  ({s['skipped_cached_or_duplicate']} already cached or duplicate, "
           f"{s['skipped_empty']} empty skipped)")
     print(f"tokens            {s['tokens']}  ({s['truncated']} examples truncated)")

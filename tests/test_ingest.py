@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -244,8 +245,6 @@ def test_bad_input_fails_before_anything_is_committed(tmp_path, tiny_bert, capsy
         (tmp_path / name).write_bytes(data)
     cache = tmp_path / "cache"
     assert er(["ingest", str(good), str(tmp_path / name), "--cache", str(cache), "--model", tiny_bert, "--layer", "2"]) == 2
-    import re
-
     assert re.search(match, capsys.readouterr().err)
     assert not (cache / "manifest.json").exists() and not (cache / "_writer.lock").exists()
 
