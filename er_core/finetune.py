@@ -56,8 +56,20 @@ def setup_data(cache_url: str, task_dir: str, cfg: TrainConfig, storage_options=
     return Prepared(task, labels, spec, encoder, tokenizer, data, tokenizer.pad_token_id or 0)
 
 
-def finetune(cache_url: str, task_dir: str, out_dir: str, cfg: TrainConfig, storage_options=None, limit=None, log=print, progress=True) -> dict:
+def cache_task(cache_url: str, task_dir: str, storage_options=None, limit=None) -> int:
+    """Ingest the task's examples the cache lacks (the on-the-fly option of `er train --ingest-missing`)."""
+    from .recycle import ensure_cached
+    from .tasks import example_input
+
+    task = load_task(task_dir, limit=limit)
+    return ensure_cached(cache_url, [example_input(e) for exs in task.splits.values() for e in exs], storage_options)
+
+
+def finetune(cache_url: str, task_dir: str, out_dir: str, cfg: TrainConfig, storage_options=None, limit=None, log=print,
+             progress=True, ingest_missing=False) -> dict:
     """Train, evaluate on dev and test, save the artefact and `metrics.json`; return the metrics."""
+    if ingest_missing and cfg.method != "full":
+        cache_task(cache_url, task_dir, storage_options, limit)
     seed_everything(cfg.seed)
     p = setup_data(cache_url, task_dir, cfg, storage_options, limit)
     kind = p.task.kind

@@ -109,3 +109,17 @@ def ingest_local(
         if bar is not None:
             bar.close()
     return writer.manifest
+
+
+def ensure_cached(url: str, inputs: list[dict], storage_options: dict | None = None) -> int:
+    """Ingest, with the cache's own model and settings, the inputs it lacks; returns how many were added."""
+    from .cache import open_cache
+
+    reader = open_cache(url, storage_options=storage_options)
+    s = reader.spec
+    rec = Recycler.load(s.model_name, s.layer, s.codec, s.tokenizer.max_length)
+    have = set(reader.keys())
+    missing = [i for i in inputs if not is_empty(i) and rec.key(i) not in have]
+    if missing:
+        ingest_local(missing, url, rec, storage_options, progress=False)
+    return len(missing)

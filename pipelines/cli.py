@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="data-parallel Ray Train workers (0 = in this process, no Ray)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs each worker reserves")
     p.add_argument("--gpus-per-worker", type=float, default=0.0)
+    p.add_argument("--ingest-missing", action="store_true",
+                   help="ingest task examples the cache lacks (with the cache's model and k) instead of failing")
     _train_args(p)
     _ray_args(p)
     _storage_args(p)

@@ -23,13 +23,13 @@ def main(args) -> int:
     cfg = train_config(args)
     if args.workers == 0:
         metrics = finetune(args.cache, args.task, args.out, cfg, storage_options=storage_options(args), limit=args.limit,
-                           log=lambda row: print(json.dumps(row)))
+                           log=lambda row: print(json.dumps(row)), ingest_missing=args.ingest_missing)
     else:
         from pipelines.train_ray import train_on_ray
 
         metrics = train_on_ray(args.cache, args.task, args.out, cfg, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
                                gpus_per_worker=args.gpus_per_worker, storage_options=storage_options(args), limit=args.limit,
-                               address=args.address)
+                               address=args.address, ingest_missing=args.ingest_missing)
     print_metrics(metrics)
     print(f"wrote {args.out}/metrics.json")
     return 0

@@ -164,7 +164,7 @@ def _tokenizer(name: str):
 
 def train_on_ray(cache_url: str, task_dir: str, out_dir: str, cfg: TrainConfig, workers: int = 1, cpus_per_worker: float = 1.0,
                  gpus_per_worker: float = 0.0, storage_options=None, limit=None, address=None, storage_path=None,
-                 name: str | None = None) -> dict:
+                 name: str | None = None, ingest_missing: bool = False) -> dict:
     """Run one training on Ray Train; the artefact and metrics.json end up in `out_dir`."""
     import atexit
     import shutil
@@ -174,6 +174,12 @@ def train_on_ray(cache_url: str, task_dir: str, out_dir: str, cfg: TrainConfig, 
 
     from pipelines.ray_env import ensure_ray
 
+    if ingest_missing and cfg.method != "full":
+        from er_core.finetune import cache_task
+
+        added = cache_task(cache_url, task_dir, storage_options, limit)
+        if added:
+            print(f"ingested {added} examples of {task_dir} missing from {cache_url}")
     ensure_ray(address)
     tmp = tempfile.mkdtemp(prefix="er-train-")
     ds, n_train, task = train_dataset(cache_url, task_dir, cfg, storage_options, limit)

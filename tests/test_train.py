@@ -117,3 +117,49 @@ def test_missing_examples_are_reported(tiny_bert, tiny_cache, tmp_path):
 
     with pytest.raises(ErError, match="1 train examples are not in the cache"):
         finetune(url, str(grown), str(tmp_path / "o"), TrainConfig(epochs=1), progress=False)
+
+
+def test_missing_examples_can_be_ingested_on_the_fly(tiny_cache, tmp_path):
+    import shutil
+
+    url, folder, rec = tiny_cache
+    cache = tmp_path / "cache"
+    shutil.copytree(url, cache)  # the shared cache stays as it was
+    grown = tmp_path / "grown"
+    shutil.copytree(folder, grown)
+    with open(grown / "train.jsonl", "a") as f:
+        f.write(json.dumps({"text": "a brand new sentence", "label": "inhibitor"}) + "\n")
+    before = open_cache(str(cache)).manifest.totals["rows"]
+    m = finetune(str(cache), str(grown), str(tmp_path / "o"), TrainConfig(epochs=1), progress=False, log=lambda r: None,
+                 ingest_missing=True)
+    assert open_cache(str(cache)).manifest.totals["rows"] == before + 1
+    assert "test" in m
+
+
+def test_extractive_qa_trains_from_the_cache(tiny_bert, tmp_path):
+    """SQuAD-format QA: questions and contexts cached as pairs, start/end head, EM/F1 reported."""
+    import random
+
+    from tests.conftest import WORDS
+
+    rnd = random.Random(0)
+    folder = tmp_path / "qa"
+    folder.mkdir()
+    for split, n in (("train", 24), ("dev", 8), ("test", 8)):
+        paras = []
+        for i in range(n):
+            answer = rnd.choice(["protein", "gene", "cancer"])
+            words = [rnd.choice(WORDS[:20]) for _ in range(8)]
+            words.insert(3, answer)
+            ctx = " ".join(words)
+            paras.append({"context": ctx, "qas": [{"id": f"{split}{i}", "question": "what is it",
+                                                   "answers": [{"text": answer, "answer_start": ctx.index(answer)}]}]})
+        (folder / f"{split}.json").write_text(json.dumps({"version": "1.1", "data": [{"title": "t", "paragraphs": paras}]}))
+    rec = Recycler.load(tiny_bert, layer=1, codec="fp16")
+    task = load_task(folder)
+    assert task.kind == "qa"
+    url = str(tmp_path / "cache")
+    ingest_local((example_input(e) for exs in task.splits.values() for e in exs), url, rec, progress=False)
+    m = finetune(url, str(folder), str(tmp_path / "o"), TrainConfig(epochs=2, lr=1e-3, batch_size=8), progress=False,
+                 log=lambda r: None)
+    assert set(m["test"]) == {"exact_match", "f1"} and 0 <= m["test"]["f1"] <= 1
