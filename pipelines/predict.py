@@ -105,12 +105,12 @@ def predict(cache_url: str, model_dirs: list[str], corpus: list[str], out: str, 
             address=None, storage_options=None, actors: int = 1) -> dict:
     import ray.data
 
+    from er_core.artifacts import check_cache, read_meta
     from er_core.keys import example_key
     from er_core.tasks import example_input
-    from pipelines.ray_env import ensure_ray
+    from pipelines.ray_env import absolute, ensure_ray
 
-    from er_core.artifacts import check_cache, read_meta
-
+    cache_url, model_dirs = absolute(cache_url), [absolute(str(d)) for d in model_dirs]
     reader = open_cache(cache_url, storage_options=storage_options)
     spec = reader.spec
     for d in model_dirs:  # refuse before any work starts

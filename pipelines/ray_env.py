@@ -18,3 +18,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     # Ray Data tasks feeding it must still be schedulable (or the run hangs forever).
     cpus = num_cpus or max(8, 2 * (os.cpu_count() or 1))
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+
+
+def absolute(url: str) -> str:
+    """Workers run in other folders: hand them absolute local paths (URLs with a scheme pass through)."""
+    return url if "://" in url else os.path.abspath(url)

@@ -172,8 +172,9 @@ def train_on_ray(cache_url: str, task_dir: str, out_dir: str, cfg: TrainConfig, 
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipelines.ray_env import ensure_ray
+    from pipelines.ray_env import absolute, ensure_ray
 
+    cache_url, task_dir = absolute(cache_url), absolute(str(task_dir))
     if ingest_missing and cfg.method != "full":
         from er_core.finetune import cache_task
 
