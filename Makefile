@@ -22,7 +22,7 @@ test: install
 	RAY_AUTH_MODE=disabled $(BIN)/pytest -q
 
 demo: install
-	RAY_AUTH_MODE=disabled $(BIN)/er demo $(DEMO_TASK)
+	RAY_AUTH_MODE=disabled $(BIN)/er demo $(DEMO_TASK) --overwrite
 
 bench: install
 	RAY_AUTH_MODE=disabled $(BIN)/er bench --out benchmarks/REPORT.md

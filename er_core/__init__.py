@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from .cache import CacheReader, CacheWriter, open_cache  # noqa: E402
+from .cache import CacheReader, CacheWriter, open_cache, repair_cache  # noqa: E402
 from .codecs import CODECS, DEFAULT_CODEC, get_codec  # noqa: E402
 from .errors import (  # noqa: E402
     ArtifactMismatchError,
@@ -12,6 +12,8 @@ from .errors import (  # noqa: E402
     DataFormatError,
     ErError,
     LabelError,
+    LockLostError,
+    StorageError,
     UnsupportedModelError,
 )
 from .keys import TokenizerSettings, example_key, tokenizer_settings  # noqa: E402
@@ -51,13 +53,16 @@ __all__ = [
     "DataFormatError",
     "ErError",
     "LabelError",
+    "LockLostError",
     "Manifest",
     "ShardInfo",
+    "StorageError",
     "TokenizerSettings",
     "UnsupportedModelError",
     "example_key",
     "get_codec",
     "load_encoder",
     "open_cache",
+    "repair_cache",
     "tokenizer_settings",
 ]

@@ -49,6 +49,9 @@ def save_trained(out_dir: str | Path, model, meta: dict) -> Path:
 
 
 def read_meta(model_dir: str | Path) -> dict:
+    from .outputs import require_complete_output
+
+    require_complete_output(str(model_dir))
     p = Path(model_dir) / META
     if not p.exists():
         raise ErError(f"{model_dir} is not a trained er model (no {META}); train one with `er train`")

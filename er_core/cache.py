@@ -4,7 +4,7 @@ Layout under the cache URL (a local folder or `s3://bucket/prefix`):
 
     manifest.json                 committed last; lists every valid shard and its sha256
     shards/part-<run>-<n>.parquet one row per example: key, length, input_ids, hidden, scale, truncated
-    _writer.lock                  present while a writer runs
+    _writer.lock                  names the writer holding the cache (or the last one, marked released)
 
 Rows hold real tokens only (no padding). `hidden` is the codec's raw little-endian bytes of a
 (length, H) array; decode with `np.frombuffer(hidden, dtype).reshape(length, H)` (see codecs.py),
@@ -25,9 +25,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .codecs import get_codec
-from .errors import CacheCorruptError, ErError
+from .errors import CacheCorruptError, CacheLockedError, ErError, LockLostError
 from .manifest import MANIFEST_NAME, CacheSpec, Manifest, ShardInfo
-from .storage import WriterLock, put_atomic, read_bytes, url_to_fs
+from .storage import PreconditionFailed, WriterLock, put_atomic, put_if, read_bytes, read_versioned, url_to_fs
 
 SCHEMA = pa.schema(
     [
@@ -85,6 +85,15 @@ def write_shard(url: str, name: str, table: pa.Table, storage_options: dict | No
     )
 
 
+def _arrow_owned(data: bytes) -> pa.Buffer:
+    """A copy of `data` in Arrow's memory. Arrow frees buffers on its own threads, and freeing one that wraps a
+    Python object takes the GIL: at interpreter exit that thread is killed inside a noexcept destructor and
+    the process aborts ("terminate called without an active exception", exit 134, seen in `er cache verify`)."""
+    buf = pa.allocate_buffer(len(data))
+    memoryview(buf).cast("B")[:] = data
+    return buf
+
+
 def _load_manifest(fs, root: str) -> Manifest | None:
     try:
         data = read_bytes(fs, f"{root}/{MANIFEST_NAME}")
@@ -93,49 +102,92 @@ def _load_manifest(fs, root: str) -> Manifest | None:
     return Manifest.from_json(data, f"{root}/{MANIFEST_NAME}")
 
 
+def _mtime(info: dict) -> float:
+    t = info.get("mtime") or info.get("LastModified")  # local disk / S3
+    return t.timestamp() if hasattr(t, "timestamp") else float(t or time.time())  # unknown age: keep it
+
+
 class CacheWriter:
     """Adds rows to a cache. Shards are written first; `commit()` publishes them in the manifest.
 
     Use as a context manager: on a clean exit pending rows are flushed and committed; on an
     error nothing new is committed and the previous manifest stays as it was. One writer at
-    a time holds the cache's lock; shards left by a crashed writer are removed on next open.
+    a time holds the cache's lock. Right after taking it, the writer stamps the manifest with
+    its run id (a compare-and-swap), and every commit is a compare-and-swap on the version it
+    last wrote: a writer whose lock was taken can commit nothing after the new holder's stamp.
     """
 
-    def __init__(self, url: str, spec: CacheSpec, storage_options: dict | None = None, shard_rows: int = 1024):
+    def __init__(self, url: str, spec: CacheSpec, storage_options: dict | None = None, shard_rows: int = 1024,
+                 lock_ttl: float = 600.0):
         self.url, self.storage_options, self.shard_rows = url, storage_options, shard_rows
         self.fs, self.root = url_to_fs(url, storage_options)
         get_codec(spec.codec)
-        self.lock = WriterLock(self.fs, self.root)
+        self.lock = WriterLock(self.fs, self.root, ttl=lock_ttl)
         self.lock.acquire()
+        self.run_id = self.lock.info["run_id"]
         try:
-            existing = _load_manifest(self.fs, self.root)
-            if existing is not None:
-                existing.spec.check(spec, url, check_codec=True)
-                self.manifest = existing
-            else:
-                self.fs.makedirs(self.root, exist_ok=True)
-                self.manifest = Manifest(spec=spec)
+            self._fence(spec)
             self._remove_orphans()
         except BaseException:
             self.lock.release()
             raise
         self.spec = self.manifest.spec
-        self.run_id = self.lock.info["run_id"]
         self._pending: list[ShardInfo] = []
         self._buf: list[tuple] = []
         self._seq = 0
 
-    def _remove_orphans(self) -> None:
-        listed = {f"{self.root}/{s.path}" for s in self.manifest.shards}
+    def _fence(self, spec: CacheSpec) -> None:
+        """Stamp the manifest with this run, so that the previous holder's next commit fails."""
+        prev = self.lock.replaced
+        for _ in range(10):
+            data, self._etag = read_versioned(self.fs, f"{self.root}/{MANIFEST_NAME}")
+            if data is None:
+                self.manifest = Manifest(spec=spec)
+                if prev is None or self.lock.ended(prev):
+                    return  # nobody can commit: no manifest until this writer's first commit
+                # A holder judged stale by its age may still live and create the manifest: create it first.
+            else:
+                self.manifest = Manifest.from_json(data, f"{self.url}/{MANIFEST_NAME}")
+                self.manifest.spec.check(spec, self.url, check_codec=True)
+            try:
+                return self._put(replace(self.manifest, writer=self.run_id))
+            except LockLostError:
+                continue  # the previous holder committed just now: stamp that version
+        raise CacheLockedError(f"the manifest of {self.url} keeps changing while taking the lock; another writer is active")
+
+    def _put(self, manifest: Manifest) -> None:
+        """Replace the manifest if it is still the version this writer saw last (else LockLostError)."""
+        if not self.lock.held:
+            raise LockLostError(f"run {self.run_id} no longer holds the lock of {self.url}; nothing was committed")
         try:
-            files = self.fs.ls(f"{self.root}/shards", detail=False)
+            self._etag = put_if(self.fs, f"{self.root}/{MANIFEST_NAME}", manifest.to_json(), self._etag)
+        except PreconditionFailed:
+            raise LockLostError(
+                f"the manifest of {self.url} was changed by another writer: run {self.run_id} lost its lock and "
+                f"committed nothing more (what it committed earlier stays); re-run to complete the cache"
+            ) from None
+        self.manifest = manifest
+
+    def _remove_orphans(self) -> None:
+        """Delete unlisted shards no writer can still commit: those of the run whose ended lock this writer
+        took, and any older than the lock's stale timeout. A live writer's fresh shards stay."""
+        listed = {s.path.rsplit("/", 1)[-1] for s in self.manifest.shards}
+        prev = self.lock.replaced
+        ended = prev.get("run_id") if prev and self.lock.ended(prev) else None
+        try:
+            files = self.fs.ls(f"{self.root}/shards", detail=True, refresh=True)
         except FileNotFoundError:
             return
         for f in files:
-            f = f.rstrip("/")
-            name = f.rsplit("/", 1)[-1]
-            if f"{self.root}/shards/{name}" not in listed:
-                self.fs.rm_file(f)
+            name = f["name"].rstrip("/").rsplit("/", 1)[-1]
+            parts = name.split("-")  # part-<run>-<n>.parquet
+            if name in listed or parts[0] != "part" or len(parts) < 3 or parts[1] == self.run_id:
+                continue
+            if parts[1] == ended or time.time() - _mtime(f) > self.lock.ttl:
+                try:
+                    self.fs.rm_file(f["name"])
+                except FileNotFoundError:
+                    pass
 
     def existing_keys(self) -> set[str]:
         return set(open_cache(self.url, storage_options=self.storage_options, manifest=self.manifest).keys())
@@ -171,20 +223,23 @@ class CacheWriter:
 
     def commit(self) -> Manifest:
         """Publish every shard written so far; readers see all of them or none."""
-        current = _load_manifest(self.fs, self.root)
-        if current is not None and current.generation != self.manifest.generation:
-            raise CacheCorruptError(
-                f"manifest of {self.url} changed under this writer (generation {self.manifest.generation} -> "
-                f"{current.generation}); another writer ignored the lock. Nothing was committed; re-run ingestion."
-            )
-        self.manifest = replace(
-            self.manifest,
-            shards=self.manifest.shards + self._pending,
-            generation=self.manifest.generation + 1,
-            updated=time.time(),
-        )
-        put_atomic(self.fs, f"{self.root}/{MANIFEST_NAME}", self.manifest.to_json())
+        self._put(self._next(self.manifest.shards + self._pending))
         self._pending = []
+        self.lock.heartbeat()
+        return self.manifest
+
+    def _next(self, shards: list[ShardInfo]) -> Manifest:
+        return replace(self.manifest, shards=shards, generation=self.manifest.generation + 1, updated=time.time(),
+                       writer=self.run_id)
+
+    def drop(self, paths: set[str]) -> Manifest:
+        """Remove shards from the manifest in one commit, then delete their files."""
+        self._put(self._next([s for s in self.manifest.shards if s.path not in paths]))
+        for p in paths:
+            try:
+                self.fs.rm_file(f"{self.root}/{p}")
+            except FileNotFoundError:
+                pass
         self.lock.heartbeat()
         return self.manifest
 
@@ -228,7 +283,8 @@ class CacheReader:
             raise CacheCorruptError(f"shard {shard.path} listed in the manifest of {self.url} is missing") from None
         if hashlib.sha256(data).hexdigest() != shard.sha256:
             raise CacheCorruptError(f"shard {shard.path} of {self.url} fails its checksum; refusing to read it (re-ingest it)")
-        return pq.read_table(io.BytesIO(data), columns=columns)
+        # No read-ahead either: nothing of this read is left on Arrow's threads once it returns.
+        return pq.read_table(pa.BufferReader(_arrow_owned(data)), columns=columns, pre_buffer=False)
 
     def iter_tables(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
         for s in self.manifest.shards:
@@ -238,17 +294,22 @@ class CacheReader:
         for t in self.iter_tables(["key"]):
             yield from t.column("key").to_pylist()
 
+    def check(self, shard: ShardInfo) -> str | None:
+        """What is wrong with one shard (missing, checksum, unreadable, row count), or None."""
+        try:
+            t = self.read_shard(shard, ["key", "length"])
+        except (CacheCorruptError, pa.ArrowException) as e:  # storage faults propagate: they say nothing of the shard
+            return str(e)
+        if t.num_rows != shard.rows:
+            return f"shard {shard.path}: {t.num_rows} rows, manifest says {shard.rows}"
+        return None
+
+    def bad_shards(self) -> list[tuple[ShardInfo, str]]:
+        return [(s, p) for s in self.manifest.shards if (p := self.check(s))]
+
     def verify(self) -> list[str]:
         """Check every shard (presence, checksum, row count); return the problems found."""
-        problems = []
-        for s in self.manifest.shards:
-            try:
-                t = self.read_shard(s, ["key", "length"])
-                if t.num_rows != s.rows:
-                    problems.append(f"shard {s.path}: {t.num_rows} rows, manifest says {s.rows}")
-            except (CacheCorruptError, OSError, pa.ArrowException) as e:
-                problems.append(str(e))
-        return problems
+        return [p for _, p in self.bad_shards()]
 
     def decode(self, length: int, hidden: bytes, scale: bytes | None) -> np.ndarray:
         return self.codec.decode(hidden, scale, (length, self.spec.hidden_size))
@@ -299,3 +360,26 @@ def open_cache(
     if expect is not None:
         manifest.spec.check(expect, url)
     return CacheReader(url, manifest, storage_options)
+
+
+def repair_cache(url: str, storage_options: dict | None = None) -> dict:
+    """Drop bad or missing shards from the manifest in one commit, under the writer lock, and delete their files.
+
+    Returns what was dropped and how many examples (rows) they held: a re-ingest of the same corpus
+    recomputes exactly those, since their keys are no longer in the cache.
+    """
+    spec = open_cache(url, storage_options=storage_options).spec
+    writer = CacheWriter(url, spec, storage_options)
+    try:
+        bad = CacheReader(url, writer.manifest, storage_options).bad_shards()
+        if bad:
+            writer.drop({s.path for s, _ in bad})
+    finally:
+        writer.abort()
+    return {
+        "url": url,
+        "shards_checked": len(writer.manifest.shards) + len(bad),
+        "dropped": [{"path": s.path, "rows": s.rows, "problem": p} for s, p in bad],
+        "rows_to_reingest": sum(s.rows for s, _ in bad),
+        "generation": writer.manifest.generation,
+    }

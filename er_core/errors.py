@@ -31,3 +31,11 @@ class LabelError(ErError):
 
 class ArtifactMismatchError(ErError):
     """A trained artefact was loaded against a cache with another fingerprint."""
+
+
+class LockLostError(ErError):
+    """Another writer took this writer's lock; it stops and commits nothing more."""
+
+
+class StorageError(ErError):
+    """A storage fault (unreachable endpoint, credentials, permissions, a path that is a file), in one line."""

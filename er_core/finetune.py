@@ -1,12 +1,15 @@
 """Fine-tune one task from a cache in one process: the recipe `er train` runs locally and Ray workers reuse.
 
-Phases, named like torchtune's recipes: _setup_data (task joined to the cache), _setup_model,
-then fit, final evaluation, and saving the artefact with the cache fingerprint it was trained on.
+Phases, named like torchtune's recipes: setup_data (task joined to the cache), build the model,
+fit (a checkpoint after every epoch), final evaluation (run_metrics), and saving the artefact with
+the cache fingerprint it was trained on. The output folder is claimed first (outputs.OutputDir):
+new or empty, or an earlier run replaced with `overwrite` or continued with `resume`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,10 +19,14 @@ from .errors import CacheMismatchError
 from .evaluate import evaluate
 from .metrics import majority_baseline, primary_metric
 from .models import load_encoder
+from .outputs import OutputDir
 from .split import lower_fingerprint, split_encoder
 from .task_data import SplitData, iter_batches, join_cache, label_map, require_complete
-from .tasks import load_task
-from .train import FitResult, TrainConfig, build_model, fit, seed_everything
+from .tasks import ensure_dev, load_task
+from .train import FitResult, TrainConfig, build_model, fit, load_state, save_state, seed_everything
+
+log_ = logging.getLogger("er.train")
+CHECKPOINTS = "checkpoints"
 
 
 @dataclass
@@ -31,6 +38,12 @@ class Prepared:
     tokenizer: object
     data: dict[str, SplitData]
     pad_id: int
+    dev_source: str = "dev split"
+
+
+def prepare_task(task_dir: str, cfg: TrainConfig, limit=None, text_field="text"):
+    """The task as training sees it: limited, and with a dev split (held out of train if the task has none)."""
+    return ensure_dev(load_task(task_dir, limit=limit, text_field=text_field), cfg.seed)
 
 
 def setup_data(cache_url: str, task_dir: str, cfg: TrainConfig, storage_options=None, limit=None, text_field="text",
@@ -42,7 +55,7 @@ def setup_data(cache_url: str, task_dir: str, cfg: TrainConfig, storage_options=
     lower, _ = split_encoder(encoder, spec.layer)
     if lower_fingerprint(lower) != spec.lower_fingerprint:
         raise CacheMismatchError(f"model {spec.model_name!r} as loaded here differs from the one cache {cache_url} was built with")
-    task = load_task(task_dir, limit=limit, text_field=text_field)
+    task, dev_source = prepare_task(task_dir, cfg, limit, text_field)
     labels = label_map(task) if task.kind != "qa" else None
     source_reader = None if cfg.method == "full" else reader
     data = {}
@@ -51,9 +64,9 @@ def setup_data(cache_url: str, task_dir: str, cfg: TrainConfig, storage_options=
             continue
         d = join_cache(task, split, tokenizer, spec.tokenizer, labels, reader=source_reader)
         if source_reader is not None:
-            require_complete(d, split, cache_url)
+            require_complete(d, split, cache_url, spec)
         data[split] = d
-    return Prepared(task, labels, spec, encoder, tokenizer, data, tokenizer.pad_token_id or 0)
+    return Prepared(task, labels, spec, encoder, tokenizer, data, tokenizer.pad_token_id or 0, dev_source)
 
 
 def cache_task(cache_url: str, task_dir: str, storage_options=None, limit=None) -> int:
@@ -65,18 +78,76 @@ def cache_task(cache_url: str, task_dir: str, storage_options=None, limit=None) 
     return ensure_cached(cache_url, [example_input(e) for exs in task.splits.values() for e in exs], storage_options)
 
 
+def run_metrics(p: Prepared, cfg: TrainConfig, result: FitResult, model, workers: int = 1) -> dict:
+    """metrics.json of a run, the same whichever path trained it: fit history, dev/test scores, baselines."""
+    kind = p.task.kind
+    metrics = {
+        "task": p.task.name,
+        "kind": kind,
+        "method": cfg.method,
+        "layer": p.spec.layer,
+        "workers": workers,
+        "dev_source": p.dev_source,
+        "best_epoch": result.best_epoch,
+        "train_seconds": round(result.train_seconds, 3),
+        "train_examples_per_second": round(result.examples_per_second * workers, 2),
+        "history": result.history,
+        "resumed": result.resumes,
+    }
+    train = p.task.splits["train"]
+    for split in ("dev", "test"):
+        if split in p.data and p.data[split].items:
+            metrics[split] = evaluate(model, p.data[split], cfg.source, p.labels, pad_id=p.pad_id)
+            if kind == "classification":
+                metrics[f"{split}_majority_baseline"] = majority_baseline(
+                    [ex.label for ex in train], [it.example.label for it in p.data[split].items])
+    return metrics
+
+
+def run_meta(p: Prepared, cfg: TrainConfig) -> dict:
+    """er_model.json of a run: what a later `er predict` needs to rebuild and check it."""
+    return {
+        "method": cfg.method,
+        "task": {"name": p.task.name, "kind": p.task.kind, "labels": p.task.labels},
+        "model": {"name": p.spec.model_name, "model_type": p.spec.model_type},
+        "cache": cache_meta(p.spec),
+        "train_config": cfg.to_dict(),
+    }
+
+
+def save_artifact(folder, p: Prepared, cfg: TrainConfig, model, metrics: dict) -> None:
+    save_trained(folder, model, run_meta(p, cfg))
+    Path(folder, "metrics.json").write_text(json.dumps(metrics, indent=1))
+
+
 def finetune(cache_url: str, task_dir: str, out_dir: str, cfg: TrainConfig, storage_options=None, limit=None, log=print,
-             progress=True, ingest_missing=False) -> dict:
-    """Train, evaluate on dev and test, save the artefact and `metrics.json`; return the metrics."""
+             progress=True, ingest_missing=False, overwrite=False, resume=False) -> dict:
+    """Train, evaluate on dev and test, save the artefact and `metrics.json` into `out_dir`; return the metrics.
+
+    A checkpoint is written after every epoch; `resume=True` continues an interrupted run in `out_dir`.
+    """
+    request = {"cache": str(cache_url), "task": str(task_dir), "limit": limit, "workers": 0, "cfg": cfg.to_dict()}
+    out = OutputDir.claim(str(out_dir), "train", overwrite=overwrite, resume=resume, request=request)
+    try:
+        return _finetune(cache_url, task_dir, out, cfg, storage_options, limit, log, progress, ingest_missing)
+    except BaseException as e:
+        out.fail(f"{type(e).__name__}: {e}")
+        raise
+
+
+def _finetune(cache_url, task_dir, out: OutputDir, cfg, storage_options, limit, log, progress, ingest_missing) -> dict:
     if ingest_missing and cfg.method != "full":
         cache_task(cache_url, task_dir, storage_options, limit)
     seed_everything(cfg.seed)
     p = setup_data(cache_url, task_dir, cfg, storage_options, limit)
+    if p.dev_source != "dev split":
+        log_.warning("%s: dev for early stopping is %s", p.task.name, p.dev_source)
     kind = p.task.kind
     model = build_model(p.encoder, p.spec.layer, kind, len(p.task.labels) or 2, cfg)
     train, dev = p.data["train"], p.data.get("dev")
     src = cfg.source
     steps = -(-len(train.items) // cfg.batch_size)
+    checkpoints = out.local_path(CHECKPOINTS)
 
     def batches(epoch):
         return (b for _, b in iter_batches(train, cfg.batch_size, src, p.pad_id, shuffle=True, seed=cfg.seed, epoch=epoch))
@@ -84,31 +155,11 @@ def finetune(cache_url: str, task_dir: str, out_dir: str, cfg: TrainConfig, stor
     def dev_metrics():
         return evaluate(model, dev, src, p.labels, pad_id=p.pad_id) if dev is not None and dev.items else {}
 
-    result: FitResult = fit(model, kind, cfg, batches, steps, dev_metrics, primary_metric(kind), log=log, progress=progress)
-    metrics = {
-        "task": p.task.name,
-        "kind": kind,
-        "method": cfg.method,
-        "layer": p.spec.layer,
-        "best_epoch": result.best_epoch,
-        "train_seconds": round(result.train_seconds, 3),
-        "train_examples_per_second": round(result.examples_per_second, 2),
-        "history": result.history,
-    }
-    for split in ("dev", "test"):
-        if split in p.data and p.data[split].items:
-            metrics[split] = evaluate(model, p.data[split], src, p.labels, pad_id=p.pad_id)
-            if kind == "classification":
-                metrics[f"{split}_majority_baseline"] = majority_baseline(
-                    [it.example.label for it in train.items], [it.example.label for it in p.data[split].items]
-                )
-    meta = {
-        "method": cfg.method,
-        "task": {"name": p.task.name, "kind": kind, "labels": p.task.labels},
-        "model": {"name": p.spec.model_name, "model_type": p.spec.model_type},
-        "cache": cache_meta(p.spec),
-        "train_config": cfg.to_dict(),
-    }
-    save_trained(out_dir, model, meta)
-    Path(out_dir, "metrics.json").write_text(json.dumps(metrics, indent=1))
+    result = fit(model, kind, cfg, batches, steps, dev_metrics, primary_metric(kind), log=log, progress=progress,
+                 resume=load_state(checkpoints), on_epoch=lambda row, state: save_state(checkpoints, state()))
+    metrics = run_metrics(p, cfg, result, model)
+    staged = out.stage()
+    save_artifact(staged, p, cfg, model, metrics)
+    out.finish(staged)
+    out.remove(CHECKPOINTS)  # the run is complete: its resume state is no longer needed
     return metrics

@@ -83,6 +83,7 @@ class Manifest:
     skipped: dict = field(default_factory=dict)  # counted, documented skips (e.g. empty texts)
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
+    writer: str = ""  # run id of the lock holder that wrote it last; its change fences out an earlier holder
 
     @property
     def totals(self) -> dict:
@@ -101,6 +102,7 @@ class Manifest:
             "generation": self.generation,
             "created": self.created,
             "updated": self.updated,
+            "writer": self.writer,
             "spec": self.spec.to_dict(),
             "totals": self.totals,
             "skipped": self.skipped,
@@ -128,6 +130,7 @@ class Manifest:
                 skipped=dict(d.get("skipped", {})),
                 created=float(d["created"]),
                 updated=float(d["updated"]),
+                writer=str(d.get("writer", "")),
             )
         except (KeyError, TypeError) as e:
             raise CacheCorruptError(f"manifest {where} is missing or has a malformed field: {e}") from None

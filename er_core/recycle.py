@@ -6,6 +6,7 @@ what runs when no Ray is wanted.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -14,6 +15,7 @@ import torch
 from .cache import CacheWriter
 from .codecs import DEFAULT_CODEC, get_codec
 from .embed import Embedder, is_empty, tokenize
+from .errors import ErError
 from .families import num_layers
 from .keys import example_key, tokenizer_settings
 from .manifest import CacheSpec, Manifest
@@ -73,15 +75,24 @@ def ingest_local(
     progress: bool = True,
     total: int | None = None,
 ) -> Manifest:
-    """Add every input not yet cached to the cache at `url`, in one process. Empty texts are skipped and counted."""
+    """Add every input not yet cached to the cache at `url`, in one process. Empty texts are skipped and counted.
+
+    Inputs with no non-empty text at all are refused before the cache is touched: no lock, no folder, no manifest.
+    """
+    inputs, empty = _first_usable(inputs)
+    if inputs is None:
+        raise ErError(f"nothing to ingest into {url}: " + (f"all {empty} inputs have an empty text" if empty else "no inputs")
+                      + "; check the corpus and its text field. Nothing was written")
     embed = recycler.embedder()
     with CacheWriter(url, recycler.spec, storage_options) as writer:
         seen = writer.existing_keys()
+        if empty:
+            writer.count_skipped("empty_text", empty)
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=total, desc="ingest", unit="ex")
+            bar = tqdm(total=total, desc="ingest", unit="ex", initial=empty)
         buf: list[tuple[str, dict]] = []
 
         def run():
@@ -109,6 +120,16 @@ def ingest_local(
         if bar is not None:
             bar.close()
     return writer.manifest
+
+
+def _first_usable(inputs: Iterable[dict]):
+    """(inputs from the first non-empty one on, empties before it); (None, empties) when there is none."""
+    it, empty = iter(inputs), 0
+    for inp in it:
+        if not is_empty(inp):
+            return itertools.chain([inp], it), empty
+        empty += 1
+    return None, empty
 
 
 def ensure_cached(url: str, inputs: list[dict], storage_options: dict | None = None) -> int:

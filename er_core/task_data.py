@@ -111,13 +111,17 @@ def join_cache(task: Task, split: str, tokenizer, settings, labels, reader=None,
     return SplitData(task.kind, present, rows, missing)
 
 
-def require_complete(data: SplitData, split: str, url: str) -> None:
+def require_complete(data: SplitData, split: str, url: str, spec=None) -> None:
     if data.missing:
-        ids = ", ".join(ex.id for ex in data.missing[:5])
-        raise ErError(
-            f"{len(data.missing)} {split} examples are not in the cache {url} (e.g. {ids}); "
-            f"ingest the task folder into it first (`er ingest TASK_DIR --cache {url}`)"
-        )
+        raise ErError(missing_message(len(data.missing), split, [ex.id for ex in data.missing], url, spec))
+
+
+def missing_message(n: int, split: str, ids: list[str], url: str, spec=None) -> str:
+    """Why examples may be missing from a cache, and the two ways to fill it."""
+    made = f" (made with {spec.model_name}, --layer {spec.layer}, max length {spec.tokenizer.max_length})" if spec else ""
+    return (f"{n} {split} examples are not in the cache {url}{made}, e.g. {', '.join(ids[:5])}. Ingest the task folder "
+            f"into this cache (`er ingest TASK_DIR --cache {url}`), or pass `er train --ingest-missing` to embed them "
+            f"now; if you did ingest it, it went into another cache (other model, --layer or --max-length)")
 
 
 def grouped_order(lengths: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0, epoch: int = 0) -> list[np.ndarray]:

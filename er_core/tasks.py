@@ -27,6 +27,7 @@ __all__ = [
     "load_task",
     "task_inputs",
     "example_input",
+    "ensure_dev",
 ]
 
 TaskKind = Literal["classification", "ner", "qa"]
@@ -349,3 +350,24 @@ class LabelMap:
         if not 0 <= int(i) < len(self.labels):
             raise LabelError(f"label id {i} is out of range for {len(self.labels)} labels")
         return self.labels[int(i)]
+
+
+def ensure_dev(task: Task, seed: int = 0, share: float = 0.1) -> tuple[Task, str]:
+    """A task with a dev split for early stopping, and a note saying where it came from.
+
+    A task without dev gets a seeded, held-out `share` of train (at least one example) as dev, and
+    trains on the rest; the note says so, for the log and metrics.json.
+    """
+    if task.splits.get("dev"):
+        return task, "dev split"
+    train = task.splits["train"]
+    n = max(1, round(len(train) * share)) if len(train) >= 2 else 0
+    if n == 0:
+        return task, "none: the task has no dev split and too little train to hold some out; no early stopping"
+    import random
+
+    held = set(random.Random(seed).sample(range(len(train)), n))
+    splits = dict(task.splits, train=[e for i, e in enumerate(train) if i not in held],
+                  dev=[e for i, e in enumerate(train) if i in held])
+    note = f"held-out {n} of {len(train)} train examples ({share:.0%}, seed {seed}): the task has no dev split"
+    return Task(task.name, task.kind, splits, task.labels), note

@@ -124,10 +124,47 @@ class FitResult:
     best_metric: float
     train_seconds: float
     train_examples: int
+    resumes: list[dict] = field(default_factory=list)  # one entry per restart from a checkpoint
 
     @property
     def examples_per_second(self) -> float:
         return self.train_examples / self.train_seconds if self.train_seconds else 0.0
+
+
+STATE_FILE = "train_state.pt"
+
+
+def save_state(folder, state: dict) -> None:
+    """Write a training state (see `fit`) into `folder`, atomically."""
+    import os
+
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(str(folder), STATE_FILE)
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_state(folder) -> dict | None:
+    """The training state saved in `folder`, or None if it holds none."""
+    import os
+
+    path = os.path.join(str(folder), STATE_FILE)
+    if not os.path.exists(path):
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _rng_state() -> dict:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
+
+
+def _set_rng_state(s: dict) -> None:
+    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
+    torch.set_rng_state(s["torch"])
+    kind, keys, pos, has_gauss, cached = s["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
 def fit(
@@ -140,13 +177,40 @@ def fit(
     primary: str,
     log: Callable[[dict], None] = lambda m: None,
     progress: bool = False,
+    resume: dict | None = None,
+    on_epoch: Callable[[dict, Callable[[], dict]], None] | None = None,
 ) -> FitResult:
-    """Train with early stopping on dev[primary]; the best epoch's weights are restored at the end."""
+    """Train with early stopping on dev[primary]; the best epoch's weights are restored at the end.
+
+    After each epoch `on_epoch(row, state)` gets the epoch's row and a function building the full
+    training state (weights, optimizer, scheduler, RNG, early-stopping state, history); passing
+    such a state back as `resume` continues the run after that epoch, exactly where it stopped.
+    """
+    core = getattr(model, "module", model)  # DDP wraps the model; states hold the plain names
     opt, sched = make_optimizer(model, cfg, steps_per_epoch * cfg.epochs)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    trainable = {n for n, p in core.named_parameters() if p.requires_grad}
     history, best, best_epoch, best_state, stale = [], -math.inf, -1, None, 0
-    seconds, seen = 0.0, 0
-    for epoch in range(cfg.epochs):
+    seconds, seen, start, resumes = 0.0, 0, 0, []
+    if resume is not None:
+        core.load_state_dict(resume["model"], strict=False)
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        _set_rng_state(resume["rng"])
+        start, history, seconds, seen = resume["epoch"], list(resume["history"]), resume["seconds"], resume["seen"]
+        best, best_epoch, best_state, stale = resume["best_metric"], resume["best_epoch"], resume["best_state"], resume["stale"]
+        resumes = list(resume["resumes"]) + [{"after_epoch": start, "time": time.time()}]
+    attempt = len(resumes) + 1
+
+    def state() -> dict:
+        return {"epoch": epoch + 1, "model": {k: v.detach().cpu() for k, v in core.state_dict().items() if k in trainable},
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(),
+                "history": history, "seconds": seconds, "seen": seen, "best_metric": best, "best_epoch": best_epoch,
+                "best_state": best_state, "stale": stale, "stopped": stopped, "resumes": resumes}
+
+    stopped = resume is not None and resume.get("stopped", False)
+    for epoch in range(start, cfg.epochs):
+        if stopped:
+            break
         model.train()
         t0, total, n = time.perf_counter(), 0.0, 0
         batches = train_batches(epoch)
@@ -165,7 +229,7 @@ def fit(
             n += 1
             seen += int(batch["attention_mask"].shape[0])
         seconds += time.perf_counter() - t0
-        row = {"epoch": epoch + 1, "train_loss": total / max(n, 1)}
+        row = {"epoch": epoch + 1, "train_loss": total / max(n, 1), "attempt": attempt}
         if evaluate_dev is not None:
             row.update({f"dev_{k}": v for k, v in evaluate_dev().items()})
         history.append(row)
@@ -174,11 +238,12 @@ def fit(
         if metric > best:
             best, best_epoch, stale = metric, epoch + 1, 0
             # Only trainable tensors change, so only they are kept (not a second copy of the encoder).
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items() if k in trainable}
+            best_state = {k: v.detach().cpu().clone() for k, v in core.state_dict().items() if k in trainable}
         else:
             stale += 1
-            if stale >= cfg.patience:
-                break
+            stopped = stale >= cfg.patience
+        if on_epoch is not None:
+            on_epoch(row, state)
     if best_state is not None:
-        model.load_state_dict(best_state, strict=False)
-    return FitResult(history, best_epoch, best, seconds, seen)
+        core.load_state_dict(best_state, strict=False)
+    return FitResult(history, best_epoch, best, seconds, seen, resumes)

@@ -19,18 +19,44 @@ EPILOG = """examples:
   er cache info ./cache"""
 
 
+def _seconds(v: str) -> float:
+    if not float(v) > 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {v}")
+    return float(v)
+
+
+def _count(v: str) -> int:
+    if not v.isdigit():
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {v}")
+    return int(v)
+
+
 def _storage_args(p):
+    from er_core.storage import S3_CONNECT_TIMEOUT, S3_READ_TIMEOUT, S3_RETRIES
+
     p.add_argument("--endpoint-url", help="S3 endpoint (default: $AWS_ENDPOINT_URL, else AWS)")
     p.add_argument("--region", help="S3 region (default: $AWS_REGION / $AWS_DEFAULT_REGION)")
+    p.add_argument("--s3-connect-timeout", type=_seconds, metavar="SECONDS",
+                   help=f"seconds to open a connection to S3 (default $ER_S3_CONNECT_TIMEOUT, else {S3_CONNECT_TIMEOUT:g})")
+    p.add_argument("--s3-read-timeout", type=_seconds, metavar="SECONDS",
+                   help=f"seconds to wait for an S3 reply (default $ER_S3_READ_TIMEOUT, else {S3_READ_TIMEOUT:g})")
+    p.add_argument("--s3-retries", type=_count, metavar="N",
+                   help=f"retries of a failed S3 request after the first attempt (default $ER_S3_RETRIES, else "
+                        f"{S3_RETRIES}); with the defaults an unreachable endpoint fails within about 15 s")
 
 
 def storage_options(args) -> dict | None:
     """fsspec/s3fs options from flags; credentials stay in the standard AWS variables or profile."""
+    from er_core.storage import s3_config
+
     opts: dict = {}
     if getattr(args, "endpoint_url", None):
         opts.setdefault("client_kwargs", {})["endpoint_url"] = args.endpoint_url
     if getattr(args, "region", None):
         opts.setdefault("client_kwargs", {})["region_name"] = args.region
+    s3 = {k: getattr(args, f"s3_{k}", None) for k in ("retries", "connect_timeout", "read_timeout")}
+    if any(v is not None for v in s3.values()):
+        opts["config_kwargs"] = s3_config(**s3)
     return opts or None
 
 
@@ -88,13 +114,21 @@ def build_parser() -> argparse.ArgumentParser:
     _ray_args(p)
     _storage_args(p)
 
-    p = sub.add_parser("train", help="train one task on the upper layers from the cache (Ray Train)")
-    p.add_argument("--cache", required=True, help="cache URL the task's examples were ingested into")
-    p.add_argument("--task", required=True, help="task folder: train/dev/test .jsonl (classification), .conll (NER) or SQuAD .json")
-    p.add_argument("--out", required=True, help="output folder: trained weights, er_model.json, metrics.json")
+    p = sub.add_parser("train", help="train one task on the upper layers from the cache (Ray Train)",
+                       description="Train one task from the cache. A checkpoint is kept under OUT/checkpoints after "
+                       "every epoch: a failed worker restarts from it, and --resume OUT continues a run whose driver died.")
+    p.add_argument("--cache", help="cache URL the task's examples were ingested into")
+    p.add_argument("--task", help="task folder: train/dev/test .jsonl (classification), .conll (NER) or SQuAD .json; "
+                   "without dev, a seeded 10%% of train is held out for early stopping")
+    p.add_argument("--out", help="output folder, new or empty: trained weights, er_model.json, metrics.json")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier er train output in --out (only er's own files)")
+    p.add_argument("--resume", metavar="OUT", help="continue the interrupted run in OUT from its last epoch checkpoint "
+                   "(its cache, task and settings come from OUT)")
     p.add_argument("--workers", type=int, default=1, help="data-parallel Ray Train workers (0 = in this process, no Ray)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs each worker reserves")
     p.add_argument("--gpus-per-worker", type=float, default=0.0)
+    p.add_argument("--max-failures", type=int, default=3,
+                   help="worker failures Ray Train recovers from (from the last epoch checkpoint) before giving up")
     p.add_argument("--ingest-missing", action="store_true",
                    help="ingest task examples the cache lacks (with the cache's model and k) instead of failing")
     _train_args(p)
@@ -104,13 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="run many tasks x methods x hyper-parameters concurrently from one cache")
     p.add_argument("sweep", help="sweep YAML/TOML file (see examples/sweep.yaml)")
     p.add_argument("--max-concurrent", type=int, help="override the sweep's concurrency limit")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier er sweep output in the sweep's output folder")
     _ray_args(p)
 
     p = sub.add_parser("predict", help="batch inference with trained tasks; cached examples run the upper layers only")
     p.add_argument("--cache", required=True, help="cache URL")
     p.add_argument("--model-dir", required=True, nargs="+", help="one or more trained model folders (from er train)")
     p.add_argument("--corpus", required=True, nargs="+", help="corpus files or task folder to predict on")
-    p.add_argument("--out", required=True, help="output .parquet or .jsonl, one row per example")
+    p.add_argument("--out", required=True, help="output .parquet or .jsonl, one row per example; must not exist")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier er predict output at --out")
     p.add_argument("--text-field", default="text")
     p.add_argument("--record", action="store_true", help="add cache misses to the cache")
     _ray_args(p)
@@ -121,26 +157,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     p.add_argument("--data", default=None, help="task data folder (default ../shared/data/tasks)")
 
-    p = sub.add_parser("cache", help="inspect or verify a cache")
-    p.add_argument("action", choices=["info", "verify"], help="info: print the manifest; verify: check every shard")
+    p = sub.add_parser("cache", help="inspect, verify or repair a cache")
+    p.add_argument("action", choices=["info", "verify", "repair"], help="info: print the manifest; verify: check "
+                   "every shard; repair: drop bad or missing shards from the manifest (one commit, under the writer "
+                   "lock), delete their files, and say how many examples a re-ingest of the corpus will recompute")
     p.add_argument("url", help="cache URL")
+    p.add_argument("--repair", action="store_true", help="with verify: repair what it finds")
     p.add_argument("--json", action="store_true", help="print JSON")
     _storage_args(p)
 
     p = sub.add_parser("demo", help="ingest a task folder, train on it from the cache, print metrics and speed")
     p.add_argument("task", nargs="?", default=None, help="task folder (default ../shared/data/tasks/chemprot)")
-    p.add_argument("--workdir", default=".er-demo", help="where the cache and the model go")
+    p.add_argument("--workdir", default=".er-demo", help="where the cache and the model go: a new or empty folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier er demo in --workdir (only er's own files)")
     p.add_argument("--layer", default="0.5")
     p.add_argument("--limit", type=int, default=2000, help="examples per split (default 2000; 0 = all)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--local", action="store_true", help="no Ray: plain loops in this process")
     _ray_args(p)
+
+    sub.add_parser("cleanup", help="stop Ray processes left behind by er runs that were killed",
+                   description="Stop the processes of every local Ray session that er started and whose er process is "
+                   "gone (e.g. after kill -9). Sessions are looked up under $RAY_TMPDIR/ray/er-sessions (default "
+                   "/tmp/ray/er-sessions); sessions of a running er, or not started by er, are never touched. "
+                   "Every er command does this on start; this command does only that.")
+    # Accepted before or after the subcommand; SUPPRESS keeps a subcommand from resetting the global value.
+    ap.add_argument("--verbose", action="store_true", help="print the traceback of an error (also ER_DEBUG=1)")
+    for p in sub.choices.values():
+        p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help="print the traceback of an error")
     return ap
 
 
 def cmd_cache(args) -> int:
     from er_core import open_cache
 
+    if args.action == "repair" or (args.action == "verify" and args.repair):
+        return _repair(args)
     reader = open_cache(args.url, storage_options=storage_options(args))
     m = reader.manifest
     if args.action == "info":
@@ -163,12 +215,79 @@ def cmd_cache(args) -> int:
     for p in problems:
         print(f"PROBLEM: {p}", file=sys.stderr)
     print(f"{len(m.shards)} shards checked, {len(problems)} problem(s)")
+    if problems:
+        print(f"repair with: er cache repair {args.url}", file=sys.stderr)
     return 1 if problems else 0
 
 
+def _repair(args) -> int:
+    from er_core import repair_cache
+
+    rep = repair_cache(args.url, storage_options=storage_options(args))
+    if args.json:
+        print(json.dumps(rep, indent=1))
+        return 0
+    for d in rep["dropped"]:
+        print(f"dropped {d['path']} ({d['rows']} examples): {d['problem']}", file=sys.stderr)
+    print(f"{rep['shards_checked']} shards checked, {len(rep['dropped'])} dropped (generation {rep['generation']}); "
+          f"{rep['rows_to_reingest']} examples must be re-ingested")
+    if rep["dropped"]:
+        print(f"re-ingest them with: er ingest CORPUS... --cache {args.url} (the same corpus; only those are computed)")
+    return 0
+
+
+def _storage_url(args) -> str | None:
+    """The URL a storage error most likely concerns: the command's S3 URL if any, else its cache."""
+    urls = [getattr(args, "cache", None), getattr(args, "url", None), *(getattr(args, "corpus", None) or [])]
+    urls = [u for u in urls if isinstance(u, str)]
+    return next((u for u in urls if "://" in u), urls[0] if urls else None)
+
+
+def _er_error(e: BaseException | None) -> ErError | None:
+    """The ErError behind `e`, also when it comes wrapped in a Ray task error."""
+    for _ in range(20):
+        if e is None or isinstance(e, ErError):
+            return e
+        e = getattr(e, "cause", None) or e.__cause__
+    return None
+
+
+def _fail(args, e: Exception) -> int:
+    """Every failure ends in one `er` line; the traceback only with --verbose or ER_DEBUG=1."""
+    import traceback
+
+    from er_core.storage import explain_storage_error
+
+    if getattr(args, "verbose", False) or os.environ.get("ER_DEBUG", "") not in ("", "0"):
+        traceback.print_exception(e)
+    err = _er_error(e) or explain_storage_error(e, _storage_url(args), storage_options(args))
+    if err is not None:
+        print(f"er {args.cmd}: error: {err}", file=sys.stderr)
+        return 2
+    first = (str(e).strip().splitlines() or [""])[0]
+    print(f"er {args.cmd}: error: {type(e).__name__}: {first} (run with --verbose for the traceback)", file=sys.stderr)
+    return 1
+
+
+def cmd_cleanup(args) -> int:
+    from pipelines.ray_sessions import reap
+
+    cleaned = reap()
+    for s in cleaned:
+        print(f"stopped {s['processes']} process(es) of {s['session_dir'] or 'a Ray starting up'} (er pid {s['pid']}, gone)")
+    print(f"{len(cleaned)} leftover Ray session(s) cleaned")
+    return 0
+
+
 def main(argv=None) -> int:
+    from pipelines import ray_sessions
+
     args = build_parser().parse_args(argv)
+    ray_sessions.exit_on_sigterm()  # so a SIGTERM still releases locks and stops the Ray this run starts
     try:
+        if args.cmd == "cleanup":
+            return cmd_cleanup(args)
+        ray_sessions.reap()  # Ray processes left by an er that was killed
         if args.cmd == "cache":
             return cmd_cache(args)
         if args.cmd == "ingest":
@@ -184,9 +303,11 @@ def main(argv=None) -> int:
         else:
             from pipelines.demo import main as run
         return run(args) or 0
-    except ErError as e:
-        print(f"er {args.cmd}: error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:  # noqa: BLE001 - explained in one line by _fail
+        return _fail(args, e)
+    except KeyboardInterrupt:
+        print(f"er {args.cmd}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -5,11 +5,11 @@ This is what `make demo` runs: local Ray, local disk, the bundled MiniLM.
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
 from er_core import TrainConfig, finetune
+from er_core.outputs import OutputDir
 
 DEFAULT_TASK = Path(__file__).resolve().parents[2] / "shared" / "data" / "tasks" / "chemprot"
 
@@ -22,6 +22,8 @@ def main(args) -> int:
         raise ErError(f"task folder {task} not found; pass one: er demo PATH/TO/TASK")
     work = Path(args.workdir)
     cache, out = work / "cache", work / f"model-{task.name}"
+    claimed = OutputDir.claim(str(work), "demo", overwrite=args.overwrite, flag="--workdir")
+    claimed.add(cache.name, out.name)
     limit = args.limit or None
     print(f"== er demo: task {task}, cache {cache}, k={args.layer}, {'all' if not limit else limit} examples per split")
 
@@ -42,8 +44,6 @@ def main(args) -> int:
     print(f"== cache: {tot['rows']} examples, {tot['tokens']} tokens, {tot['bytes'] / 1e6:.1f} MB "
           f"({tot['bytes_per_token']} bytes/token) after {secs:.1f}s")
 
-    if out.exists():
-        shutil.rmtree(out)
     cfg = TrainConfig(method="reduced", epochs=args.epochs, lr=3e-4, batch_size=32)
     if args.local:
         metrics = finetune(str(cache), str(task), str(out), cfg, limit=limit)
@@ -53,6 +53,7 @@ def main(args) -> int:
         metrics = train_on_ray(str(cache), str(task), str(out), cfg, workers=1, limit=limit, address=args.address)
     from pipelines.train import print_metrics
 
+    claimed.finish()
     print_metrics(metrics)
     print(f"== model saved in {out}; predict with: er predict --cache {cache} --model-dir {out} --corpus {task} --out preds.jsonl")
     return 0

@@ -18,6 +18,7 @@ shards themselves; local corpus files are read on the driver's node.
 
 from __future__ import annotations
 
+import _thread
 import json
 import logging
 import math
@@ -34,12 +35,12 @@ from er_core import DEFAULT_CODEC, DEFAULT_MODEL, CacheWriter, ErError, Manifest
 from er_core.cache import encode_table, write_shard
 from er_core.corpus import KeyClaims, batch_token, find_sources, key_digests, read_source, scan
 from er_core.embed import is_empty
+from er_core.errors import LockLostError
 from er_core.keys import example_key
+from er_core.secrets import reject_secrets
 
 log = logging.getLogger("er.ingest")
 
-# Workers on other nodes do not share the driver's environment: forward what storage and HF need.
-_FORWARD_ENV = ("AWS_", "HF_HUB_OFFLINE", "HF_HOME", "TRANSFORMERS_OFFLINE")
 _AUTOCAST = {"bf16": "bfloat16", "fp16": "float16"}
 _INFO_FIELDS = [f.name for f in fields(ShardInfo)]
 
@@ -169,11 +170,6 @@ def _read_placement(sources) -> dict | None:
     return {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
 
 
-def _runtime_env() -> dict | None:
-    env = {k: v for k, v in os.environ.items() if k.startswith(_FORWARD_ENV)}
-    return {"env_vars": env} if env else None
-
-
 def _unwrap(e: BaseException) -> BaseException:
     """The ErError (bad input, mismatch) behind a Ray task failure, if any, so the CLI prints it plainly."""
     seen = set()
@@ -186,16 +182,25 @@ def _unwrap(e: BaseException) -> BaseException:
 
 
 class _Heartbeat:
-    """Refreshes the writer lock while shards are slow to come, so other hosts never see it as stale."""
+    """Refreshes the writer lock while shards are slow to come, so other hosts never see it as stale.
+
+    If another writer took the lock, it interrupts the driver (which may be waiting on Ray), and the
+    `with` block ends in LockLostError; the writer then commits nothing more.
+    """
 
     def __init__(self, writer: CacheWriter, every: float = 60.0):
         self.writer, self.every, self.stop = writer, every, threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
+        self.lost: LockLostError | None = None
 
     def _run(self):
         while not self.stop.wait(self.every):
             try:
                 self.writer.lock.heartbeat()
+            except LockLostError as e:
+                self.lost = e
+                _thread.interrupt_main()
+                return
             except OSError as e:  # transient storage error: the next beat retries
                 log.warning("lock heartbeat failed: %s", e)
 
@@ -204,8 +209,14 @@ class _Heartbeat:
         return self
 
     def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
+        try:
+            self.stop.set()
+            self.thread.join()
+        except KeyboardInterrupt:  # our own interrupt, delivered here
+            if self.lost is None:
+                raise
+        if self.lost is not None:
+            raise self.lost
 
 
 # ---------------------------------------------------------------- driver
@@ -250,14 +261,19 @@ class IngestConfig:
 def run(corpus: list[str], cache: str, config: IngestConfig | None = None, **kw) -> Report:
     """Add every example of `corpus` not yet cached to the cache at `cache`; return the manifest and a summary."""
     cfg = config or IngestConfig(**kw)
+    reject_secrets(cfg.storage_options)  # they travel in Ray task and actor arguments
     t0 = time.perf_counter()
     sources = find_sources(corpus, cfg.storage_options)
+    if cfg.local:  # one pass; ingest_local refuses an empty corpus itself
+        return _run_local(sources, cache, Recycler.load(cfg.model, cfg.layer, cfg.codec, cfg.max_length), cfg, t0)
+    # Bad or empty input fails here, before the cache is touched (no folder, lock or manifest).
+    stats = scan(sources, cfg.text_field, cfg.id_field, cfg.storage_options, cfg.limit)
+    if not stats.usable:
+        raise ErError(f"nothing to ingest into {cache}: " + (f"all {stats.rows} rows of the corpus have an empty "
+                      f"{cfg.text_field!r}" if stats.rows else "the corpus has no rows") + "; nothing was written")
     rec = Recycler.load(cfg.model, cfg.layer, cfg.codec, cfg.max_length)
-    if cfg.local:
-        return _run_local(sources, cache, rec, cfg, t0)
     writer = CacheWriter(cache, rec.spec, cfg.storage_options)  # fails fast if another run holds the lock
     try:
-        stats = scan(sources, cfg.text_field, cfg.id_field, cfg.storage_options, cfg.limit)
         if stats.empty:
             writer.count_skipped("empty_text", stats.empty)
         with _Heartbeat(writer):
@@ -309,7 +325,9 @@ def _pipeline(sources, writer, rec, cfg: IngestConfig, pool: Pool, claims):
     """sources -> rows (read tasks) -> blocks of one shard -> ShardInfo rows (actor pool)."""
     import ray
 
-    env = _runtime_env()
+    from pipelines.ray_env import worker_env
+
+    env = worker_env()
     ds = ray.data.from_items([{"src": i} for i in range(len(sources))], override_num_blocks=len(sources))
     rows = ds.map_batches(
         read_rows, batch_size=1, compute=ray.data.TaskPoolStrategy(size=min(len(sources), 4)), runtime_env=env,
@@ -428,7 +446,8 @@ def print_summary(rep: Report) -> None:
 def main(args) -> int:
     from pipelines.cli import storage_options
 
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    logging.getLogger("er").setLevel(logging.INFO)  # er's own progress; libraries (botocore, ...) stay quiet
     names = {f.name for f in fields(IngestConfig)} - {"storage_options", "progress", "limit"}
     cfg = IngestConfig(storage_options=storage_options(args), **{n: getattr(args, n) for n in names})
     print_summary(run(args.corpus, args.cache, cfg))

@@ -16,6 +16,8 @@ import numpy as np
 from er_core import ErError, open_cache
 from er_core.cache import CacheReader
 from er_core.manifest import Manifest
+from er_core.outputs import claim_file, commit_file, temp_sibling
+from er_core.secrets import reject_secrets
 from er_core.tasks import Example
 
 _EX_FIELDS = ("id", "text", "text_pair", "words")
@@ -102,7 +104,7 @@ def corpus_examples(paths: list[str], text_field: str = "text") -> list[Example]
 
 
 def predict(cache_url: str, model_dirs: list[str], corpus: list[str], out: str, text_field="text", record=False,
-            address=None, storage_options=None, actors: int = 1) -> dict:
+            address=None, storage_options=None, actors: int = 1, overwrite: bool = False) -> dict:
     import ray.data
 
     from er_core.artifacts import check_cache, read_meta
@@ -110,7 +112,9 @@ def predict(cache_url: str, model_dirs: list[str], corpus: list[str], out: str, 
     from er_core.tasks import example_input
     from pipelines.ray_env import absolute, ensure_ray
 
+    reject_secrets(storage_options)  # they travel in actor arguments
     cache_url, model_dirs = absolute(cache_url), [absolute(str(d)) for d in model_dirs]
+    claim_file(out, overwrite, _is_predictions)  # before any work: never replace what er did not write
     reader = open_cache(cache_url, storage_options=storage_options)
     spec = reader.spec
     for d in model_dirs:  # refuse before any work starts
@@ -149,33 +153,56 @@ def predict(cache_url: str, model_dirs: list[str], corpus: list[str], out: str, 
             "cache_misses": sum(len(v) for k, v in by_key.items() if k not in cached), "out": out}
 
 
-def _write(ds, out: str) -> int:
-    """Stream results into one JSONL or Parquet file (written to a temp name, renamed when complete)."""
-    import os
+PARQUET_TAG = b"er.predictions"
 
-    tmp = f"{out}.tmp"
-    n = 0
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    if out.endswith(".parquet"):
-        import pyarrow as pa
+
+def _is_predictions(f) -> bool:
+    """Recognise a file an earlier `er predict` wrote (the only kind --overwrite may replace)."""
+    head = f.read(4)
+    f.seek(0)
+    if head == b"PAR1":
         import pyarrow.parquet as pq
 
-        writer = None
-        for b in ds.iter_batches(batch_size=1024, batch_format="pyarrow"):
-            t = pa.table({"id": b["id"].cast(pa.string()), "key": b["key"].cast(pa.string()), "cached": b["cached"],
-                          "predictions": b["predictions"].cast(pa.string())})
-            writer = writer or pq.ParquetWriter(tmp, t.schema)
-            writer.write_table(t)
-            n += t.num_rows
-        if writer:
-            writer.close()
-    else:
-        with open(tmp, "w") as f:
-            for row in ds.iter_rows():
-                f.write(json.dumps({"id": row["id"], "key": row["key"], "cached": bool(row["cached"]),
-                                    **json.loads(row["predictions"])}) + "\n")
-                n += 1
-    os.replace(tmp, out)
+        try:
+            return PARQUET_TAG in (pq.read_schema(f).metadata or {})
+        except Exception:  # not readable as Parquet: not ours
+            return False
+    try:
+        first = json.loads(f.readline())
+    except ValueError:
+        return False
+    return isinstance(first, dict) and {"id", "key", "cached"} <= set(first)
+
+
+def _write(ds, out: str) -> int:
+    """Stream results into one JSONL or Parquet file, written to a hidden sibling and renamed when complete."""
+    tmp = temp_sibling(out)
+    n = 0
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if out.endswith(".parquet"):
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            writer = None
+            for b in ds.iter_batches(batch_size=1024, batch_format="pyarrow"):
+                t = pa.table({"id": b["id"].cast(pa.string()), "key": b["key"].cast(pa.string()), "cached": b["cached"],
+                              "predictions": b["predictions"].cast(pa.string())})
+                t = t.replace_schema_metadata({PARQUET_TAG: b"1"})
+                writer = writer or pq.ParquetWriter(tmp, t.schema)
+                writer.write_table(t)
+                n += t.num_rows
+            if writer:
+                writer.close()
+        else:
+            with open(tmp, "w") as f:
+                for row in ds.iter_rows():
+                    f.write(json.dumps({"id": row["id"], "key": row["key"], "cached": bool(row["cached"]),
+                                        **json.loads(row["predictions"])}) + "\n")
+                    n += 1
+        commit_file(tmp, out)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
     return n
 
 
@@ -183,7 +210,7 @@ def main(args) -> int:
     from pipelines.cli import storage_options
 
     s = predict(args.cache, args.model_dir, args.corpus, args.out, text_field=args.text_field, record=args.record,
-                address=args.address, storage_options=storage_options(args))
+                address=args.address, storage_options=storage_options(args), overwrite=args.overwrite)
     print(f"predicted {s['examples']} examples ({s['cache_hits']} from the cache, {s['cache_misses']} through the lower "
           f"layers) -> {s['out']}")
     return 0

@@ -1,8 +1,22 @@
-"""Join a Ray cluster, or start a local one sized so Train workers never starve Ray Data."""
+"""Join a Ray cluster, or start a local one sized so Train workers never starve Ray Data and gone when er exits.
+
+Credentials never travel through Ray: a local Ray that er starts inherits the driver's environment
+(the AWS variables with it), and the nodes of an existing cluster use their own AWS chain. Only
+non-secret settings are forwarded to an existing cluster's workers (`worker_env`), since Ray writes
+runtime envs in plain text into its logs. Token auth is left as the cluster and RAY_AUTH_MODE say;
+only a local Ray that er starts itself defaults to RAY_AUTH_MODE=disabled.
+"""
 
 from __future__ import annotations
 
+import atexit
 import os
+
+from pipelines import ray_sessions
+
+# Non-secret settings that workers on other nodes need and may not share with the driver.
+FORWARDED = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "HF_HUB_OFFLINE", "HF_HOME", "TRANSFORMERS_OFFLINE")
+_local: dict = {}  # the local Ray this process started: its session dir and record
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -10,14 +24,45 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local default; clusters configure their own auth
-    if address:
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address and address != "local":
         ray.init(address=address, log_to_driver=True)
         return
+    _start_local(num_cpus)
+
+
+def _start_local(num_cpus: int | None) -> None:
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # inherited by the Ray processes it starts, nowhere else
+    root = ray_sessions.ray_temp_root()
+    ray_sessions.reap(root)
+    rec = ray_sessions.record(root)
     # Logical CPUs > cores on purpose: a Train worker reserves its CPUs for the whole run, and
     # Ray Data tasks feeding it must still be schedulable (or the run hangs forever).
     cpus = num_cpus or max(8, 2 * (os.cpu_count() or 1))
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+    # address="local": start one even if RAY_ADDRESS is set (ray.init would read it otherwise).
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True, _temp_dir=root)
+    session = ray._private.worker._global_node.get_session_dir_path()
+    ray_sessions.record(root, session)
+    _local.update(session_dir=session, record=rec)
+    atexit.register(_shutdown)  # registered after Ray's own hook, so it runs first
+    ray_sessions.exit_on_sigterm()  # ray.init installed its own handler (exit status 15)
+
+
+def _shutdown() -> None:
+    import ray
+
+    ray.shutdown()
+    ray_sessions.finish(_local["session_dir"], _local["record"])
+
+
+def worker_env() -> dict | None:
+    """`runtime_env` for Ray tasks and actors: non-secret settings for a cluster er joined; None when nothing to carry."""
+    if _local:
+        return None  # a local Ray inherits the whole environment
+    env = {k: os.environ[k] for k in FORWARDED if os.environ.get(k)}
+    return {"env_vars": env} if env else None
 
 
 def absolute(url: str) -> str:

@@ -15,15 +15,17 @@ Exit status: 0 if every trial succeeded, 1 if any failed (the table and results 
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import json
-import shutil
 import time
 import traceback
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 from er_core import ErError, TrainConfig
+from er_core.outputs import OutputDir, commit_file, temp_sibling
+from er_core.secrets import find_secrets
 
 METHODS = ("reduced", "lora")  # `full` trains from raw text, not the cache, so it has no place in a sweep
 LORA_ONLY = ("lora_r", "lora_alpha", "lora_dropout")  # varied for lora trials only
@@ -136,6 +138,9 @@ def parse_sweep(raw, base: Path, check_paths: bool = True, source: str = "sweep"
     _check_resources(kw.get("resources", {}), problems)
     if "storage_options" in kw and not isinstance(kw["storage_options"], (dict, type(None))):
         problems.append(f"storage_options must be a mapping, got {kw['storage_options']!r}")
+    elif find_secrets(kw.get("storage_options")):
+        problems.append(f"{', '.join(find_secrets(kw['storage_options']))} holds a credential; er never passes credentials "
+                        f"to Ray (they would reach its logs): use the AWS environment, a profile or an instance role")
     if "defaults" in kw:
         kw["defaults"] = _check_train_fields(kw["defaults"], "defaults", problems, lists=False)
     if "grid" in kw:
@@ -293,7 +298,6 @@ def run_trial(sweep: Sweep, trial: Trial) -> dict:
     from pipelines.train_ray import train_on_ray
 
     start = time.time()
-    shutil.rmtree(trial.out_dir, ignore_errors=True)  # no stale metrics.json from an earlier sweep beside a new error
     try:
         metrics = train_on_ray(sweep.cache, trial.task.path, trial.out_dir, trial.cfg, workers=sweep.workers,
                                cpus_per_worker=sweep.cpus_per_worker, gpus_per_worker=sweep.gpus_per_worker,
@@ -376,15 +380,17 @@ def _summary(row: dict) -> str:
 
 
 def write_results(rows: list[dict], output: str) -> None:
-    """results.json (params as a mapping) and results.csv (params as `k=v k=v`), one row per trial."""
+    """results.json (params as a mapping) and results.csv (params as `k=v k=v`), one row per trial; each replaced whole."""
     out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(rows, indent=1))
-    with open(out / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({**r, "params": " ".join(f"{k}={v}" for k, v in r["params"].items())})
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS)
+    w.writeheader()
+    for r in rows:
+        w.writerow({**r, "params": " ".join(f"{k}={v}" for k, v in r["params"].items())})
+    for name, text in (("results.json", json.dumps(rows, indent=1)), ("results.csv", buf.getvalue())):
+        tmp = temp_sibling(str(out / name))
+        Path(tmp).write_text(text)
+        commit_file(tmp, str(out / name))
 
 
 def _fmt(v, digits: int = 4) -> str:
@@ -415,8 +421,15 @@ def main(args) -> int:
         raise ErError(f"--max-concurrent must be >= 1, got {max_concurrent}")
     open_cache(sweep.cache, storage_options=sweep.storage_options)  # fail once here, not once per trial
     trials = expand(sweep)
+    out = OutputDir.claim(sweep.output, "sweep", overwrite=args.overwrite, flag="output:")
+    out.add("results.csv", "results.json", *(t.name for t in trials))
     print(f"== er sweep {args.sweep}: {len(trials)} trials, at most {max_concurrent} at once, cache {sweep.cache}")
-    rows = run_trials(sweep, trials, max_concurrent, address=args.address)
+    try:
+        rows = run_trials(sweep, trials, max_concurrent, address=args.address)
+    except BaseException as e:
+        out.fail(f"{type(e).__name__}: {e}")
+        raise
+    out.finish()
     print(format_table(rows))
     print(f"wrote {Path(sweep.output) / 'results.csv'} and results.json")
     return 1 if any(r["status"] != "ok" for r in rows) else 0

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 
-from er_core import finetune
+from er_core import ErError, TrainConfig, finetune
+from er_core.outputs import read_status
 
 
 def print_metrics(m: dict) -> None:
     print(f"task {m['task']} ({m['kind']}), method {m['method']}, k={m['layer']}, best epoch {m['best_epoch']}, "
           f"{m['train_examples_per_second']} train examples/s")
+    if m.get("dev_source", "dev split") != "dev split":
+        print(f"  dev  = {m['dev_source']}")
     for split in ("dev", "test"):
         if split in m:
             base = m.get(f"{split}_majority_baseline")
@@ -17,19 +20,38 @@ def print_metrics(m: dict) -> None:
             print(f"  {split:4s} {line}" + (f"   (majority baseline micro_f1={base['micro_f1']:.4f})" if base else ""))
 
 
+def resume_request(out: str) -> dict:
+    """What an interrupted `er train` was asked to do, from its output folder's marker."""
+    m = read_status(out)
+    if m is None or m.get("kind") != "train" or "request" not in m:
+        raise ErError(f"--resume {out}: not an er train output started by this version of er (no run request recorded)")
+    return m["request"]
+
+
 def main(args) -> int:
     from pipelines.cli import storage_options, train_config
 
-    cfg = train_config(args)
-    if args.workers == 0:
-        metrics = finetune(args.cache, args.task, args.out, cfg, storage_options=storage_options(args), limit=args.limit,
-                           log=lambda row: print(json.dumps(row)), ingest_missing=args.ingest_missing)
+    opts = storage_options(args)
+    if args.resume:
+        req = resume_request(args.resume)
+        args.out, args.cache, args.task, args.limit = args.resume, req["cache"], req["task"], req["limit"]
+        cfg = TrainConfig(**req["cfg"])
+        workers = req["workers"]
+        ray_kw = {k: req[k] for k in ("cpus_per_worker", "gpus_per_worker", "storage_path", "name", "max_failures") if k in req}
+        print(f"resuming {args.out}: {cfg.method} on {args.task} from {args.cache}, {workers} worker(s)")
+    else:
+        if not (args.cache and args.task and args.out):
+            raise ErError("er train needs --cache, --task and --out (or --resume OUT to continue an interrupted run)")
+        cfg, workers = train_config(args), args.workers
+        ray_kw = dict(cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker, max_failures=args.max_failures)
+    common = dict(storage_options=opts, limit=args.limit, ingest_missing=args.ingest_missing, overwrite=args.overwrite,
+                  resume=bool(args.resume))
+    if workers == 0:
+        metrics = finetune(args.cache, args.task, args.out, cfg, log=lambda row: print(json.dumps(row)), **common)
     else:
         from pipelines.train_ray import train_on_ray
 
-        metrics = train_on_ray(args.cache, args.task, args.out, cfg, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
-                               gpus_per_worker=args.gpus_per_worker, storage_options=storage_options(args), limit=args.limit,
-                               address=args.address, ingest_missing=args.ingest_missing)
+        metrics = train_on_ray(args.cache, args.task, args.out, cfg, workers=workers, address=args.address, **common, **ray_kw)
     print_metrics(metrics)
     print(f"wrote {args.out}/metrics.json")
     return 0

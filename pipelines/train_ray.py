@@ -4,14 +4,20 @@ The driver joins the task's train labels to the cache by key and builds a Ray Da
 (and checksums) the cache shards, keeping the task's rows; every worker reads its share with
 `get_dataset_shard("train")`, groups rows by length into padded batches, and runs er_core's loop
 under DDP (gloo on CPU, NCCL on GPU). Dev/test are evaluated on every worker (same weights, same
-early-stopping decision); rank 0 saves the artefact as the run's checkpoint.
+early-stopping decision).
+
+Every epoch rank 0 reports a checkpoint (weights, optimizer, scheduler, RNG, early-stopping state) to
+Ray Train's storage: `OUT/checkpoints` by default, or a shared `storage_path` (s3://...) on a
+cluster. A failed worker restarts the run from the last one (`FailureConfig`), and `er train
+--resume OUT` continues a run whose driver died (Ray Train V2 restores a run from the same
+storage path and name). At the end rank 0 reports the artefact as the final checkpoint and the
+driver moves it into OUT (outputs.OutputDir: staged, then marked complete).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import tempfile
 from pathlib import Path
 
@@ -19,9 +25,11 @@ import numpy as np
 
 from er_core import ErError, TrainConfig, open_cache
 from er_core.cache import CacheReader
+from er_core.finetune import CHECKPOINTS, prepare_task
 from er_core.manifest import Manifest
-from er_core.task_data import collate, encode_split, grouped_order, label_map
-from er_core.tasks import load_task
+from er_core.outputs import OutputDir
+from er_core.secrets import reject_secrets
+from er_core.task_data import collate, encode_split, grouped_order, label_map, missing_message
 
 
 def _target_list(kind: str, target) -> list[int]:
@@ -81,14 +89,16 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
     import torch
 
-    from er_core.artifacts import cache_meta, save_trained
+    from er_core.finetune import run_metrics, save_artifact, setup_data
     from er_core.evaluate import evaluate
-    from er_core.finetune import setup_data
     from er_core.metrics import primary_metric
-    from er_core.train import build_model, fit, seed_everything
+    from er_core.train import build_model, fit, load_state, save_state, seed_everything
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    start = ray.train.get_checkpoint()
+    if start is not None and _report_final_again(start, rank):
+        return
     cfg = TrainConfig(**config["cfg"])
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     seed_everything(cfg.seed)
@@ -101,31 +111,48 @@ def train_loop_per_worker(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     steps = math.ceil(config["n_train"] / world / per_worker)
     dev = p.data.get("dev")
+    resume = None
+    if start is not None:
+        with start.as_directory() as d:
+            resume = load_state(d)
 
     def dev_metrics():
         return evaluate(core, dev, cfg.source, p.labels, pad_id=p.pad_id) if dev is not None and dev.items else {}
 
-    def report(row):
-        ray.train.report({k: v for k, v in row.items() if isinstance(v, (int, float))})
+    def on_epoch(row, state):
+        scalars = {k: v for k, v in row.items() if isinstance(v, (int, float))}
+        if rank != 0:
+            ray.train.report(scalars)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            save_state(d, state())
+            ray.train.report(scalars, checkpoint=ray.train.Checkpoint.from_directory(d))
 
     res = fit(model, kind, cfg, lambda e: _train_batches(shard, p.spec, kind, per_worker, cfg.seed, e, p.pad_id), steps,
-              dev_metrics, primary_metric(kind), log=report)
-    metrics = {"task": p.task.name, "kind": kind, "method": cfg.method, "layer": p.spec.layer, "workers": world,
-               "best_epoch": res.best_epoch, "train_seconds": round(res.train_seconds, 3),
-               "train_examples_per_second": round(res.examples_per_second * world, 2), "history": res.history}
-    for split in ("dev", "test"):
-        if split in p.data and p.data[split].items:
-            metrics[split] = evaluate(core, p.data[split], cfg.source, p.labels, pad_id=p.pad_id)
+              dev_metrics, primary_metric(kind), resume=resume, on_epoch=on_epoch)
+    metrics = run_metrics(p, cfg, res, core, workers=world)
     if rank == 0:
         with tempfile.TemporaryDirectory() as d:
-            meta = {"method": cfg.method, "task": {"name": p.task.name, "kind": kind, "labels": p.task.labels},
-                    "model": {"name": p.spec.model_name, "model_type": p.spec.model_type}, "cache": cache_meta(p.spec),
-                    "train_config": cfg.to_dict()}
-            save_trained(d, core, meta)
-            Path(d, "metrics.json").write_text(json.dumps(metrics, indent=1))
+            save_artifact(d, p, cfg, core, metrics)
             ray.train.report({"final": 1.0}, checkpoint=ray.train.Checkpoint.from_directory(d))
     else:
         ray.train.report({"final": 1.0})
+
+
+def _report_final_again(checkpoint, rank: int) -> bool:
+    """A run restored after its final artefact was reported (the driver died while collecting it): report it again."""
+    import ray.train
+
+    with checkpoint.as_directory() as d:
+        if not Path(d, "er_model.json").exists():
+            return False
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as copy:
+                checkpoint.to_directory(copy)
+                ray.train.report({"final": 1.0}, checkpoint=ray.train.Checkpoint.from_directory(copy))
+        else:
+            ray.train.report({"final": 1.0})
+    return True
 
 
 def train_dataset(cache_url: str, task_dir: str, cfg: TrainConfig, storage_options=None, limit=None):
@@ -135,7 +162,7 @@ def train_dataset(cache_url: str, task_dir: str, cfg: TrainConfig, storage_optio
     reader = open_cache(cache_url, storage_options=storage_options)
     spec = reader.spec
     tokenizer = _tokenizer(spec.model_name)
-    task = load_task(task_dir, limit=limit)
+    task, _ = prepare_task(task_dir, cfg, limit)  # the same train split (dev held out if need be) as the workers
     items = encode_split(task, "train", tokenizer, spec.tokenizer, label_map(task) if task.kind != "qa" else None)
     if cfg.method == "full":  # the baseline: token ids from the text, no cached states
         rows = [{"input_ids": it.input_ids.tolist(), "length": len(it.input_ids), "target": _target_list(task.kind, it.target)}
@@ -144,8 +171,7 @@ def train_dataset(cache_url: str, task_dir: str, cfg: TrainConfig, storage_optio
     cached = set(reader.keys())
     missing = [it.example.id for it in items if it.key not in cached]
     if missing:
-        raise ErError(f"{len(missing)} train examples are not in the cache {cache_url} (e.g. {', '.join(missing[:5])}); "
-                      f"ingest the task folder first (`er ingest {task_dir} --cache {cache_url}`)")
+        raise ErError(missing_message(len(missing), "train", missing, cache_url, spec))
     targets = {it.key: _target_list(task.kind, it.target) for it in items}
     paths = ray.data.from_items([{"path": s.path} for s in reader.manifest.shards])
     ds = paths.map_batches(ReadShard, batch_size=1, fn_constructor_kwargs=dict(
@@ -164,17 +190,33 @@ def _tokenizer(name: str):
 
 def train_on_ray(cache_url: str, task_dir: str, out_dir: str, cfg: TrainConfig, workers: int = 1, cpus_per_worker: float = 1.0,
                  gpus_per_worker: float = 0.0, storage_options=None, limit=None, address=None, storage_path=None,
-                 name: str | None = None, ingest_missing: bool = False) -> dict:
+                 name: str | None = None, ingest_missing: bool = False, overwrite: bool = False, resume: bool = False,
+                 max_failures: int = 3) -> dict:
     """Run one training on Ray Train; the artefact and metrics.json end up in `out_dir`."""
-    import atexit
-    import shutil
+    from pipelines.ray_env import absolute
 
-    from ray.train import RunConfig, ScalingConfig
+    reject_secrets(storage_options)  # they travel in train_loop_config and actor arguments
+    cache_url, task_dir = absolute(cache_url), absolute(str(task_dir))
+    request = {"cache": cache_url, "task": task_dir, "limit": limit, "workers": workers, "cpus_per_worker": cpus_per_worker,
+               "gpus_per_worker": gpus_per_worker, "storage_path": storage_path, "name": name, "cfg": cfg.to_dict(),
+               "max_failures": max_failures}
+    out = OutputDir.claim(absolute(str(out_dir)), "train", overwrite=overwrite, resume=resume, request=request)
+    try:
+        metrics = _fit_on_ray(out, cache_url, task_dir, cfg, workers, cpus_per_worker, gpus_per_worker, storage_options,
+                              limit, address, storage_path, name, ingest_missing, max_failures)
+    except BaseException as e:
+        out.fail(f"{type(e).__name__}: {e}")
+        raise
+    return metrics
+
+
+def _fit_on_ray(out: OutputDir, cache_url, task_dir, cfg, workers, cpus_per_worker, gpus_per_worker, storage_options, limit,
+                address, storage_path, name, ingest_missing, max_failures) -> dict:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipelines.ray_env import absolute, ensure_ray
+    from pipelines.ray_env import ensure_ray
 
-    cache_url, task_dir = absolute(cache_url), absolute(str(task_dir))
     if ingest_missing and cfg.method != "full":
         from er_core.finetune import cache_task
 
@@ -182,7 +224,6 @@ def train_on_ray(cache_url: str, task_dir: str, out_dir: str, cfg: TrainConfig, 
         if added:
             print(f"ingested {added} examples of {task_dir} missing from {cache_url}")
     ensure_ray(address)
-    tmp = tempfile.mkdtemp(prefix="er-train-")
     ds, n_train, task = train_dataset(cache_url, task_dir, cfg, storage_options, limit)
     use_gpu = gpus_per_worker > 0
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
@@ -193,20 +234,18 @@ def train_on_ray(cache_url: str, task_dir: str, out_dir: str, cfg: TrainConfig, 
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         datasets={"train": ds},
-        # Local runs keep Ray's checkpoints in a temp folder; clusters need shared storage (s3://...).
-        run_config=RunConfig(name=name or f"er-{task.name}-{cfg.method}", storage_path=storage_path or tmp),
+        # Checkpoints every node can reach: under OUT on one machine, a shared storage_path (s3://) on a cluster.
+        # The same (storage_path, name) later resumes the run.
+        run_config=RunConfig(name=name or "run", storage_path=storage_path or out.local_path(CHECKPOINTS),
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
-    try:
-        result = trainer.fit()
-    finally:
-        if storage_path is None:
-            atexit.register(shutil.rmtree, tmp, True)
+    result = trainer.fit()
     if result.checkpoint is None:
         raise ErError(f"training of {task.name} finished without a checkpoint: {result.error}")
-    out = Path(out_dir)
-    if out.exists():
-        shutil.rmtree(out)
-    result.checkpoint.to_directory(str(out))
+    staged = out.stage()
+    result.checkpoint.to_directory(staged)
+    out.finish(staged)
     if storage_path is None:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return json.loads((out / "metrics.json").read_text())
+        out.remove(CHECKPOINTS)  # the run is complete: its resume state is no longer needed
+    return json.loads(Path(out.path, "metrics.json").read_text())

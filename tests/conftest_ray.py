@@ -4,6 +4,9 @@
 purpose (more than this machine's cores): actors and Train workers hold a CPU for a whole run,
 and Ray Data must always find one left to read with. Tests that need another cluster shape
 (logical GPUs) start their own Ray in a subprocess instead of touching this one.
+
+It starts after the `s3` fixture has set the AWS variables: er forwards no credentials to Ray
+workers, which get them, as on any local Ray, from the environment they inherit.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def ray_session(s3):
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -31,3 +34,22 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "ray_session" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.ray)
+
+
+@pytest.fixture
+def ray_tmp():
+    """A private RAY_TMPDIR for `er` subprocesses that start their own Ray; short, since Ray puts unix sockets
+    under it (108-byte limit). On teardown, whatever of its sessions still runs is killed and the folder removed."""
+    import glob
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from pipelines.ray_sessions import session_processes
+
+    folder = tempfile.mkdtemp(prefix="er-", dir="/tmp")
+    yield Path(folder)
+    for session in glob.glob(f"{folder}/ray/session_2*"):
+        for p in session_processes(session):
+            p.kill()
+    shutil.rmtree(folder, ignore_errors=True)

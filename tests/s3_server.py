@@ -136,6 +136,8 @@ class SeaweedS3:
             stdin=subprocess.DEVNULL,
             stdout=self._out,
             stderr=subprocess.STDOUT,
+            # weed would take its S3 identity from AWS_* variables it inherits instead of s3.json
+            env={k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
             start_new_session=True,  # its own process group, so stop() can signal the whole tree
         )
         try:

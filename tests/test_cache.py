@@ -14,6 +14,7 @@ import torch
 from er_core import CacheCorruptError, CacheLockedError, CacheMismatchError, CacheWriter, ErError, open_cache
 from er_core.codecs import CODECS
 from er_core.recycle import Recycler, ingest_local
+from er_core.storage import read_lock, url_to_fs
 from er_core.task_data import grouped_order
 
 H = 32
@@ -120,7 +121,7 @@ def test_mismatched_model_layer_tokenizer_are_refused(tmp_path, rec):
     with pytest.raises(CacheMismatchError, match="codec"):
         CacheWriter(url, _spec(rec, codec="int8"))
     assert (tmp_path / "c" / "manifest.json").read_bytes() == before
-    assert not (tmp_path / "c" / "_writer.lock").exists()
+    assert read_lock(*url_to_fs(url)) is None  # released
 
 
 def test_corrupted_shard_is_refused_by_name(tmp_path, rec):
@@ -156,16 +157,17 @@ def test_failed_write_leaves_previous_cache_and_no_orphans(tmp_path, rec):
     with CacheWriter(url, rec.spec, shard_rows=2) as w:
         for k, ids, h in _rows(4):
             w.add(k, ids, h)
-    before = (tmp_path / "c" / "manifest.json").read_bytes()
+    before = open_cache(url).manifest
     with pytest.raises(RuntimeError):
         with CacheWriter(url, rec.spec, shard_rows=2) as w:
             for k, ids, h in _rows(6, seed=3):
                 w.add("new" + k, ids, h)
             raise RuntimeError("crash mid-run")
-    assert (tmp_path / "c" / "manifest.json").read_bytes() == before
+    after = open_cache(url).manifest  # only the fence's writer stamp changed
+    assert (after.shards, after.generation) == (before.shards, before.generation) and after.writer == w.run_id
     assert len(os.listdir(tmp_path / "c" / "shards")) > 2  # the crashed run's shards exist, unlisted
     assert len(open_cache(url).load()) == 4
-    with CacheWriter(url, rec.spec):  # the next writer removes them
+    with CacheWriter(url, rec.spec):  # the next writer removes them: their run released its lock
         pass
     assert len(os.listdir(tmp_path / "c" / "shards")) == 2
 
@@ -182,7 +184,7 @@ def test_second_writer_is_refused_and_stale_lock_taken_over(tmp_path, rec):
 
     lock.write_text(json.dumps({"run_id": "dead", "host": socket.gethostname(), "pid": 2**22 + 12345, "heartbeat": 0}))
     CacheWriter(url, rec.spec).close()
-    assert not lock.exists()
+    assert json.loads(lock.read_text())["released"] and read_lock(*url_to_fs(url)) is None
 
 
 def test_ingest_local_matches_plain_lower_and_handles_edge_inputs(tmp_path, rec):

@@ -23,6 +23,7 @@ import pytest
 from er_core import CacheLockedError, CacheWriter, DataFormatError, open_cache
 from er_core.corpus import find_sources, read_source
 from er_core.recycle import Recycler, ingest_local
+from er_core.storage import read_lock, url_to_fs
 from pipelines.cli import main as er
 from pipelines.ingest import Pool, plan_pool, read_rows, run
 from tests.conftest import WORDS
@@ -101,7 +102,7 @@ def test_disk_and_s3_caches_are_identical_and_equal_the_plain_loop(ray_session, 
         assert r.manifest.generation >= 3  # committed along the way, not only at the end
         assert open_cache(url).verify() == []
         assert r.actors and all(a["device"] == "cpu" and "GPU" not in a["resources"] for a in r.actors)
-    assert not (tmp_path / "cache" / "_writer.lock").exists()
+        assert read_lock(*url_to_fs(url)) is None  # released
 
 
 def test_incremental_runs_over_mixed_formats_equal_one_run(ray_session, rec, tiny_bert, tmp_path):
@@ -130,13 +131,13 @@ def test_error_inside_a_read_task_names_file_and_line(ray_session, tiny_bert, tm
     import pipelines.ingest as ingest
     from er_core.corpus import CorpusStats
 
-    monkeypatch.setattr(ingest, "scan", lambda *a, **k: CorpusStats())
+    monkeypatch.setattr(ingest, "scan", lambda *a, **k: CorpusStats(rows=2))
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"body": "no text"}) + "\n")
     with pytest.raises(DataFormatError, match=r"bad\.jsonl:2: missing field 'text'"):
         run([str(bad)], str(tmp_path / "cache"), model=tiny_bert, **FAST)
     assert not (tmp_path / "cache" / "manifest.json").exists()
-    assert not (tmp_path / "cache" / "_writer.lock").exists()
+    assert read_lock(*url_to_fs(str(tmp_path / "cache"))) is None  # released
 
 
 def _er_ingest(corpus, cache, tiny_bert, *extra) -> list[str]:
@@ -247,6 +248,23 @@ def test_bad_input_fails_before_anything_is_committed(tmp_path, tiny_bert, capsy
     assert er(["ingest", str(good), str(tmp_path / name), "--cache", str(cache), "--model", tiny_bert, "--layer", "2"]) == 2
     assert re.search(match, capsys.readouterr().err)
     assert not (cache / "manifest.json").exists() and not (cache / "_writer.lock").exists()
+
+
+@pytest.mark.parametrize("local", [False, True], ids=["ray", "local"])
+@pytest.mark.parametrize("texts, says", [([], "the corpus has no rows|no inputs"),
+                                         (["", "  ", "\t"], "all 3 (rows of the corpus|inputs) have an empty")])
+def test_empty_corpus_is_refused_and_writes_nothing(tmp_path, tiny_bert, rec, capsys, local, texts, says):
+    corpus = _jsonl(tmp_path / "empty.jsonl", texts)
+    args = ["ingest", str(corpus), "--model", tiny_bert, "--layer", "2", "--codec", "fp32"] + ["--local"] * local
+    cache = tmp_path / "cache"
+    assert er(args + ["--cache", str(cache)]) == 2  # refused before any Ray starts
+    assert re.search(f"nothing to ingest into .*cache: ({says}).*nothing was written", capsys.readouterr().err, re.I)
+    assert not cache.exists()  # no folder, lock or manifest
+
+    ingest_local([{"text": "the gene"}], str(cache), rec, progress=False)
+    before = {p.name: p.read_bytes() for p in cache.rglob("*") if p.is_file()}
+    assert er(args + ["--cache", str(cache)]) == 2  # an existing cache stays exactly as it was
+    assert {p.name: p.read_bytes() for p in cache.rglob("*") if p.is_file()} == before
 
 
 def test_second_writer_is_refused_with_a_clear_message(tmp_path, tiny_bert, rec, capsys):

@@ -90,28 +90,44 @@ def test_single_put_replaces_object_atomically(s3):
     assert not torn, f"reader saw a partly replaced object: {torn[:3]}"
 
 
-def test_report_conditional_create(s3, record_property):
-    """Report (never fail) whether `If-None-Match: *` PUTs are honoured; a lock could rely on them."""
+def _put(fs, path: str, body: bytes, **cond) -> str | None:
+    """One conditional PUT straight through botocore: the new ETag, or None if a precondition refused it."""
+    bucket, key, _ = fs.split_path(path)
+    try:
+        return fs.call_s3("put_object", Bucket=bucket, Key=key, Body=body, **cond)["ETag"]
+    except OSError as e:  # s3fs turns the 412 into an OSError; the botocore error is its cause
+        if getattr(e.__cause__, "response", {}).get("Error", {}).get("Code") == "PreconditionFailed":
+            return None
+        raise
+
+
+def test_conditional_writes_the_lock_relies_on(s3):
+    """The writer lock and the manifest commit are compare-and-swaps: `If-None-Match: *` creates only an
+    absent key, `If-Match: <etag>` replaces only that version, and of racing writers exactly one wins."""
     fs = _s3fs(s3)
     path = _key(s3, "lock")
-    fs.pipe_file(path, b"first", mode="create")
-    try:
-        fs.pipe_file(path, b"second", mode="create")
-        second = "accepted (overwrote)" if fs.cat_file(path) == b"second" else "accepted (kept first)"
-    except Exception as e:  # noqa: BLE001 - recording what the server answered is the point
-        second = f"refused with {type(e).__name__}"
+    first = _put(fs, path, b"first", IfNoneMatch="*")
+    assert first is not None
+    assert _put(fs, path, b"second", IfNoneMatch="*") is None  # create refused on an existing key
+    assert fs.cat_file(path) == b"first"
 
+    assert _put(fs, path, b"third", IfMatch='"0123456789abcdef0123456789abcdef"') is None  # wrong version
+    assert fs.cat_file(path) == b"first"
+    third = _put(fs, path, b"third", IfMatch=first)  # the right one
+    assert third not in (None, first) and fs.cat_file(path) == b"third"
+    assert _put(fs, path, b"fourth", IfMatch=first) is None  # a version once replaced is gone for good
+
+    n = 8
     race = _key(s3, "race")
+    with ThreadPoolExecutor(n) as pool:
+        created = list(pool.map(lambda i: _put(_s3fs(s3), race, f"creator {i}".encode(), IfNoneMatch="*"), range(n)))
+    winners = [i for i, etag in enumerate(created) if etag]
+    assert len(winners) == 1, f"{len(winners)} of {n} racing creators succeeded"
+    assert fs.cat_file(race) == f"creator {winners[0]}".encode()
 
-    def create(i: int) -> bool:
-        try:
-            _s3fs(s3).pipe_file(race, str(i).encode(), mode="create")
-            return True
-        except Exception:  # noqa: BLE001
-            return False
-
-    with ThreadPoolExecutor(4) as pool:
-        winners = sum(pool.map(create, range(4)))
-    report = f"conditional create on existing key: {second}; racing creators that succeeded: {winners}/4"
-    record_property("conditional_create", report)
-    print(f"\n[s3] {report}")
+    base = created[winners[0]]
+    with ThreadPoolExecutor(n) as pool:
+        replaced = list(pool.map(lambda i: _put(_s3fs(s3), race, f"replacer {i}".encode(), IfMatch=base), range(n)))
+    winners = [i for i, etag in enumerate(replaced) if etag]
+    assert len(winners) == 1, f"{len(winners)} of {n} racing replacers of one version succeeded"
+    assert fs.cat_file(race) == f"replacer {winners[0]}".encode()

@@ -163,3 +163,19 @@ def test_extractive_qa_trains_from_the_cache(tiny_bert, tmp_path):
     m = finetune(url, str(folder), str(tmp_path / "o"), TrainConfig(epochs=2, lr=1e-3, batch_size=8), progress=False,
                  log=lambda r: None)
     assert set(m["test"]) == {"exact_match", "f1"} and 0 <= m["test"]["f1"] <= 1
+
+
+def test_task_without_dev_holds_out_part_of_train_and_says_so(tiny_cache, tmp_path, caplog):
+    import shutil
+
+    url, folder, _ = tiny_cache
+    nodev = tmp_path / "nodev"
+    nodev.mkdir()
+    for split in ("train", "test"):
+        shutil.copy(folder / f"{split}.jsonl", nodev / f"{split}.jsonl")
+    with caplog.at_level("WARNING", logger="er.train"):
+        m = finetune(url, str(nodev), str(tmp_path / "o"), TrainConfig(epochs=1), progress=False, log=lambda r: None)
+    note = "held-out 26 of 256 train examples (10%, seed 0): the task has no dev split"
+    assert m["dev_source"] == note and note in caplog.text
+    assert json.loads((tmp_path / "o" / "metrics.json").read_text())["dev_source"] == note
+    assert "dev" in m and "dev_micro_f1" in m["history"][0]  # early stopping watched the held-out slice
