@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from er_core import Recycler, TrainConfig, ingest_local, load_task, open_cache
+from er_core.codecs import get_codec
 from er_core.evaluate import forward
 from er_core.heads import HEADS, FullModel, RecycledModel, make_head
 from er_core.split import split_encoder
@@ -44,7 +45,7 @@ def _batches(data, rows_needed, bs, pad_id):
 
 
 def _decode(rows, enc):
-    return [rows.reader.decode(n, h, s) for h, s, n in enc]
+    return [get_codec(rows.codec).decode(h, s, (n, rows.hidden_size)) for h, s, n in enc]
 
 
 def run(data_dir: Path = DATA, quick: bool = False, task: str = "chemprot", layer: int = 3, batch_size: int = 32) -> dict:

@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from .cache import CacheReader, CacheWriter, open_cache, repair_cache  # noqa: E402
+from .cache import CacheReader, CacheWriter, open_cache, repair_cache, upgrade_cache  # noqa: E402
 from .codecs import CODECS, DEFAULT_CODEC, get_codec  # noqa: E402
 from .errors import (  # noqa: E402
     ArtifactMismatchError,
@@ -65,4 +65,5 @@ __all__ = [
     "open_cache",
     "repair_cache",
     "tokenizer_settings",
+    "upgrade_cache",
 ]

@@ -1,22 +1,25 @@
-"""The recycled-embedding cache: Parquet shards of ragged layer-k states plus a manifest.
+"""The recycled-embedding cache: Parquet shards of ragged layer-k states, a key index, and a manifest.
 
 Layout under the cache URL (a local folder or `s3://bucket/prefix`):
 
-    manifest.json                 committed last; lists every valid shard and its sha256
-    shards/part-<run>-<n>.parquet one row per example: key, length, input_ids, hidden, scale, truncated
-    _writer.lock                  names the writer holding the cache (or the last one, marked released)
+    manifest.json                   committed last; lists every valid shard and index segment with checksums
+    shards/part-<run>-<n>.parquet   one row per example: key, length, input_ids, hidden, scale, truncated
+    index/seg-<run>-<gen>.parquet   where each key lives: (digest, shard, group, row, length), see index.py
+    _writer.lock                    names the writer holding the cache (or the last one, marked released)
 
 Rows hold real tokens only (no padding). `hidden` is the codec's raw little-endian bytes of a
 (length, H) array; decode with `np.frombuffer(hidden, dtype).reshape(length, H)` (see codecs.py),
-so pandas, pyarrow and DuckDB read the files as they are.
+so pandas, pyarrow and DuckDB read the files as they are. Shards are written in row groups of
+GROUP_ROWS rows with page checksums, so a reader fetches and checks only the row groups and
+columns it needs (parquet_io.py): a task's cost follows the task, not the cache.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import time
-from dataclasses import replace
+from collections import Counter
+from dataclasses import dataclass, replace
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -26,8 +29,13 @@ import pyarrow.parquet as pq
 
 from .codecs import get_codec
 from .errors import CacheCorruptError, CacheLockedError, ErError, LockLostError
-from .manifest import MANIFEST_NAME, CacheSpec, Manifest, ShardInfo
-from .storage import PreconditionFailed, WriterLock, put_atomic, put_if, read_bytes, read_versioned, url_to_fs
+from .index import Index, SegmentInfo, key_digests, merge_plan, segment_bytes, shard_entries
+from .manifest import FORMAT_VERSION, MANIFEST_NAME, CacheSpec, Manifest, ShardInfo
+from .parquet_io import PartialFile, to_parquet
+from .storage import PreconditionFailed, WriterLock, is_local, put_atomic, put_if, read_bytes, read_versioned, url_to_fs
+
+GROUP_ROWS = 64  # rows per row group: the unit a reader fetches (about 0.4-3 MB of fp16 states for H=384)
+_COMPRESSION = {"key": "zstd", "length": "zstd", "input_ids": "zstd", "hidden": "none", "scale": "none", "truncated": "zstd"}
 
 SCHEMA = pa.schema(
     [
@@ -58,40 +66,29 @@ def encode_table(keys, input_ids, hidden, truncated, codec: str) -> pa.Table:
     )
 
 
-def write_shard(url: str, name: str, table: pa.Table, storage_options: dict | None = None) -> ShardInfo:
-    """Write a shard file (not yet committed) and return its manifest entry."""
+@dataclass
+class Written:
+    """A shard written but not committed: its manifest entry, and what its index entries need."""
+
+    info: ShardInfo
+    digests: np.ndarray  # key digests, in row order
+    lengths: np.ndarray
+
+
+def write_shard(url: str, name: str, table: pa.Table, storage_options: dict | None = None) -> Written:
+    """Write a shard file (not yet committed); return its manifest entry and index material."""
     fs, root = url_to_fs(url, storage_options)
-    buf = io.BytesIO()
     # States are near-incompressible floats: store them plain, compress only keys and ids.
-    pq.write_table(
-        table,
-        buf,
-        compression={"key": "zstd", "length": "zstd", "input_ids": "zstd", "hidden": "none", "scale": "none", "truncated": "zstd"},
-        row_group_size=256,
-        use_dictionary=False,
-    )
-    data = buf.getvalue()
+    data, footer = to_parquet(table, GROUP_ROWS, _COMPRESSION)
     rel = f"shards/{name}"
-    fs.makedirs(f"{root}/shards", exist_ok=True)
+    if is_local(fs):
+        fs.makedirs(f"{root}/shards", exist_ok=True)
     put_atomic(fs, f"{root}/{rel}", data)
     lengths = table.column("length").to_numpy()
-    return ShardInfo(
-        path=rel,
-        rows=table.num_rows,
-        tokens=int(lengths.sum()),
-        bytes=len(data),
-        sha256=hashlib.sha256(data).hexdigest(),
-        truncated=int(pc.sum(table.column("truncated")).as_py() or 0),
-    )
-
-
-def _arrow_owned(data: bytes) -> pa.Buffer:
-    """A copy of `data` in Arrow's memory. Arrow frees buffers on its own threads, and freeing one that wraps a
-    Python object takes the GIL: at interpreter exit that thread is killed inside a noexcept destructor and
-    the process aborts ("terminate called without an active exception", exit 134, seen in `er cache verify`)."""
-    buf = pa.allocate_buffer(len(data))
-    memoryview(buf).cast("B")[:] = data
-    return buf
+    info = ShardInfo(path=rel, rows=table.num_rows, tokens=int(lengths.sum()), bytes=len(data),
+                     sha256=hashlib.sha256(data).hexdigest(), truncated=int(pc.sum(table.column("truncated")).as_py() or 0),
+                     footer_sha256=footer, group_rows=GROUP_ROWS)
+    return Written(info, key_digests(table.column("key").to_pylist()), np.asarray(lengths, np.int32))
 
 
 def _load_manifest(fs, root: str) -> Manifest | None:
@@ -118,8 +115,9 @@ class CacheWriter:
     """
 
     def __init__(self, url: str, spec: CacheSpec, storage_options: dict | None = None, shard_rows: int = 1024,
-                 lock_ttl: float = 600.0):
+                 lock_ttl: float = 600.0, upgrading: bool = False):
         self.url, self.storage_options, self.shard_rows = url, storage_options, shard_rows
+        self._upgrading = upgrading
         self.fs, self.root = url_to_fs(url, storage_options)
         get_codec(spec.codec)
         self.lock = WriterLock(self.fs, self.root, ttl=lock_ttl)
@@ -132,7 +130,7 @@ class CacheWriter:
             self.lock.release()
             raise
         self.spec = self.manifest.spec
-        self._pending: list[ShardInfo] = []
+        self._pending: list[Written] = []
         self._buf: list[tuple] = []
         self._seq = 0
 
@@ -147,7 +145,7 @@ class CacheWriter:
                     return  # nobody can commit: no manifest until this writer's first commit
                 # A holder judged stale by its age may still live and create the manifest: create it first.
             else:
-                self.manifest = Manifest.from_json(data, f"{self.url}/{MANIFEST_NAME}")
+                self.manifest = Manifest.from_json(data, f"{self.url}/{MANIFEST_NAME}", upgrading=self._upgrading)
                 self.manifest.spec.check(spec, self.url, check_codec=True)
             try:
                 return self._put(replace(self.manifest, writer=self.run_id))
@@ -169,28 +167,31 @@ class CacheWriter:
         self.manifest = manifest
 
     def _remove_orphans(self) -> None:
-        """Delete unlisted shards no writer can still commit: those of the run whose ended lock this writer
-        took, and any older than the lock's stale timeout. A live writer's fresh shards stay."""
-        listed = {s.path.rsplit("/", 1)[-1] for s in self.manifest.shards}
+        """Delete unlisted shards and index segments no writer can still commit: those of the run whose ended
+        lock this writer took, and any older than the lock's stale timeout. A live writer's fresh files stay,
+        and so do segments a reader of an older generation may still be reading (until the timeout)."""
+        listed = {p.rsplit("/", 1)[-1] for p in [s.path for s in self.manifest.shards] + [s.path for s in self.manifest.index]}
         prev = self.lock.replaced
         ended = prev.get("run_id") if prev and self.lock.ended(prev) else None
-        try:
-            files = self.fs.ls(f"{self.root}/shards", detail=True, refresh=True)
-        except FileNotFoundError:
-            return
-        for f in files:
-            name = f["name"].rstrip("/").rsplit("/", 1)[-1]
-            parts = name.split("-")  # part-<run>-<n>.parquet
-            if name in listed or parts[0] != "part" or len(parts) < 3 or parts[1] == self.run_id:
+        for folder, prefix in (("shards", "part"), ("index", "seg")):
+            try:
+                files = self.fs.ls(f"{self.root}/{folder}", detail=True, refresh=True)
+            except FileNotFoundError:
                 continue
-            if parts[1] == ended or time.time() - _mtime(f) > self.lock.ttl:
-                try:
-                    self.fs.rm_file(f["name"])
-                except FileNotFoundError:
-                    pass
+            for f in files:
+                name = f["name"].rstrip("/").rsplit("/", 1)[-1]
+                parts = name.split("-")  # <prefix>-<run>-<n>.parquet
+                if name in listed or parts[0] != prefix or len(parts) < 3 or parts[1] == self.run_id:
+                    continue
+                if parts[1] == ended or time.time() - _mtime(f) > self.lock.ttl:
+                    try:
+                        self.fs.rm_file(f["name"])
+                    except FileNotFoundError:
+                        pass
 
-    def existing_keys(self) -> set[str]:
-        return set(open_cache(self.url, storage_options=self.storage_options, manifest=self.manifest).keys())
+    def reader(self) -> "CacheReader":
+        """A reader of what this writer has committed so far."""
+        return CacheReader(self.url, self.manifest, self.storage_options)
 
     def next_shard_name(self) -> str:
         self._seq += 1
@@ -213,28 +214,49 @@ class CacheWriter:
         self.add_shard(write_shard(self.url, self.next_shard_name(), table, self.storage_options))
         self._buf = []
 
-    def add_shard(self, info: ShardInfo) -> None:
+    def add_shard(self, written: Written) -> None:
         """Register a shard already written (e.g. by an ingestion actor) for the next commit."""
-        self._pending.append(info)
+        self._pending.append(written)
         self.lock.heartbeat()
 
     def count_skipped(self, reason: str, n: int = 1) -> None:
         self.manifest.skipped[reason] = self.manifest.skipped.get(reason, 0) + n
 
     def commit(self) -> Manifest:
-        """Publish every shard written so far; readers see all of them or none."""
-        self._put(self._next(self.manifest.shards + self._pending))
+        """Publish every shard written so far, with its index segment; readers see all of them or none."""
+        m = self.manifest
+        shards = [replace(w.info, id=m.next_id + i) for i, w in enumerate(self._pending)]
+        index = list(m.index)
+        if shards:
+            entries = [shard_entries(w.digests, s.id, w.lengths, s.group_rows) for w, s in zip(self._pending, shards)]
+            index.append(self._write_segment(entries, m.generation + 1))
+            merge = merge_plan(index)
+            if merge:  # too many segments: the smaller ones become one (their files go with orphan clean-up)
+                old = Index(self.fs, self.root, merge, self.url).entries()
+                index = [s for s in index if s not in merge] + [self._write_segment([old], m.generation + 1, "m")]
+        self._put(self._next(m.shards + shards, index, m.next_id + len(shards)))
         self._pending = []
         self.lock.heartbeat()
         return self.manifest
 
-    def _next(self, shards: list[ShardInfo]) -> Manifest:
-        return replace(self.manifest, shards=shards, generation=self.manifest.generation + 1, updated=time.time(),
-                       writer=self.run_id)
+    def _write_segment(self, entries: list[pa.Table], generation: int, tag: str = "") -> SegmentInfo:
+        data, footer, rows = segment_bytes(entries)
+        rel = f"index/seg-{self.run_id}-{generation:08d}{tag}.parquet"
+        if is_local(self.fs):
+            self.fs.makedirs(f"{self.root}/index", exist_ok=True)
+        put_atomic(self.fs, f"{self.root}/{rel}", data)
+        return SegmentInfo(rel, rows, len(data), hashlib.sha256(data).hexdigest(), footer)
+
+    def _next(self, shards: list[ShardInfo], index: list[SegmentInfo], next_id: int | None = None) -> Manifest:
+        return replace(self.manifest, shards=shards, index=index, generation=self.manifest.generation + 1,
+                       updated=time.time(), writer=self.run_id,
+                       next_id=self.manifest.next_id if next_id is None else next_id)
 
     def drop(self, paths: set[str]) -> Manifest:
-        """Remove shards from the manifest in one commit, then delete their files."""
-        self._put(self._next([s for s in self.manifest.shards if s.path not in paths]))
+        """Remove shards from the manifest in one commit (the index rebuilt without them), then delete their files."""
+        keep = [s for s in self.manifest.shards if s.path not in paths]
+        entries = rebuild_entries(self.reader(), keep)
+        self._put(self._next(keep, [self._write_segment([entries], self.manifest.generation + 1, "r")] if keep else []))
         for p in paths:
             try:
                 self.fs.rm_file(f"{self.root}/{p}")
@@ -264,73 +286,151 @@ class CacheWriter:
 
 
 class CacheReader:
-    """Read access to a committed cache. Every shard read is checked against its manifest checksum."""
+    """Read access to a committed cache: locate keys through the index, read only the row groups that hold them.
+
+    Every read is checked: a shard's footer against the manifest, and each page read against its CRC.
+    `verify` checks whole files against their sha256.
+    """
 
     def __init__(self, url: str, manifest: Manifest, storage_options: dict | None = None):
         self.url, self.manifest, self.storage_options = url, manifest, storage_options
         self.fs, self.root = url_to_fs(url, storage_options)
         self.spec = manifest.spec
         self.codec = get_codec(self.spec.codec)
+        self.index = Index(self.fs, self.root, manifest.index, url)
+        self.shards = {s.id: s for s in manifest.shards}
+        self._files: dict[int, PartialFile] = {}
 
     def shard_url(self, shard: ShardInfo) -> str:
         return f"{self.url.rstrip('/')}/{shard.path}"
 
+    def file(self, shard: ShardInfo) -> PartialFile:
+        f = self._files.get(shard.id)
+        if f is None:
+            f = self._files[shard.id] = PartialFile(self.fs, f"{self.root}/{shard.path}", shard.bytes, shard.footer_sha256,
+                                                    f"shard {shard.path} of {self.url}")
+        return f
+
+    # ---------------------------------------------------------------- by key
+
+    def locate(self, keys) -> pa.Table:
+        """Index entries (key, shard, group, row, length) of the keys the cache holds; absent keys are left out."""
+        return self.index.locate(list(keys))
+
+    def contains(self, keys) -> set[str]:
+        return set(self.locate(keys).column("key").to_pylist())
+
+    def by_shard(self, locs: pa.Table) -> Iterator[tuple[ShardInfo, np.ndarray]]:
+        """(shard, positions in `locs`) for every shard `locs` points into: the unit of a parallel read."""
+        shard = locs.column("shard").to_numpy()
+        for sid in np.unique(shard):
+            yield self.shards[int(sid)], np.flatnonzero(shard == sid)
+
+    def read_located(self, locs: pa.Table, columns: list[str]) -> pa.Table:
+        """The rows `locs` (from `locate`) point at, in `locs` order, `columns` plus key."""
+        cols = list(dict.fromkeys(["key", *columns]))
+        if locs.num_rows == 0:
+            return SCHEMA.empty_table().select(cols)
+        groups, rows, keys = locs.column("group").to_numpy(), locs.column("row").to_numpy(), locs.column("key")
+        parts, order = [], []
+        for shard, sel in self.by_shard(locs):
+            parts.append(self.read_rows(shard, groups[sel], rows[sel], cols, keys.take(sel)))
+            order.append(sel)
+        return pa.concat_tables(parts).take(np.argsort(np.concatenate(order), kind="stable"))
+
+    def read_rows(self, shard: ShardInfo, groups, rows, columns: list[str], keys=None) -> pa.Table:
+        """Rows (group, row) of one shard, in the given order; fetches only their row groups.
+
+        With `keys` (the keys the index says are there), the rows read are checked to be those keys.
+        """
+        groups, rows = np.asarray(groups, np.int64), np.asarray(rows, np.int64)
+        f = self.file(shard)
+        need = np.unique(groups)
+        sizes = np.array([f.metadata.row_group(int(g)).num_rows for g in need])
+        start = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        cols = list(dict.fromkeys(["key", *columns])) if keys is not None else columns
+        t = f.read(need.tolist(), cols).take(start[np.searchsorted(need, groups)] + rows)
+        if keys is not None and t.column("key").to_pylist() != list(keys.to_pylist() if hasattr(keys, "to_pylist") else keys):
+            raise CacheCorruptError(f"the key index of {self.url} does not match shard {shard.path}; repair it (`er cache repair`)")
+        return t
+
+    def load(self, keys: Iterable[str] | None = None) -> "CachedRows":
+        """The rows of the given keys (those the cache holds; all rows if None), still encoded; decode per batch later."""
+        cols = ["key", "length", "input_ids", "hidden", "scale"]
+        if keys is None:
+            parts = list(self.iter_tables(cols))
+            return CachedRows(pa.concat_tables(parts) if parts else SCHEMA.empty_table().select(cols), self.spec)
+        return CachedRows(self.read_located(self.locate(keys), cols), self.spec)
+
+    # ---------------------------------------------------------------- whole shards
+
     def read_shard(self, shard: ShardInfo, columns: list[str] | None = None) -> pa.Table:
-        path = f"{self.root}/{shard.path}"
-        try:
-            data = read_bytes(self.fs, path)
-        except FileNotFoundError:
-            raise CacheCorruptError(f"shard {shard.path} listed in the manifest of {self.url} is missing") from None
-        if hashlib.sha256(data).hexdigest() != shard.sha256:
-            raise CacheCorruptError(f"shard {shard.path} of {self.url} fails its checksum; refusing to read it (re-ingest it)")
-        # No read-ahead either: nothing of this read is left on Arrow's threads once it returns.
-        return pq.read_table(pa.BufferReader(_arrow_owned(data)), columns=columns, pre_buffer=False)
+        """Every row of a shard (`columns` only): used by checks and upgrades, never by training or prediction."""
+        f = self.file(shard)
+        return f.read(range(f.metadata.num_row_groups), columns or SCHEMA.names)
 
     def iter_tables(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
         for s in self.manifest.shards:
             yield self.read_shard(s, columns)
 
     def keys(self) -> Iterator[str]:
+        """Every cached key, from the shards' key columns only."""
         for t in self.iter_tables(["key"]):
             yield from t.column("key").to_pylist()
 
     def check(self, shard: ShardInfo) -> str | None:
         """What is wrong with one shard (missing, checksum, unreadable, row count), or None."""
         try:
-            t = self.read_shard(shard, ["key", "length"])
-        except (CacheCorruptError, pa.ArrowException) as e:  # storage faults propagate: they say nothing of the shard
+            data = read_bytes(self.fs, f"{self.root}/{shard.path}")
+        except FileNotFoundError:
+            return f"shard {shard.path} listed in the manifest of {self.url} is missing"
+        if hashlib.sha256(data).hexdigest() != shard.sha256:
+            return f"shard {shard.path} of {self.url} fails its checksum"
+        try:
+            rows = self.read_shard(shard, ["key"]).num_rows
+        except CacheCorruptError as e:
             return str(e)
-        if t.num_rows != shard.rows:
-            return f"shard {shard.path}: {t.num_rows} rows, manifest says {shard.rows}"
+        if rows != shard.rows:
+            return f"shard {shard.path}: {rows} rows, manifest says {shard.rows}"
         return None
 
     def bad_shards(self) -> list[tuple[ShardInfo, str]]:
         return [(s, p) for s in self.manifest.shards if (p := self.check(s))]
 
+    def index_problems(self) -> list[str]:
+        """Index segments that fail their checksum, or entries that do not match the shards' row counts."""
+        problems = []
+        for seg in self.manifest.index:
+            try:
+                data = read_bytes(self.fs, f"{self.root}/{seg.path}")
+            except FileNotFoundError:
+                problems.append(f"index segment {seg.path} of {self.url} is missing")
+                continue
+            if hashlib.sha256(data).hexdigest() != seg.sha256:
+                problems.append(f"index segment {seg.path} of {self.url} fails its checksum")
+        if not problems:
+            counts = Counter(self.index.entries(["shard"]).column("shard").to_pylist())
+            for s in self.manifest.shards:
+                if counts.get(s.id, 0) != s.rows:
+                    problems.append(f"index of {self.url} lists {counts.get(s.id, 0)} rows of shard {s.path}, which has {s.rows}")
+        return problems
+
     def verify(self) -> list[str]:
-        """Check every shard (presence, checksum, row count); return the problems found."""
-        return [p for _, p in self.bad_shards()]
+        """Check every shard and index segment (presence, checksum, row counts); return the problems found."""
+        return [p for _, p in self.bad_shards()] + self.index_problems()
 
     def decode(self, length: int, hidden: bytes, scale: bytes | None) -> np.ndarray:
         return self.codec.decode(hidden, scale, (length, self.spec.hidden_size))
 
-    def load(self, keys: Iterable[str] | None = None) -> "CachedRows":
-        """Load rows (all, or those with the given keys) still encoded; decode per batch later."""
-        wanted = None if keys is None else set(keys)
-        parts = []
-        for t in self.iter_tables():
-            if wanted is not None:
-                t = t.filter(pc.is_in(t.column("key"), pa.array(list(wanted), pa.string())))
-            parts.append(t)
-        table = pa.concat_tables(parts) if parts else SCHEMA.empty_table()
-        return CachedRows(table, self)
-
 
 class CachedRows:
-    """Encoded cache rows in memory, indexed by key; `hidden(i)` decodes one to float32."""
+    """Encoded cache rows in memory, indexed by key; `hidden(i)` decodes one to float32.
 
-    def __init__(self, table: pa.Table, reader: CacheReader):
-        self.reader = reader
+    It holds no reader (only the codec and H), so it pickles small: Ray ships it to workers as is.
+    """
+
+    def __init__(self, table: pa.Table, spec: CacheSpec):
+        self.codec, self.hidden_size = spec.codec, spec.hidden_size
         self.keys = table.column("key").to_pylist()
         self.lengths = np.asarray(table.column("length").to_numpy(), dtype=np.int64)
         self.input_ids = table.column("input_ids").to_pylist()
@@ -342,7 +442,7 @@ class CachedRows:
         return len(self.keys)
 
     def hidden(self, i: int) -> np.ndarray:
-        return self.reader.decode(int(self.lengths[i]), self._hidden[i], self._scale[i])
+        return get_codec(self.codec).decode(self._hidden[i], self._scale[i], (int(self.lengths[i]), self.hidden_size))
 
 
 def open_cache(
@@ -351,7 +451,7 @@ def open_cache(
     storage_options: dict | None = None,
     manifest: Manifest | None = None,
 ) -> CacheReader:
-    """Open a committed cache; with `expect`, refuse it unless model, layer and tokenizer match."""
+    """Open a committed cache (one manifest read); with `expect`, refuse it unless model, layer and tokenizer match."""
     if manifest is None:
         fs, root = url_to_fs(url, storage_options)
         manifest = _load_manifest(fs, root)
@@ -362,17 +462,71 @@ def open_cache(
     return CacheReader(url, manifest, storage_options)
 
 
+def rebuild_entries(reader: CacheReader, shards: list[ShardInfo]) -> pa.Table:
+    """Index entries of `shards`: from the index if it is sound, else from the shards' own key and length columns."""
+    ids = pa.array([s.id for s in shards], pa.int32())
+    if not reader.index_problems():
+        t = reader.index.entries()
+        return t.filter(pc.is_in(t.column("shard"), value_set=ids))
+    parts = []
+    for s in shards:
+        t = reader.read_shard(s, ["key", "length"])
+        parts.append(shard_entries(key_digests(t.column("key").to_pylist()), s.id, t.column("length").to_numpy(), s.group_rows))
+    return pa.concat_tables(parts) if parts else shard_entries(key_digests([]), 0, [], 1)
+
+
+def upgrade_cache(url: str, storage_options: dict | None = None, progress=None) -> dict:
+    """Rewrite a format-1 cache as the current format, in place and in one commit, under the writer lock.
+
+    Each old shard is read whole once, checked against its sha256 and rewritten in row groups with page
+    checksums; the key index is built in the same commit; the old files are deleted after it. Keys,
+    states and spec are unchanged, so trained models and tasks keep working. A current cache is left as is.
+    """
+    fs, root = url_to_fs(url, storage_options)
+    try:
+        old = Manifest.from_json(read_bytes(fs, f"{root}/{MANIFEST_NAME}"), f"{url}/{MANIFEST_NAME}", upgrading=True)
+    except FileNotFoundError:
+        raise ErError(f"no er cache at {url} (no {MANIFEST_NAME})") from None
+    if old.format_version == FORMAT_VERSION:
+        return {"url": url, "upgraded": False, "format_version": FORMAT_VERSION, "shards": len(old.shards)}
+    writer = CacheWriter(url, old.spec, storage_options, upgrading=True)
+    try:
+        old_shards = list(writer.manifest.shards)
+        for i, s in enumerate(old_shards):
+            raw = read_bytes(fs, f"{root}/{s.path}")
+            if hashlib.sha256(raw).hexdigest() != s.sha256:
+                raise CacheCorruptError(f"shard {s.path} of {url} fails its checksum; nothing was upgraded "
+                                        f"(drop it first: an older er's `er cache repair`, or re-ingest into a new cache)")
+            table = pq.read_table(pa.BufferReader(raw)).select(SCHEMA.names).cast(SCHEMA)
+            writer.add_shard(write_shard(url, writer.next_shard_name(), table, storage_options))
+            if progress:
+                progress(i + 1, len(old_shards))
+        writer.manifest = replace(writer.manifest, shards=[], index=[])  # the rewritten shards replace them all
+        writer.commit()
+        for s in old_shards:
+            try:
+                fs.rm_file(f"{root}/{s.path}")
+            except FileNotFoundError:
+                pass
+    finally:
+        writer.abort()
+    return {"url": url, "upgraded": True, "format_version": FORMAT_VERSION, "shards": len(old_shards),
+            "rows": sum(s.rows for s in old_shards)}
+
+
 def repair_cache(url: str, storage_options: dict | None = None) -> dict:
     """Drop bad or missing shards from the manifest in one commit, under the writer lock, and delete their files.
 
-    Returns what was dropped and how many examples (rows) they held: a re-ingest of the same corpus
+    The key index is rebuilt in the same commit (from the shards if it is damaged itself). Returns
+    what was dropped and how many examples (rows) they held: a re-ingest of the same corpus
     recomputes exactly those, since their keys are no longer in the cache.
     """
     spec = open_cache(url, storage_options=storage_options).spec
     writer = CacheWriter(url, spec, storage_options)
     try:
-        bad = CacheReader(url, writer.manifest, storage_options).bad_shards()
-        if bad:
+        reader = writer.reader()
+        bad, index_bad = reader.bad_shards(), reader.index_problems()
+        if bad or index_bad:
             writer.drop({s.path for s, _ in bad})
     finally:
         writer.abort()
@@ -380,6 +534,7 @@ def repair_cache(url: str, storage_options: dict | None = None) -> dict:
         "url": url,
         "shards_checked": len(writer.manifest.shards) + len(bad),
         "dropped": [{"path": s.path, "rows": s.rows, "problem": p} for s, p in bad],
+        "index_rebuilt": index_bad,
         "rows_to_reingest": sum(s.rows for s, _ in bad),
         "generation": writer.manifest.generation,
     }

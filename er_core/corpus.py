@@ -25,6 +25,7 @@ import pyarrow as pa
 
 from .embed import is_empty
 from .errors import DataFormatError, ErError
+from .index import key_digests
 from .storage import url_to_fs
 
 __all__ = [
@@ -60,7 +61,7 @@ class CorpusSource:
 class CorpusRow(NamedTuple):
     row: int  # line number (1-based) for line formats, row number for Parquet, example index for tasks
     inputs: dict  # {'text'}, {'text','text_pair'} or {'words'}; may be empty text (caller skips and counts)
-    ident: str | None  # the --id-field value, when one is used
+    ident: str | None  # the --id-field value, when one is used; a task example's own id
 
 
 @dataclass
@@ -229,7 +230,7 @@ def _read_task(src, text_field, id_field, limit):
         raise ErError(f"{src.url}: --id-field does not apply to task folders (their keys are content hashes, so training can join them)")
     task = load_task(src.url, text_field=text_field, limit=limit)
     for i, (_, ex) in enumerate(task_inputs(task)):
-        yield CorpusRow(i, example_input(ex), None)
+        yield CorpusRow(i, example_input(ex), None if ex.id is None else str(ex.id))
 
 
 _READERS = {"jsonl": _read_jsonl, "text": _read_text, "csv": _read_csv, "tsv": _read_csv, "parquet": _read_parquet}
@@ -287,13 +288,8 @@ def scan(sources, text_field="text", id_field=None, storage_options=None, limit=
 # ---------------------------------------------------------------- key claims
 
 
-def key_digests(keys: Iterable[str]) -> list[bytes]:
-    """16-byte digests of keys: fixed size whatever the key (content hash or user id)."""
-    return [hashlib.blake2b(k.encode("utf-8"), digest_size=16).digest() for k in keys]
-
-
-def _array(digests: list[bytes]) -> np.ndarray:
-    return np.array(digests, dtype="S16") if digests else np.empty(0, dtype="S16")
+def _array(digests) -> np.ndarray:
+    return np.array(digests, dtype="S16") if len(digests) else np.empty(0, dtype="S16")
 
 
 class KeyClaims:
@@ -305,7 +301,7 @@ class KeyClaims:
     """
 
     def __init__(self, existing: Iterable[str] | np.ndarray = (), merge_every: int = 200_000):
-        arr = existing if isinstance(existing, np.ndarray) else _array(key_digests(existing))
+        arr = existing if isinstance(existing, np.ndarray) else key_digests(existing)
         self._sorted = np.unique(arr.astype("S16"))
         self._recent: set[bytes] = set()
         self._answers: dict[bytes, bytes] = {}
@@ -329,7 +325,7 @@ class KeyClaims:
         if token is not None and token in self._answers:
             return np.unpackbits(np.frombuffer(self._answers[token], np.uint8), count=len(keys)).astype(bool)
         digests = key_digests(keys)
-        mask = ~self._known(_array(digests))
+        mask = ~self._known(digests)
         for i in np.flatnonzero(mask):
             d = digests[i]
             if d in self._recent:  # claimed earlier, or earlier in this very batch

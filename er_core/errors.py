@@ -17,6 +17,10 @@ class CacheCorruptError(ErError):
     """A manifest or shard failed its integrity check."""
 
 
+class CacheFormatError(CacheCorruptError):
+    """A cache written in an older format; `er cache upgrade` rewrites it."""
+
+
 class CacheLockedError(ErError):
     """Another writer holds the cache's lock."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from . import devices
 from .metrics import classification_metrics, ner_metrics, qa_metrics
 from .task_data import Item, SplitData, iter_batches
 
@@ -68,7 +69,12 @@ def evaluate(model, data: SplitData, source: str, labels, batch_size: int = 64, 
 
 
 def forward(model, batch: dict) -> torch.Tensor:
-    """Run a model on a batch fed either with cached states or with token ids."""
+    """Run a model on a batch fed either with cached states or with token ids (moved to the model's device)."""
+    return call(model, devices.to_device(batch, devices.model_device(model)))
+
+
+def call(model, batch: dict) -> torch.Tensor:
+    """Run a model on a batch already on its device."""
     if "hidden_states" in batch:
         return model(batch["hidden_states"], batch["attention_mask"])
     return model(batch["input_ids"], batch["attention_mask"])

@@ -46,15 +46,21 @@ def prepare_task(task_dir: str, cfg: TrainConfig, limit=None, text_field="text")
     return ensure_dev(load_task(task_dir, limit=limit, text_field=text_field), cfg.seed)
 
 
-def setup_data(cache_url: str, task_dir: str, cfg: TrainConfig, storage_options=None, limit=None, text_field="text",
-               splits=None) -> Prepared:
-    """Open the cache, check the named model is the one it was built with, join the task's splits (all, or `splits`)."""
-    reader = open_cache(cache_url, storage_options=storage_options)
-    spec = reader.spec
+def load_checked_encoder(spec, where: str):
+    """The cache's model as loaded here, refused unless its lower layers are the ones the cache was built with."""
     encoder, tokenizer = load_encoder(spec.model_name)
     lower, _ = split_encoder(encoder, spec.layer)
     if lower_fingerprint(lower) != spec.lower_fingerprint:
-        raise CacheMismatchError(f"model {spec.model_name!r} as loaded here differs from the one cache {cache_url} was built with")
+        raise CacheMismatchError(f"model {spec.model_name!r} as loaded here differs from the one cache {where} was built with")
+    return encoder, tokenizer
+
+
+def setup_data(cache_url: str, task_dir: str, cfg: TrainConfig, storage_options=None, limit=None, text_field="text",
+               splits=None, reader=None) -> Prepared:
+    """Open the cache (or use `reader`), check the model, join the task's splits (all, or `splits`), read once."""
+    reader = reader or open_cache(cache_url, storage_options=storage_options)
+    spec = reader.spec
+    encoder, tokenizer = load_checked_encoder(spec, cache_url)
     task, dev_source = prepare_task(task_dir, cfg, limit, text_field)
     labels = label_map(task) if task.kind != "qa" else None
     source_reader = None if cfg.method == "full" else reader
@@ -90,6 +96,7 @@ def run_metrics(p: Prepared, cfg: TrainConfig, result: FitResult, model, workers
         "dev_source": p.dev_source,
         "best_epoch": result.best_epoch,
         "train_seconds": round(result.train_seconds, 3),
+        "first_step_at": result.first_step_at,
         "train_examples_per_second": round(result.examples_per_second * workers, 2),
         "history": result.history,
         "resumed": result.resumes,

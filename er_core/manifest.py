@@ -1,8 +1,11 @@
-"""The cache manifest: what makes a cache valid, and the list of its committed shards.
+"""The cache manifest: what makes a cache valid, its committed shards and its key index segments.
 
-`manifest.json` is the only file readers trust: a shard exists for them once it is listed
-here with its checksum. It is self-describing (format and er versions recorded), like
-peft's `adapter_config.json`.
+`manifest.json` is the only file readers trust: a shard or index segment exists for them once it is
+listed here with its checksums (whole file for `er cache verify`, footer for partial reads). It is
+self-describing (format and er versions recorded), like peft's `adapter_config.json`.
+
+Format versions: 1 had no key index and a whole-file checksum only; `er cache upgrade URL` rewrites
+a version-1 cache as version 2 (readers refuse version 1 with that hint).
 """
 
 from __future__ import annotations
@@ -11,11 +14,12 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 
-from .errors import CacheCorruptError, CacheMismatchError
+from .errors import CacheCorruptError, CacheFormatError, CacheMismatchError
+from .index import SegmentInfo
 from .keys import TokenizerSettings
 
 FORMAT_NAME = "er-embedding-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 
 
@@ -71,8 +75,11 @@ class ShardInfo:
     rows: int
     tokens: int
     bytes: int
-    sha256: str
+    sha256: str  # whole file, for `er cache verify`
     truncated: int = 0
+    footer_sha256: str = ""  # the Parquet footer, checked by every partial read
+    group_rows: int = 0  # rows per row group; the index locates rows as (group, row)
+    id: int = -1  # assigned at commit; index entries name shards by it
 
 
 @dataclass
@@ -84,6 +91,9 @@ class Manifest:
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
     writer: str = ""  # run id of the lock holder that wrote it last; its change fences out an earlier holder
+    index: list[SegmentInfo] = field(default_factory=list)  # key index segments (index.py)
+    next_id: int = 0  # id of the next shard committed
+    format_version: int = FORMAT_VERSION  # as read; written always as FORMAT_VERSION
 
     @property
     def totals(self) -> dict:
@@ -106,21 +116,30 @@ class Manifest:
             "spec": self.spec.to_dict(),
             "totals": self.totals,
             "skipped": self.skipped,
+            "next_id": self.next_id,
             "shards": [asdict(s) for s in self.shards],
+            "index": [asdict(s) for s in self.index],
         }
         return json.dumps(d, indent=1).encode()
 
     @classmethod
-    def from_json(cls, data: bytes, where: str) -> "Manifest":
+    def from_json(cls, data: bytes, where: str, upgrading: bool = False) -> "Manifest":
+        """Parse a manifest; version 1 is refused unless `upgrading` (its shards then have no footer or id)."""
         try:
             d = json.loads(data)
         except ValueError as e:
             raise CacheCorruptError(f"manifest {where} is truncated or not valid JSON ({e}); the cache cannot be read") from None
         if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
             raise CacheCorruptError(f"{where} is not an er cache manifest")
-        if d.get("format_version") != FORMAT_VERSION:
+        if d.get("format_version") == 1 and not upgrading:
+            raise CacheFormatError(
+                f"cache {where.removesuffix('/' + MANIFEST_NAME)} has format version 1 (no key index); upgrade it in place "
+                f"with `er cache upgrade {where.removesuffix('/' + MANIFEST_NAME)}` (it rewrites every shard once)"
+            )
+        if d.get("format_version") not in (FORMAT_VERSION, 1):
             raise CacheCorruptError(
-                f"manifest {where} has format version {d.get('format_version')}, this er reads {FORMAT_VERSION}"
+                f"manifest {where} has format version {d.get('format_version')}, this er reads versions 1-{FORMAT_VERSION}; "
+                f"it was written by a newer er: upgrade er"
             )
         try:
             return cls(
@@ -131,6 +150,9 @@ class Manifest:
                 created=float(d["created"]),
                 updated=float(d["updated"]),
                 writer=str(d.get("writer", "")),
+                index=[SegmentInfo(**x) for x in d["index"]] if d["format_version"] > 1 else [],
+                next_id=int(d["next_id"]) if d["format_version"] > 1 else 0,
+                format_version=int(d["format_version"]),
             )
         except (KeyError, TypeError) as e:
             raise CacheCorruptError(f"manifest {where} is missing or has a malformed field: {e}") from None

@@ -21,7 +21,7 @@ from .tasks import Example, LabelMap
 class MultiTaskPredictor:
     """Holds the trained tasks (name -> model) and the lower part they were trained above."""
 
-    def __init__(self, model_dirs: list[str], spec: CacheSpec, batch_size: int = 64):
+    def __init__(self, model_dirs: list[str], spec: CacheSpec, batch_size: int = 64, device: str = "cpu"):
         if not model_dirs:
             raise ErError("give at least one --model-dir")
         self.spec, self.batch_size = spec, batch_size
@@ -34,14 +34,14 @@ class MultiTaskPredictor:
             if name in self.tasks:
                 name = f"{name}:{d}"
             labels = LabelMap(meta["task"]["labels"]) if meta["task"]["labels"] else None
-            self.tasks[name] = (meta, model, labels)
+            self.tasks[name] = (meta, model.to(device), labels)
             if self.lower is None and lower is not None:
                 self.lower, self.tokenizer = lower, tok
             self.tokenizer = self.tokenizer or tok
         if self.lower is None:
             raise ArtifactMismatchError("only `full` models given: they do not use the cache; predict with them from text")
         self.pad_id = self.tokenizer.pad_token_id or 0
-        self.embed = Embedder(self.lower, self.pad_id)
+        self.embed = Embedder(self.lower, self.pad_id, device=device)
 
     def items(self, examples: list[Example], kind: str) -> list[Item]:
         return encode_examples(kind, examples, self.tokenizer, self.spec.tokenizer, None, with_targets=False)
@@ -68,7 +68,7 @@ class MultiTaskPredictor:
                     batch = collate(kind, [it.input_ids for it in its], None, None, self.pad_id)
                 else:
                     batch = collate(kind, [it.input_ids for it in its], None, [hidden[i] for i in chunk], self.pad_id)
-                logits = forward(model, batch).float().numpy()
+                logits = forward(model, batch).float().cpu().numpy()
                 for r, i in enumerate(chunk):
                     n = len(items[i].input_ids)
                     out[i][name] = decode(kind, items[i], logits[r] if kind == "classification" else logits[r, :n], labels)

@@ -13,6 +13,7 @@ from typing import Iterable
 import torch
 
 from .cache import CacheWriter
+from .corpus import KeyClaims
 from .codecs import DEFAULT_CODEC, get_codec
 from .embed import Embedder, is_empty, tokenize
 from .errors import ErError
@@ -85,7 +86,7 @@ def ingest_local(
                       + "; check the corpus and its text field. Nothing was written")
     embed = recycler.embedder()
     with CacheWriter(url, recycler.spec, storage_options) as writer:
-        seen = writer.existing_keys()
+        seen = KeyClaims(writer.reader().index.digests())  # from the key index: no hidden state is read
         if empty:
             writer.count_skipped("empty_text", empty)
         bar = None
@@ -109,9 +110,8 @@ def ingest_local(
                 writer.count_skipped("empty_text")
                 continue
             key = recycler.key(inp)
-            if key in seen:
+            if not seen.claim([key])[0]:  # cached, or met earlier in this run
                 continue
-            seen.add(key)
             buf.append((key, inp))
             if len(buf) >= batch_size:
                 run()
@@ -139,8 +139,9 @@ def ensure_cached(url: str, inputs: list[dict], storage_options: dict | None = N
     reader = open_cache(url, storage_options=storage_options)
     s = reader.spec
     rec = Recycler.load(s.model_name, s.layer, s.codec, s.tokenizer.max_length)
-    have = set(reader.keys())
-    missing = [i for i in inputs if not is_empty(i) and rec.key(i) not in have]
+    usable = [i for i in inputs if not is_empty(i)]
+    have = reader.contains(rec.key(i) for i in usable)  # through the key index
+    missing = [i for i in usable if rec.key(i) not in have]
     if missing:
         ingest_local(missing, url, rec, storage_options, progress=False)
     return len(missing)

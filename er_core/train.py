@@ -16,8 +16,9 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
+from . import devices
 from .errors import ErError
-from .evaluate import forward
+from .evaluate import call
 from .heads import HEADS, FullModel, RecycledModel, make_head
 from .split import split_encoder
 from .families import lora_target_modules
@@ -38,6 +39,7 @@ class TrainConfig:
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha"})
     lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout"})
+    precision: str = field(default="fp32", metadata={"help": "fp32 | bf16 (autocast in training; for GPUs with bf16)"})
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -48,6 +50,8 @@ class TrainConfig:
             raise ErError(f"warmup_ratio {self.warmup_ratio} must be in [0, 1)")
         if self.lr is None:
             self.lr = 5e-4 if self.method == "lora" else 5e-5
+        if self.precision not in devices.PRECISIONS:
+            raise ErError(f"precision {self.precision!r} is not one of {devices.PRECISIONS}")
         if self.lr <= 0 or self.lora_r < 1:
             raise ErError(f"lr ({self.lr}) must be > 0 and lora_r ({self.lora_r}) >= 1")
 
@@ -114,7 +118,8 @@ def make_optimizer(model, cfg: TrainConfig, total_steps: int):
 
 
 def loss_step(model, batch: dict, kind: str) -> torch.Tensor:
-    return HEADS[kind].loss(forward(model, batch), batch)
+    batch = devices.to_device(batch, devices.model_device(model))
+    return HEADS[kind].loss(call(model, batch), batch)
 
 
 @dataclass
@@ -125,6 +130,7 @@ class FitResult:
     train_seconds: float
     train_examples: int
     resumes: list[dict] = field(default_factory=list)  # one entry per restart from a checkpoint
+    first_step_at: float | None = None  # wall clock (unix) of this attempt's first training step
 
     @property
     def examples_per_second(self) -> float:
@@ -208,6 +214,7 @@ def fit(
                 "best_state": best_state, "stale": stale, "stopped": stopped, "resumes": resumes}
 
     stopped = resume is not None and resume.get("stopped", False)
+    device, first_step = devices.model_device(model), None
     for epoch in range(start, cfg.epochs):
         if stopped:
             break
@@ -219,7 +226,10 @@ def fit(
 
             batches = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
         for batch in batches:
-            loss = loss_step(model, batch, kind)
+            if first_step is None:
+                first_step = time.time()
+            with devices.autocast(cfg.precision, device):
+                loss = loss_step(model, batch, kind)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
@@ -246,4 +256,4 @@ def fit(
             on_epoch(row, state)
     if best_state is not None:
         core.load_state_dict(best_state, strict=False)
-    return FitResult(history, best_epoch, best, seconds, seen, resumes)
+    return FitResult(history, best_epoch, best, seconds, seen, resumes, first_step)

@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-field", default="text", help="field holding the text in JSONL/Parquet/CSV corpora")
     p.add_argument("--id-field", help="use this field as the example key instead of a content hash")
     p.add_argument("--max-length", type=int, help="truncate longer texts (counted in the manifest); default: model max")
-    p.add_argument("--actors", type=int, help="size of the lower-layer actor pool (default: one per GPU, else one single-threaded actor per core)")
+    p.add_argument("--actors", type=int, help="size of the lower-layer actor pool (default: one per GPU, else one single-threaded actor "
+                   "per CPU but one, left to read with; per core on a local Ray); more than the cluster holds is refused")
     p.add_argument("--batch-size", type=int, default=64, help="texts per forward pass (length-sorted)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="mixed precision of the lower layers on GPU")
     p.add_argument("--local", action="store_true", help="plain single-process loop, no Ray")
@@ -157,10 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     p.add_argument("--data", default=None, help="task data folder (default ../shared/data/tasks)")
 
-    p = sub.add_parser("cache", help="inspect, verify or repair a cache")
-    p.add_argument("action", choices=["info", "verify", "repair"], help="info: print the manifest; verify: check "
-                   "every shard; repair: drop bad or missing shards from the manifest (one commit, under the writer "
-                   "lock), delete their files, and say how many examples a re-ingest of the corpus will recompute")
+    p = sub.add_parser("cache", help="inspect, verify, repair or upgrade a cache")
+    p.add_argument("action", choices=["info", "verify", "repair", "upgrade"], help="info: print the manifest; verify: "
+                   "check every shard and index segment; repair: drop bad or missing shards from the manifest (one "
+                   "commit, under the writer lock), delete their files, and say how many examples a re-ingest of the "
+                   "corpus will recompute; upgrade: rewrite a cache of an older format in place (one commit)")
     p.add_argument("url", help="cache URL")
     p.add_argument("--repair", action="store_true", help="with verify: repair what it finds")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -193,6 +195,8 @@ def cmd_cache(args) -> int:
 
     if args.action == "repair" or (args.action == "verify" and args.repair):
         return _repair(args)
+    if args.action == "upgrade":
+        return _upgrade(args)
     reader = open_cache(args.url, storage_options=storage_options(args))
     m = reader.manifest
     if args.action == "info":
@@ -233,6 +237,22 @@ def _repair(args) -> int:
           f"{rep['rows_to_reingest']} examples must be re-ingested")
     if rep["dropped"]:
         print(f"re-ingest them with: er ingest CORPUS... --cache {args.url} (the same corpus; only those are computed)")
+    return 0
+
+
+def _upgrade(args) -> int:
+    from er_core import upgrade_cache
+
+    def progress(done, total):
+        print(f"\rrewrote {done}/{total} shards", end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+    rep = upgrade_cache(args.url, storage_options=storage_options(args), progress=None if args.json else progress)
+    if args.json:
+        print(json.dumps(rep, indent=1))
+    elif rep["upgraded"]:
+        print(f"upgraded {args.url} to format version {rep['format_version']}: {rep['shards']} shards, {rep['rows']} examples")
+    else:
+        print(f"{args.url} already has format version {rep['format_version']}; nothing to do")
     return 0
 
 

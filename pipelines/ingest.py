@@ -12,8 +12,9 @@ stale lock and removes the dead run's unlisted shards).
 
 --id-field: the user's id is the key, and it is trusted: the first row of an id wins, and a text
 changed under an id already cached is not embedded again (use content keys for that).
-On a multi-node cluster the cache must be s3:// (or a shared filesystem), since actors write
-shards themselves; local corpus files are read on the driver's node.
+The pool is sized from the cluster before the cache is touched (pipelines/placement.py); a request
+it can never run is refused then. On a multi-node cluster the cache must be s3:// (or a mount every
+node sees), since actors write shards themselves; local corpus files are read on the driver's node.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from __future__ import annotations
 import _thread
 import json
 import logging
-import math
 import os
 import threading
 import time
@@ -32,12 +32,13 @@ from dataclasses import dataclass, field, fields, replace
 import numpy as np
 
 from er_core import DEFAULT_CODEC, DEFAULT_MODEL, CacheWriter, ErError, Manifest, Recycler, ShardInfo, ingest_local, open_cache
-from er_core.cache import encode_table, write_shard
-from er_core.corpus import KeyClaims, batch_token, find_sources, key_digests, read_source, scan
+from er_core.cache import Written, encode_table, write_shard
+from er_core.corpus import KeyClaims, batch_token, find_sources, read_source, scan
 from er_core.embed import is_empty
 from er_core.errors import LockLostError
 from er_core.keys import example_key
 from er_core.secrets import reject_secrets
+from pipelines.placement import Pool, read_args
 
 log = logging.getLogger("er.ingest")
 
@@ -49,7 +50,7 @@ _INFO_FIELDS = [f.name for f in fields(ShardInfo)]
 class Report:
     manifest: Manifest
     summary: dict
-    actors: list[dict] = field(default_factory=list)  # per actor: device and assigned Ray resources
+    actors: list[dict] = field(default_factory=list)  # per actor: device, assigned Ray resources, and "node" (its id)
 
 
 # ---------------------------------------------------------------- the two Ray Data stages
@@ -100,6 +101,7 @@ class EmbedShards:
         self.cache, self.storage_options, self.claims = cache, storage_options, claims
         self.run_id, self.batch_size = run_id, batch_size
         self.actor = ray.get_runtime_context().get_actor_id()[:8]
+        self.node = ray.get_runtime_context().get_node_id()
 
     def _states(self, ids):
         # Forward passes of `batch_size` texts of similar length (the Embedder also caps tokens per pass).
@@ -117,13 +119,16 @@ class EmbedShards:
         t0 = time.perf_counter()
         keys = batch["key"]
         mask = ray.get(self.claims.claim.remote(list(keys), batch_token(batch["src"], batch["row"])))
-        info = ShardInfo(path="", rows=0, tokens=0, bytes=0, sha256="")
+        info, digests, lengths = ShardInfo(path="", rows=0, tokens=0, bytes=0, sha256=""), b"", b""
         if mask.any():
             toks = self.rec.tokenize([json.loads(s) for s in batch["input"][mask]])
             ids = [t.input_ids for t in toks]
             table = encode_table(keys[mask], ids, self._states(ids), [t.truncated for t in toks], self.rec.spec.codec)
-            info = write_shard(self.cache, f"part-{self.run_id}-{uuid.uuid4().hex[:12]}.parquet", table, self.storage_options)
+            w = write_shard(self.cache, f"part-{self.run_id}-{uuid.uuid4().hex[:12]}.parquet", table, self.storage_options)
+            info, digests, lengths = w.info, w.digests.tobytes(), w.lengths.tobytes()
         row = {k: np.array([getattr(info, k)]) for k in _INFO_FIELDS}
+        row.update(digests=np.array([digests], dtype=object), lengths=np.array([lengths], dtype=object),  # for the index
+                   node=np.array([self.node]))
         row.update(seen=np.array([len(keys)]), seconds=np.array([time.perf_counter() - t0]),
                    actor=np.array([self.actor]), device=np.array([self.device]),
                    resources=np.array([json.dumps(self.resources, sort_keys=True)]))
@@ -131,43 +136,6 @@ class EmbedShards:
 
 
 # ---------------------------------------------------------------- planning
-
-
-@dataclass
-class Pool:
-    size: int
-    num_gpus: float
-    num_cpus: float
-    threads: int
-
-
-def plan_pool(actors: int | None, threads: int | None, resources: dict, nodes: int, local: bool) -> Pool:
-    """One actor per GPU when the cluster has GPUs; else one single-threaded actor per core.
-
-    One thread per actor measured best on CPU (small matmuls scale poorly across threads; see
-    benchmarks/bench_ingest.py). Actors reserve less than a CPU each if needed so that Ray Data
-    always keeps one logical CPU to read with.
-    """
-    gpus, cpus = int(resources.get("GPU", 0)), float(resources.get("CPU", 1))
-    # A local Ray may declare more logical CPUs than cores (so Train never starves Data): size by cores.
-    cores = min(cpus, os.cpu_count() or 1) if local else cpus
-    size = actors or (gpus if gpus else max(1, int(cores)))
-    per_node = math.ceil(size / max(nodes, 1))
-    return Pool(
-        size=size,
-        num_gpus=1 if gpus else 0,
-        num_cpus=round(min(1.0, max(cpus - 1, 0.5) / size), 3),
-        threads=threads or max(1, int(cores / max(nodes, 1)) // per_node),
-    )
-
-
-def _read_placement(sources) -> dict | None:
-    """Local files exist on this node only: read them here (a label selector on the node id)."""
-    import ray
-
-    if all("://" in s.url for s in sources):
-        return None
-    return {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
 
 
 def _unwrap(e: BaseException) -> BaseException:
@@ -272,12 +240,13 @@ def run(corpus: list[str], cache: str, config: IngestConfig | None = None, **kw)
         raise ErError(f"nothing to ingest into {cache}: " + (f"all {stats.rows} rows of the corpus have an empty "
                       f"{cfg.text_field!r}" if stats.rows else "the corpus has no rows") + "; nothing was written")
     rec = Recycler.load(cfg.model, cfg.layer, cfg.codec, cfg.max_length)
+    pool = _plan(cache, cfg)
     writer = CacheWriter(cache, rec.spec, cfg.storage_options)  # fails fast if another run holds the lock
     try:
         if stats.empty:
             writer.count_skipped("empty_text", stats.empty)
         with _Heartbeat(writer):
-            totals, actors = _run_ray(sources, writer, rec, cfg)
+            totals, actors = _run_ray(sources, writer, rec, cfg, pool)
         manifest = writer.close()
     except BaseException as e:
         writer.abort()
@@ -299,22 +268,28 @@ def ingest(corpus, cache, **kw) -> Manifest:
     return run(corpus, cache, **kw).manifest
 
 
-def _run_ray(sources, writer, rec, cfg: IngestConfig):
-    import ray
-
+def _plan(cache: str, cfg: IngestConfig) -> Pool:
+    """Join or start Ray and size the pool from its nodes; what they can never run is refused here, before the
+    cache is touched."""
+    from pipelines.placement import Cluster, check_shared, plan_pool
     from pipelines.ray_env import ensure_ray
 
-    ensure_ray(cfg.address)
+    ensure_ray(cfg.address, num_cpus=cfg.actors + 1 if cfg.actors else None)  # a local Ray er starts fits --actors
+    cluster = Cluster.current(local=(cfg.address or os.environ.get("RAY_ADDRESS") or "local") == "local")
+    check_shared(cache, cluster, "cache")
+    pool = plan_pool(cluster, cfg.actors, cfg.threads)
+    log.info("actor pool: %s; cluster: %s", pool, cluster.describe())
+    return pool
+
+
+def _run_ray(sources, writer, rec, cfg: IngestConfig, pool: Pool):
+    import ray
+
     ray.data.DataContext.get_current().enable_progress_bars = cfg.progress
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    pool = plan_pool(cfg.actors, cfg.threads, ray.cluster_resources(), len(nodes), local=cfg.address is None)
-    log.info("actor pool: %s", pool)
 
     # Seed the claims with the cached keys as 16-byte digests (the key strings are never all in memory).
     reader = open_cache(writer.url, storage_options=writer.storage_options, manifest=writer.manifest)
-    existing = [np.array(key_digests(t.column("key").to_pylist()), dtype="S16") for t in reader.iter_tables(["key"])]
-    claims = ray.remote(KeyClaims).options(num_cpus=0).remote(np.concatenate(existing) if existing else ())
-    del existing
+    claims = ray.remote(KeyClaims).options(num_cpus=0).remote(reader.index.digests())  # the index only: no state read
     try:
         return _stream(_pipeline(sources, writer, rec, cfg, pool, claims), writer, cfg, claims)
     finally:
@@ -331,7 +306,7 @@ def _pipeline(sources, writer, rec, cfg: IngestConfig, pool: Pool, claims):
     ds = ray.data.from_items([{"src": i} for i in range(len(sources))], override_num_blocks=len(sources))
     rows = ds.map_batches(
         read_rows, batch_size=1, compute=ray.data.TaskPoolStrategy(size=min(len(sources), 4)), runtime_env=env,
-        label_selector=_read_placement(sources), fn_kwargs=dict(
+        **read_args(sources), fn_kwargs=dict(
             sources=sources, text_field=cfg.text_field, id_field=cfg.id_field, tokenizer=rec.spec.tokenizer,
             storage_options=cfg.storage_options, limit=cfg.limit, chunk=cfg.shard_rows))
     # Ray Data merges small read outputs into big blocks (one actor call for all); cut them back to
@@ -357,10 +332,11 @@ def _stream(shards, writer: CacheWriter, cfg: IngestConfig, claims):
         totals["seen"] += int(r["seen"])
         totals["busy"] += float(r["seconds"])
         totals["first"] = totals["first"] or time.monotonic() - start
-        actors.setdefault(r["actor"], {"actor": r["actor"], "device": r["device"], "resources": json.loads(r["resources"])})
+        actors.setdefault(r["actor"], {"actor": r["actor"], "device": r["device"], "node": r["node"],
+                                       "resources": json.loads(r["resources"])})
         if r["path"]:
             info = ShardInfo(**{k: _py(r[k]) for k in _INFO_FIELDS})
-            writer.add_shard(info)
+            writer.add_shard(Written(info, np.frombuffer(r["digests"], dtype="S16"), np.frombuffer(r["lengths"], dtype=np.int32)))
             for k in ("rows", "tokens", "bytes", "truncated"):
                 totals[k] += getattr(info, k)
             totals["shards"] += 1
@@ -440,6 +416,9 @@ def print_summary(rep: Report) -> None:
     print(f"bytes written     {s['bytes']}  ({s['bytes_per_token']} bytes/token, {s['shards']} shards)")
     print(f"throughput        {s['tokens_per_s']} tokens/s, {s['examples_per_s']} examples/s  ({s['seconds']} s)")
     print("actors            " + ", ".join(f"{n} on {d} {r}" for (d, r), n in devices.items()))
+    nodes = Counter(a["node"][:8] for a in rep.actors if a.get("node"))
+    if nodes:
+        print(f"nodes             {len(nodes)}  (" + ", ".join(f"{k}: {n} actors" for k, n in sorted(nodes.items())) + ")")
     print(f"cache             {s['cache']}  (generation {s['generation']}, {s['cache_rows']} rows)")
 
 

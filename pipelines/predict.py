@@ -1,106 +1,83 @@
-"""`er predict`: batch inference for one or more trained tasks over a corpus, on Ray Data.
+"""`er predict`: batch inference for one or more trained tasks over a corpus, streamed through Ray Data.
 
-Cache hits: the driver keeps the hit keys, a Ray Data stage reads each cache shard once (checksum
-verified) and keeps those rows, and a pool of predictor actors runs every task's upper layers +
-head on each state. Cache misses go through the shared lower part first in the same actors, and
-with --record are added to the cache afterwards. Output: one row per example, keyed by id and key.
+    corpus files -> rows (id, key, inputs) -> predictor actors -> one output file, written as rows arrive
+
+The driver never holds the corpus: read tasks stream each source in chunks; each predictor actor
+locates its batch's keys through the cache's key index, reads only the row groups holding the hits
+(er_core's CacheReader, every page checksummed), runs the misses through the shared lower layers, and
+every task's upper layers + head on all of them. Output rows stream into the file (written to a hidden
+sibling, renamed when complete). With --record, the misses' inputs stream into a temporary file and
+are ingested afterwards. Actors take a GPU each when the cluster has GPUs.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from er_core import ErError, open_cache
 from er_core.cache import CacheReader
+from er_core.corpus import find_sources, read_source
+from er_core.embed import is_empty
+from er_core.keys import example_key
 from er_core.manifest import Manifest
 from er_core.outputs import claim_file, commit_file, temp_sibling
 from er_core.secrets import reject_secrets
 from er_core.tasks import Example
 
-_EX_FIELDS = ("id", "text", "text_pair", "words")
+
+def read_examples(batch, sources, text_field, settings, storage_options, chunk=1024):
+    """Read stage (one call per source): its non-empty rows as (id, key, inputs), in chunks."""
+    for i in batch["src"]:
+        src, out = sources[int(i)], []
+        for r in read_source(src, text_field, None, storage_options):
+            if is_empty(r.inputs):
+                continue
+            out.append((r.ident if r.ident is not None else src.where(r.row), example_key(r.inputs, settings),
+                        json.dumps(r.inputs, ensure_ascii=False)))
+            if len(out) >= chunk:
+                yield _columns(out)
+                out = []
+        if out:
+            yield _columns(out)
 
 
-def _ex_to_json(ex: Example) -> dict:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k in _EX_FIELDS if (v := getattr(ex, k)) is not None}
-
-
-def _ex_from_json(d: dict) -> Example:
-    return Example(**{k: (tuple(v) if k == "words" else v) for k, v in d.items()})
-
-
-class ReadHits:
-    """Ray Data UDF: one cache shard in, the rows wanted by the corpus out (with their examples)."""
-
-    def __init__(self, url, manifest_json, wanted: dict, storage_options=None):
-        self.reader = CacheReader(url, Manifest.from_json(manifest_json, url), storage_options)
-        self.shards = {s.path: s for s in self.reader.manifest.shards}
-        self.wanted = wanted  # key -> json list of examples with that key
-
-    def __call__(self, batch):
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
-        parts = []
-        for path in batch["path"]:
-            t = self.reader.read_shard(self.shards[path], ["key", "length", "hidden", "scale"])
-            parts.append(t.filter(pc.is_in(t.column("key"), pa.array(list(self.wanted), pa.string()))))
-        t = pa.concat_tables(parts)
-        return t.append_column("examples", pa.array([self.wanted[k] for k in t.column("key").to_pylist()], pa.string()))
+def _columns(rows) -> dict:
+    ids, keys, inputs = zip(*rows)
+    return {"id": np.array(ids, dtype=object), "key": np.array(keys, dtype=object), "input": np.array(inputs, dtype=object)}
 
 
 class Predictor:
-    """Ray Data actor: loads every trained task once; predicts for cached states or raw examples."""
+    """Ray Data actor: loads every trained task once; predicts a batch from its cached states, or from text on a miss."""
 
-    def __init__(self, model_dirs, manifest_json, url):
+    def __init__(self, model_dirs, url, manifest_json, storage_options=None, record=False):
+        import torch
+
         from er_core.predict import MultiTaskPredictor
 
-        self.manifest = Manifest.from_json(manifest_json, url)
-        self.p = MultiTaskPredictor(list(model_dirs), self.manifest.spec)
-        from er_core.codecs import get_codec
-
-        self.codec = get_codec(self.manifest.spec.codec)
+        self.reader = CacheReader(url, Manifest.from_json(manifest_json, url), storage_options)
+        self.p = MultiTaskPredictor(list(model_dirs), self.reader.spec, device="cuda" if torch.cuda.is_available() else "cpu")
+        self.record = record
 
     def __call__(self, batch: dict) -> dict:
-        examples, hidden, keys, cached = [], [], [], []
-        for i in range(len(batch["examples"])):
-            exs = [_ex_from_json(d) for d in json.loads(batch["examples"][i])]
-            h = None
-            if "hidden" in batch:
-                L = int(batch["length"][i])
-                h = self.codec.decode(batch["hidden"][i], batch["scale"][i], (L, self.manifest.spec.hidden_size))
-            for ex in exs:
-                examples.append(ex)
-                hidden.append(h)
-                keys.append(batch["key"][i])
-                cached.append(h is not None)
+        keys = list(batch["key"])
+        got = self.reader.read_located(self.reader.locate(keys), ["length", "hidden", "scale"])
+        states = {k: (n, h, s) for k, n, h, s in zip(*(got.column(c).to_pylist() for c in ("key", "length", "hidden", "scale")))}
+        examples, hidden = [], []
+        for ident, key, inputs in zip(batch["id"], keys, batch["input"]):
+            d = json.loads(inputs)
+            examples.append(Example(id=ident, **{k: (tuple(v) if k == "words" else v) for k, v in d.items()}))
+            hit = states.get(key)
+            hidden.append(self.reader.decode(*hit) if hit else None)
+        cached = np.array([h is not None for h in hidden])
         preds = self.p.predict(examples, hidden)
-        return {
-            "id": np.asarray([ex.id for ex in examples], dtype=object),
-            "key": np.asarray(keys, dtype=object),
-            "cached": np.asarray(cached),
-            "predictions": np.asarray([json.dumps(p) for p in preds], dtype=object),
-        }
-
-
-def corpus_examples(paths: list[str], text_field: str = "text") -> list[Example]:
-    """Examples to predict: task folders give their splits' examples; files go through the corpus reader."""
-    from er_core.tasks import load_task
-
-    out: list[Example] = []
-    for p in paths:
-        if Path(p).is_dir() and any(Path(p).glob("train*")):
-            task = load_task(p)
-            for exs in task.splits.values():
-                out.extend(Example(id=e.id, text=e.text, text_pair=e.text_pair, words=e.words) for e in exs)
-        else:
-            from er_core.corpus import read_corpus
-
-            for rec in read_corpus([p], text_field=text_field):
-                out.append(Example(id=rec.id, **{k: (tuple(v) if k == "words" else v) for k, v in rec.inputs.items()}))
-    return out
+        return {"id": batch["id"], "key": batch["key"], "cached": cached,
+                "predictions": np.asarray([json.dumps(p) for p in preds], dtype=object),
+                # what --record needs of a miss; nothing for a hit
+                "input": np.where(cached, "", batch["input"]) if self.record else np.full(len(keys), "", dtype=object)}
 
 
 def predict(cache_url: str, model_dirs: list[str], corpus: list[str], out: str, text_field="text", record=False,
@@ -108,49 +85,43 @@ def predict(cache_url: str, model_dirs: list[str], corpus: list[str], out: str, 
     import ray.data
 
     from er_core.artifacts import check_cache, read_meta
-    from er_core.keys import example_key
-    from er_core.tasks import example_input
-    from pipelines.ray_env import absolute, ensure_ray
+    from pipelines.placement import Cluster, check_shared, read_args
+    from pipelines.ray_env import absolute, ensure_ray, worker_env
 
     reject_secrets(storage_options)  # they travel in actor arguments
     cache_url, model_dirs = absolute(cache_url), [absolute(str(d)) for d in model_dirs]
     claim_file(out, overwrite, _is_predictions)  # before any work: never replace what er did not write
-    reader = open_cache(cache_url, storage_options=storage_options)
+    reader = open_cache(cache_url, storage_options=storage_options)  # opened once; actors get its manifest
     spec = reader.spec
     for d in model_dirs:  # refuse before any work starts
         check_cache(read_meta(d), spec, d)
-    examples = corpus_examples(corpus, text_field)
-    if not examples:
-        raise ErError(f"no examples found in {corpus}")
-    by_key: dict[str, list[dict]] = {}
-    for ex in examples:
-        by_key.setdefault(example_key(example_input(ex), spec.tokenizer), []).append(_ex_to_json(ex))
-    cached = set(reader.keys())
-    hits = {k: json.dumps(v) for k, v in by_key.items() if k in cached}
-    misses = [{"key": k, "examples": json.dumps(v)} for k, v in by_key.items() if k not in cached]
+    sources = find_sources(corpus, storage_options)
     ensure_ray(address)
-    mj = reader.manifest.to_json()
-    predictor = dict(fn_constructor_kwargs={"model_dirs": model_dirs, "manifest_json": mj, "url": cache_url},
-                     compute=ray.data.ActorPoolStrategy(size=actors), batch_size=64)
-    parts = []
-    if hits:
-        shards = ray.data.from_items([{"path": s.path} for s in reader.manifest.shards])
-        rows = shards.map_batches(ReadHits, batch_size=1, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5,
-                                  fn_constructor_kwargs={"url": cache_url, "manifest_json": mj, "wanted": hits,
-                                                         "storage_options": storage_options})
-        parts.append(rows.map_batches(Predictor, **predictor))
-    if misses:
-        parts.append(ray.data.from_items(misses).map_batches(Predictor, **predictor))
-    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    n = _write(ds, out)
-    if record and misses:  # misses are few next to the corpus: the plain loop records them
-        from er_core import Recycler, ingest_local
+    cluster = Cluster.current(local=(address or "local") == "local")
+    check_shared(cache_url, cluster, "cache")
+    ray.data.DataContext.get_current().enable_progress_bars = True
+    env = worker_env()
+    rows = ray.data.from_items([{"src": i} for i in range(len(sources))], override_num_blocks=len(sources)).map_batches(
+        read_examples, batch_size=1, compute=ray.data.TaskPoolStrategy(size=min(len(sources), 4)), runtime_env=env,
+        **read_args(sources), fn_kwargs={"sources": sources, "text_field": text_field, "settings": spec.tokenizer,
+                                          "storage_options": storage_options})
+    preds = rows.map_batches(
+        Predictor, batch_size=256, compute=ray.data.ActorPoolStrategy(size=actors), runtime_env=env,
+        num_gpus=1 if cluster.total("gpus") else 0,
+        fn_constructor_kwargs={"model_dirs": model_dirs, "url": cache_url, "manifest_json": reader.manifest.to_json(),
+                               "storage_options": storage_options, "record": record})
+    with tempfile.TemporaryDirectory(prefix="er-predict-") as tmp:
+        misses_file = Path(tmp, "misses.jsonl") if record else None
+        stats = _write(preds, out, misses_file)
+        if not stats["examples"]:
+            raise ErError(f"no examples found in {', '.join(corpus)} (empty texts are skipped); nothing was written")
+        if record and stats["cache_misses"]:
+            from er_core import Recycler, ingest_local
 
-        rec = Recycler.load(spec.model_name, spec.layer, spec.codec, spec.tokenizer.max_length)
-        ingest_local((example_input(_ex_from_json(json.loads(m["examples"])[0])) for m in misses), cache_url, rec,
-                     storage_options=storage_options, progress=False)
-    return {"examples": n, "cache_hits": sum(len(v) for k, v in by_key.items() if k in cached),
-            "cache_misses": sum(len(v) for k, v in by_key.items() if k not in cached), "out": out}
+            rec = Recycler.load(spec.model_name, spec.layer, spec.codec, spec.tokenizer.max_length)
+            with open(misses_file) as f:
+                ingest_local((json.loads(line) for line in f), cache_url, rec, storage_options=storage_options, progress=False)
+    return {**stats, "out": out}
 
 
 PARQUET_TAG = b"er.predictions"
@@ -174,36 +145,45 @@ def _is_predictions(f) -> bool:
     return isinstance(first, dict) and {"id", "key", "cached"} <= set(first)
 
 
-def _write(ds, out: str) -> int:
-    """Stream results into one JSONL or Parquet file, written to a hidden sibling and renamed when complete."""
-    tmp = temp_sibling(out)
-    n = 0
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    try:
-        if out.endswith(".parquet"):
-            import pyarrow as pa
-            import pyarrow.parquet as pq
+def _write(ds, out: str, misses_file: Path | None = None) -> dict:
+    """Stream results into one JSONL or Parquet file, written to a hidden sibling and renamed when complete.
 
-            writer = None
+    Nothing is committed when there are no rows. With `misses_file`, the inputs of cache misses go there.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tmp = temp_sibling(out)
+    stats = {"examples": 0, "cache_hits": 0, "cache_misses": 0}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    misses = open(misses_file, "w") if misses_file else None
+    writer = None
+    try:
+        with open(tmp, "wb") as f:
             for b in ds.iter_batches(batch_size=1024, batch_format="pyarrow"):
-                t = pa.table({"id": b["id"].cast(pa.string()), "key": b["key"].cast(pa.string()), "cached": b["cached"],
-                              "predictions": b["predictions"].cast(pa.string())})
-                t = t.replace_schema_metadata({PARQUET_TAG: b"1"})
-                writer = writer or pq.ParquetWriter(tmp, t.schema)
-                writer.write_table(t)
-                n += t.num_rows
+                hit = b["cached"].to_numpy(zero_copy_only=False)
+                stats["examples"] += len(hit)
+                stats["cache_hits"] += int(hit.sum())
+                if misses:
+                    misses.writelines(s + "\n" for s in b["input"].to_pylist() if s)
+                if out.endswith(".parquet"):
+                    t = pa.table({"id": b["id"].cast(pa.string()), "key": b["key"].cast(pa.string()), "cached": b["cached"],
+                                  "predictions": b["predictions"].cast(pa.string())}).replace_schema_metadata({PARQUET_TAG: b"1"})
+                    writer = writer or pq.ParquetWriter(f, t.schema)
+                    writer.write_table(t)
+                    continue
+                for i, key, c, p in zip(*(b[n].to_pylist() for n in ("id", "key", "cached", "predictions"))):
+                    f.write((json.dumps({"id": i, "key": key, "cached": bool(c), **json.loads(p)}) + "\n").encode())
             if writer:
                 writer.close()
-        else:
-            with open(tmp, "w") as f:
-                for row in ds.iter_rows():
-                    f.write(json.dumps({"id": row["id"], "key": row["key"], "cached": bool(row["cached"]),
-                                        **json.loads(row["predictions"])}) + "\n")
-                    n += 1
-        commit_file(tmp, out)
+        stats["cache_misses"] = stats["examples"] - stats["cache_hits"]
+        if stats["examples"]:
+            commit_file(tmp, out)
     finally:
+        if misses:
+            misses.close()
         Path(tmp).unlink(missing_ok=True)
-    return n
+    return stats
 
 
 def main(args) -> int:

@@ -39,8 +39,8 @@ def _start_local(num_cpus: int | None) -> None:
     ray_sessions.reap(root)
     rec = ray_sessions.record(root)
     # Logical CPUs > cores on purpose: a Train worker reserves its CPUs for the whole run, and
-    # Ray Data tasks feeding it must still be schedulable (or the run hangs forever).
-    cpus = num_cpus or max(8, 2 * (os.cpu_count() or 1))
+    # Ray Data tasks feeding it must still be schedulable (or the run hangs forever). num_cpus: at least that many.
+    cpus = max(num_cpus or 0, 8, 2 * (os.cpu_count() or 1))
     # address="local": start one even if RAY_ADDRESS is set (ray.init would read it otherwise).
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True, _temp_dir=root)
     session = ray._private.worker._global_node.get_session_dir_path()

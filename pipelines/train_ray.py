@@ -1,10 +1,15 @@
 """Ray Train: one task from the cache on `num_workers` data-parallel TorchTrainer workers.
 
-The driver joins the task's train labels to the cache by key and builds a Ray Dataset that reads
-(and checksums) the cache shards, keeping the task's rows; every worker reads its share with
-`get_dataset_shard("train")`, groups rows by length into padded batches, and runs er_core's loop
-under DDP (gloo on CPU, NCCL on GPU). Dev/test are evaluated on every worker (same weights, same
-early-stopping decision).
+The driver opens the cache once and reads the task once. It locates the train keys through the key
+index and builds a Ray Dataset that reads only the row groups holding them (`read_rows`, one task per
+shard, every page checksummed), materialized in the object store before training: each epoch is
+shuffled from that copy, and nothing is read from storage again. Dev and test are read by the driver
+(the same index path) and shipped to the workers with the task through the object store; rank 0
+evaluates them and broadcasts the scores, so every worker takes the same early-stopping decision.
+Workers need neither the task folder nor a cache handle: only the model, to rebuild the upper layers.
+
+Each worker puts its model on `ray.train.torch.get_device()` (its GPU when the run asks for GPUs)
+with `prepare_model` (DDP when there are several workers) and er_core moves every batch there.
 
 Every epoch rank 0 reports a checkpoint (weights, optimizer, scheduler, RNG, early-stopping state) to
 Ray Train's storage: `OUT/checkpoints` by default, or a shared `storage_path` (s3://...) on a
@@ -16,20 +21,23 @@ driver moves it into OUT (outputs.OutputDir: staged, then marked complete).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import shutil
 import tempfile
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 
 from er_core import ErError, TrainConfig, open_cache
 from er_core.cache import CacheReader
-from er_core.finetune import CHECKPOINTS, prepare_task
-from er_core.manifest import Manifest
+from er_core.finetune import CHECKPOINTS, Prepared, setup_data
+from er_core.manifest import CacheSpec, Manifest, ShardInfo
 from er_core.outputs import OutputDir
 from er_core.secrets import reject_secrets
-from er_core.task_data import collate, encode_split, grouped_order, label_map, missing_message
+from er_core.task_data import collate, encode_split, grouped_order, missing_message
 
 
 def _target_list(kind: str, target) -> list[int]:
@@ -44,26 +52,23 @@ def _from_target_list(kind: str, t: np.ndarray):
     return int(t[0]) if kind == "classification" else (int(t[0]), int(t[1])) if kind == "qa" else np.asarray(t)
 
 
-class ReadShard:
-    """Ray Data UDF: read one cache shard (checksum verified) and keep the rows of one task split."""
+@functools.lru_cache(maxsize=4)
+def _reader(url: str, spec_json: str, storage_options_json: str) -> CacheReader:
+    """One reader per Ray worker process and cache: shard footers and connections are reused across tasks."""
+    spec = CacheSpec.from_dict(json.loads(spec_json))
+    return CacheReader(url, Manifest(spec=spec), json.loads(storage_options_json))
 
-    def __init__(self, url: str, manifest_json: bytes, targets: dict, kind: str, storage_options=None):
-        self.reader = CacheReader(url, Manifest.from_json(manifest_json, url), storage_options)
-        self.shards = {s.path: s for s in self.reader.manifest.shards}
-        self.targets, self.kind = targets, kind
 
-    def __call__(self, batch: dict) -> dict:
-        import pyarrow as pa
-        import pyarrow.compute as pc
+def read_rows(batch: dict, url: str, spec_json: str, storage_options_json: str, columns: list[str]) -> dict:
+    """Ray Data UDF: for each plan row (a shard and the rows of it the task needs), those rows and their targets."""
+    import pyarrow as pa
 
-        tables = []
-        for path in batch["path"]:
-            t = self.reader.read_shard(self.shards[path], ["key", "length", "hidden", "scale"])
-            t = t.filter(pc.is_in(t.column("key"), pa.array(list(self.targets), pa.string())))
-            tables.append(t)
-        t = pa.concat_tables(tables)
-        keys = t.column("key").to_pylist()
-        return t.append_column("target", pa.array([self.targets[k] for k in keys], pa.list_(pa.int64())))
+    reader = _reader(url, spec_json, storage_options_json)
+    parts = []
+    for shard, groups, rows, keys, targets in zip(batch["shard"], batch["groups"], batch["rows"], batch["keys"], batch["targets"]):
+        t = reader.read_rows(ShardInfo(**json.loads(shard)), groups, rows, columns, list(keys))
+        parts.append(t.append_column("target", pa.array(list(targets), pa.list_(pa.int64()))))
+    return pa.concat_tables(parts)
 
 
 def _train_batches(shard, spec, kind, batch_size, seed, epoch, pad_id):
@@ -89,8 +94,10 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
     import torch
 
-    from er_core.finetune import run_metrics, save_artifact, setup_data
+    from ray.train.collective import broadcast_from_rank_zero
+
     from er_core.evaluate import evaluate
+    from er_core.finetune import load_checked_encoder, run_metrics, save_artifact
     from er_core.metrics import primary_metric
     from er_core.train import build_model, fit, load_state, save_state, seed_everything
 
@@ -102,10 +109,14 @@ def train_loop_per_worker(config: dict) -> None:
     cfg = TrainConfig(**config["cfg"])
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     seed_everything(cfg.seed)
-    p = setup_data(config["cache"], config["task"], cfg, config["storage_options"], config["limit"], splits=("dev", "test"))
+    p: Prepared = config["prepared"]
+    p = ray.get(p) if isinstance(p, ray.ObjectRef) else p
     kind = p.task.kind
-    model = build_model(p.encoder, p.spec.layer, kind, len(p.task.labels) or 2, cfg)
-    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False}) if world > 1 else model
+    encoder, _ = load_checked_encoder(p.spec, config["cache"])
+    model = build_model(encoder, p.spec.layer, kind, len(p.task.labels) or 2, cfg)
+    device = ray.train.torch.get_device()
+    model = ray.train.torch.prepare_model(model, move_to_device=device, parallel_strategy="ddp" if world > 1 else None,
+                                          parallel_strategy_kwargs={"find_unused_parameters": False} if world > 1 else None)
     core = model.module if hasattr(model, "module") else model
     per_worker = max(1, cfg.batch_size // world)  # the global batch stays cfg.batch_size
     shard = ray.train.get_dataset_shard("train")
@@ -116,8 +127,9 @@ def train_loop_per_worker(config: dict) -> None:
         with start.as_directory() as d:
             resume = load_state(d)
 
-    def dev_metrics():
-        return evaluate(core, dev, cfg.source, p.labels, pad_id=p.pad_id) if dev is not None and dev.items else {}
+    def dev_metrics():  # rank 0 evaluates, every rank gets its scores (and so the same early-stopping decision)
+        m = evaluate(core, dev, cfg.source, p.labels, pad_id=p.pad_id) if rank == 0 and dev is not None and dev.items else {}
+        return broadcast_from_rank_zero(m) if world > 1 else m
 
     def on_epoch(row, state):
         scalars = {k: v for k, v in row.items() if isinstance(v, (int, float))}
@@ -130,9 +142,14 @@ def train_loop_per_worker(config: dict) -> None:
 
     res = fit(model, kind, cfg, lambda e: _train_batches(shard, p.spec, kind, per_worker, cfg.seed, e, p.pad_id), steps,
               dev_metrics, primary_metric(kind), resume=resume, on_epoch=on_epoch)
-    metrics = run_metrics(p, cfg, res, core, workers=world)
     if rank == 0:
-        with tempfile.TemporaryDirectory() as d:
+        metrics = run_metrics(p, cfg, res, core, workers=world)
+        if config["in_process"]:  # Ray Train's local mode reports the folder itself: the driver moves it, then removes it
+            d = tempfile.mkdtemp(prefix="er-final-")
+            save_artifact(d, p, cfg, core, metrics)
+            ray.train.report({"final": 1.0}, checkpoint=ray.train.Checkpoint.from_directory(d))
+            return
+        with tempfile.TemporaryDirectory() as d:  # copied into Ray Train's storage by report
             save_artifact(d, p, cfg, core, metrics)
             ray.train.report({"final": 1.0}, checkpoint=ray.train.Checkpoint.from_directory(d))
     else:
@@ -155,37 +172,39 @@ def _report_final_again(checkpoint, rank: int) -> bool:
     return True
 
 
-def train_dataset(cache_url: str, task_dir: str, cfg: TrainConfig, storage_options=None, limit=None):
-    """The task's train rows read from the cache shards, with targets; reports examples the cache lacks."""
+def train_dataset(reader: CacheReader, p: Prepared, cfg: TrainConfig, storage_options=None):
+    """The task's train rows with targets: a Ray Dataset reading only the row groups that hold them."""
     import ray.data
 
-    reader = open_cache(cache_url, storage_options=storage_options)
-    spec = reader.spec
-    tokenizer = _tokenizer(spec.model_name)
-    task, _ = prepare_task(task_dir, cfg, limit)  # the same train split (dev held out if need be) as the workers
-    items = encode_split(task, "train", tokenizer, spec.tokenizer, label_map(task) if task.kind != "qa" else None)
+    kind = p.task.kind
+    items = encode_split(p.task, "train", p.tokenizer, p.spec.tokenizer, p.labels)
     if cfg.method == "full":  # the baseline: token ids from the text, no cached states
-        rows = [{"input_ids": it.input_ids.tolist(), "length": len(it.input_ids), "target": _target_list(task.kind, it.target)}
+        rows = [{"input_ids": it.input_ids.tolist(), "length": len(it.input_ids), "target": _target_list(kind, it.target)}
                 for it in items]
-        return ray.data.from_items(rows), len(rows), task
-    cached = set(reader.keys())
-    missing = [it.example.id for it in items if it.key not in cached]
+        return ray.data.from_items(rows), len(rows)
+    locs = reader.locate([it.key for it in items])
+    at = {k: i for i, k in enumerate(locs.column("key").to_pylist())}
+    missing = [it.example.id for it in items if it.key not in at]
     if missing:
-        raise ErError(missing_message(len(missing), "train", missing, cache_url, spec))
-    targets = {it.key: _target_list(task.kind, it.target) for it in items}
-    paths = ray.data.from_items([{"path": s.path} for s in reader.manifest.shards])
-    ds = paths.map_batches(ReadShard, batch_size=1, fn_constructor_kwargs=dict(
-        url=cache_url, manifest_json=reader.manifest.to_json(), targets=targets, kind=task.kind, storage_options=storage_options),
-        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)
-    return ds, len(targets), task
-
-
-def _tokenizer(name: str):
-    from transformers import AutoTokenizer
-
-    from er_core.models import resolve_model
-
-    return AutoTokenizer.from_pretrained(resolve_model(name))
+        raise ErError(missing_message(len(missing), "train", missing, reader.url, p.spec))
+    lengths = locs.column("length").to_numpy()
+    for it in items:  # the key covers the tokenizer settings; the length is a cheap second proof of the join
+        if lengths[at[it.key]] != len(it.input_ids):
+            raise ErError(f"train example {it.example.id}: the cache holds {lengths[at[it.key]]} tokens for its key, "
+                          f"the tokenizer gives {len(it.input_ids)}; the cache {reader.url} is inconsistent")
+    # One plan row per example (duplicate texts keep their own labels), grouped by shard.
+    pos = np.array([at[it.key] for it in items])
+    plan_locs = locs.take(pos)
+    groups, rows = plan_locs.column("group").to_numpy(), plan_locs.column("row").to_numpy()
+    keys = plan_locs.column("key").to_pylist()
+    plan = [{"shard": json.dumps(asdict(shard)), "groups": groups[sel].tolist(), "rows": rows[sel].tolist(),
+             "keys": [keys[i] for i in sel], "targets": [_target_list(kind, items[i].target) for i in sel]}
+            for shard, sel in reader.by_shard(plan_locs)]
+    ds = ray.data.from_items(plan, override_num_blocks=len(plan)).map_batches(
+        read_rows, batch_size=1, batch_format="numpy", num_cpus=0.5,
+        fn_kwargs={"url": reader.url, "spec_json": json.dumps(p.spec.to_dict()),
+                   "storage_options_json": json.dumps(storage_options or {}), "columns": ["key", "length", "hidden", "scale"]})
+    return ds, len(items)
 
 
 def train_on_ray(cache_url: str, task_dir: str, out_dir: str, cfg: TrainConfig, workers: int = 1, cpus_per_worker: float = 1.0,
@@ -224,13 +243,18 @@ def _fit_on_ray(out: OutputDir, cache_url, task_dir, cfg, workers, cpus_per_work
         if added:
             print(f"ingested {added} examples of {task_dir} missing from {cache_url}")
     ensure_ray(address)
-    ds, n_train, task = train_dataset(cache_url, task_dir, cfg, storage_options, limit)
+    import ray
+
+    reader = open_cache(cache_url, storage_options=storage_options)  # opened once for the whole run
+    p = setup_data(cache_url, task_dir, cfg, storage_options, limit, splits=("dev", "test"), reader=reader)
+    ds, n_train = train_dataset(reader, p, cfg, storage_options)
+    ds = ds.materialize()  # read once: every epoch of every worker is shuffled from this copy
     use_gpu = gpus_per_worker > 0
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "cache": cache_url, "task": str(task_dir), "storage_options": storage_options,
-                           "limit": limit, "n_train": n_train, "threads": max(1, int(cpus_per_worker))},
+        train_loop_config={"cfg": cfg.to_dict(), "cache": cache_url, "n_train": n_train, "in_process": workers == 0, "threads": max(1, int(cpus_per_worker)),
+                           "prepared": ray.put(replace(p, encoder=None, tokenizer=None))},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         datasets={"train": ds},
@@ -242,9 +266,11 @@ def _fit_on_ray(out: OutputDir, cache_url, task_dir, cfg, workers, cpus_per_work
     )
     result = trainer.fit()
     if result.checkpoint is None:
-        raise ErError(f"training of {task.name} finished without a checkpoint: {result.error}")
+        raise ErError(f"training of {p.task.name} finished without a checkpoint: {result.error}")
     staged = out.stage()
     result.checkpoint.to_directory(staged)
+    if workers == 0:
+        shutil.rmtree(result.checkpoint.path, ignore_errors=True)
     out.finish(staged)
     if storage_path is None:
         out.remove(CHECKPOINTS)  # the run is complete: its resume state is no longer needed

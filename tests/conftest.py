@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny saved models with a tokenizer, the real data folder, the S3 server (plugin)."""
+"""Shared fixtures: tiny saved models with a tokenizer, the real data folder; the S3 server, the session's local Ray
+and local multi-node Ray clusters come from plugins."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.conftest_s3", "tests.conftest_ray"]
+pytest_plugins = ["tests.conftest_s3", "tests.conftest_ray", "tests.conftest_cluster"]
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -217,3 +217,84 @@ def test_keys_depend_on_text_and_tokenizer_settings(rec):
     assert a != example_key({"text": "y"}, rec.spec.tokenizer)
     assert a != example_key({"text": "x"}, replace(rec.spec.tokenizer, max_length=8))
     assert a == example_key({"text": "x"}, replace(rec.spec.tokenizer, name="elsewhere"))
+
+
+def _as_format_1(url: str) -> None:
+    """Rewrite a cache the way er wrote format 1: plain Parquet shards, no index, whole-file sha256 only."""
+    import hashlib
+
+    root = url
+    m = json.loads(open(f"{root}/manifest.json").read())
+    for s in m["shards"]:
+        t = pq.read_table(f"{root}/{s['path']}")
+        pq.write_table(t, f"{root}/{s['path']}", row_group_size=256, use_dictionary=False)
+        data = open(f"{root}/{s['path']}", "rb").read()
+        s.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+        for k in ("footer_sha256", "group_rows", "id"):
+            del s[k]
+    for p in m.pop("index"):
+        os.remove(f"{root}/{p['path']}")
+    del m["next_id"]
+    m["format_version"] = 1
+    open(f"{root}/manifest.json", "w").write(json.dumps(m))
+
+
+def test_format_1_cache_is_refused_with_a_hint_then_upgraded_in_place(tmp_path, rec, capsys):
+    from er_core import upgrade_cache
+    from er_core.errors import CacheFormatError
+    from pipelines.cli import main
+
+    url = str(tmp_path / "c")
+    rows = _rows(150, seed=4)
+    with CacheWriter(url, rec.spec, shard_rows=70) as w:
+        for k, ids, h in rows:
+            w.add(k, ids, h)
+    _as_format_1(url)
+    with pytest.raises(CacheFormatError, match=f"er cache upgrade {url}"):
+        open_cache(url)
+    assert main(["cache", "info", url]) != 0
+    assert "er cache upgrade" in capsys.readouterr().err
+    assert main(["cache", "upgrade", url]) == 0
+    assert "upgraded" in capsys.readouterr().out
+    r = open_cache(url)
+    assert r.verify() == [] and len(r.manifest.shards) == 3 and r.manifest.totals["rows"] == 150
+    assert sorted(os.listdir(tmp_path / "c" / "shards")) == sorted(s.path.split("/")[1] for s in r.manifest.shards)
+    got = r.load([k for k, _, _ in rows[::-1]])
+    assert sorted(got.keys) == sorted(k for k, _, _ in rows)
+    for k, ids, h in rows:
+        assert np.array_equal(got.hidden(got.index[k]), h) and np.array_equal(np.asarray(got.input_ids[got.index[k]]), ids)
+    assert upgrade_cache(url)["upgraded"] is False  # a current cache is left as it is
+
+
+def test_locating_keys_reads_the_index_not_the_states(tmp_path, rec):
+    """Opening a cache and locating keys touches index segments only; reading them touches their row groups only."""
+    import fsspec
+
+    url = str(tmp_path / "c")
+    rows = _rows(400, seed=5, lo=20, hi=30)
+    with CacheWriter(url, rec.spec, shard_rows=100) as w:
+        for i, (k, ids, h) in enumerate(rows):
+            w.add(k, ids, h)
+            if i % 100 == 99:
+                w.commit()
+    opened = []
+    real_open = fsspec.implementations.local.LocalFileSystem._open
+
+    def counting_open(self, path, *a, **kw):
+        opened.append(path)
+        return real_open(self, path, *a, **kw)
+
+    fsspec.implementations.local.LocalFileSystem._open = counting_open
+    try:
+        r = open_cache(url)
+        locs = r.locate(["k5", "k7", "nope"])
+        assert locs.column("key").to_pylist() == ["k5", "k7"]
+        assert opened and all("/index/" in p or p.endswith("/manifest.json") for p in opened)
+        opened.clear()
+        got = r.read_located(locs, ["hidden", "length"])
+    finally:
+        fsspec.implementations.local.LocalFileSystem._open = real_open
+    shard = r.shards[locs.column("shard")[0].as_py()]
+    assert got.column("key").to_pylist() == ["k5", "k7"]
+    assert np.array_equal(r.decode(got["length"][0].as_py(), got["hidden"][0].as_py(), None), rows[5][2])
+    assert {p.rsplit("/", 1)[-1] for p in opened} <= {shard.path.rsplit("/", 1)[-1]}

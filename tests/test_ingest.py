@@ -25,7 +25,8 @@ from er_core.corpus import find_sources, read_source
 from er_core.recycle import Recycler, ingest_local
 from er_core.storage import read_lock, url_to_fs
 from pipelines.cli import main as er
-from pipelines.ingest import Pool, plan_pool, read_rows, run
+from pipelines.ingest import read_rows, run
+from pipelines.placement import Cluster, Node, Pool, plan_pool
 from tests.conftest import WORDS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -205,15 +206,26 @@ def test_actors_ask_for_one_gpu_each_and_fall_back_to_cpu(tiny_bert, tmp_path):
 # ---------------------------------------------------------------- driver and CLI (no Ray)
 
 
+def _cluster(*nodes: tuple[float, float], local=False) -> Cluster:
+    """(CPUs, GPUs) per node, all on one host; the driver on the first (the head)."""
+    return Cluster(tuple(Node(f"n{i}", "10.0.0.1", c, g) for i, (c, g) in enumerate(nodes)), "n0", local)
+
+
 def test_pool_plan_follows_gpus_and_leaves_ray_data_a_cpu(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    assert plan_pool(None, None, {"CPU": 8, "GPU": 2}, nodes=1, local=True) == Pool(size=2, num_gpus=1, num_cpus=1.0, threads=1)
+    assert plan_pool(_cluster((8, 2), local=True)) == Pool(size=2, num_gpus=1, num_cpus=1.0, threads=1)
     # 2 cores under 8 logical CPUs: one single-threaded actor per core
-    assert plan_pool(None, None, {"CPU": 8}, nodes=1, local=True) == Pool(size=2, num_gpus=0, num_cpus=1.0, threads=1)
-    assert plan_pool(1, None, {"CPU": 8}, nodes=1, local=True) == Pool(size=1, num_gpus=0, num_cpus=1.0, threads=2)
-    # 2 logical CPUs only: the actors share one, the other is left for reading
-    assert plan_pool(None, None, {"CPU": 2}, nodes=1, local=True) == Pool(size=2, num_gpus=0, num_cpus=0.5, threads=1)
-    assert plan_pool(None, None, {"CPU": 32}, nodes=2, local=False) == Pool(size=32, num_gpus=0, num_cpus=0.969, threads=1)
+    assert plan_pool(_cluster((8, 0), local=True)) == Pool(size=2, num_gpus=0, num_cpus=1.0, threads=1)
+    assert plan_pool(_cluster((8, 0), local=True), actors=1) == Pool(size=1, num_gpus=0, num_cpus=1.0, threads=2)
+    # 2 logical CPUs only: one actor, the other CPU is left for reading
+    assert plan_pool(_cluster((2, 0), local=True)) == Pool(size=1, num_gpus=0, num_cpus=1.0, threads=2)
+    # a cluster: every CPU but one, whole CPUs, so the one left is free on some node
+    assert plan_pool(_cluster((2, 0), (2, 0))) == Pool(size=3, num_gpus=0, num_cpus=1.0, threads=1)
+    assert plan_pool(_cluster((0, 0), (16, 0), (16, 0))) == Pool(size=31, num_gpus=0, num_cpus=1.0, threads=1)
+    assert plan_pool(_cluster((0, 0), (2, 0))) == Pool(size=1, num_gpus=0, num_cpus=1.0, threads=2)  # 0-CPU head
+    # GPU nodes: one actor per GPU; a CPU each only where every GPU node has one per GPU, with one left to read
+    assert plan_pool(_cluster((0, 0), (8, 1), (8, 1))) == Pool(size=2, num_gpus=1, num_cpus=1.0, threads=8)
+    assert plan_pool(_cluster((1, 0), (2, 4))) == Pool(size=4, num_gpus=1, num_cpus=0.0, threads=1)
 
 
 def test_read_stage_skips_empties_and_uses_ids(tmp_path, rec):

@@ -138,7 +138,7 @@ def test_writer_whose_lock_was_taken_commits_nothing_and_its_fresh_shard_survive
 
     b = CacheWriter(url, SPEC, shard_rows=2, lock_ttl=ttl)  # takes the stale lock, fences the manifest
     assert read_lock(*url_to_fs(url))["run_id"] == b.run_id
-    assert _shard_names(url) == committed | {late.path.rsplit("/", 1)[-1]}  # nothing of A's deleted
+    assert _shard_names(url) == committed | {late.info.path.rsplit("/", 1)[-1]}  # nothing of A's deleted
 
     before = _manifest_bytes(url)
     a._pending.append(late)
@@ -156,7 +156,7 @@ def test_writer_whose_lock_was_taken_commits_nothing_and_its_fresh_shard_survive
 
     time.sleep(ttl + 0.5)  # A's uncommitted shard is now older than the stale timeout: the next writer removes it
     CacheWriter(url, SPEC, lock_ttl=ttl).close()
-    assert late.path.rsplit("/", 1)[-1] not in _shard_names(url)
+    assert late.info.path.rsplit("/", 1)[-1] not in _shard_names(url)
     reader = open_cache(url)
     assert reader.verify() == [] and sorted(reader.keys()) == ["a1", "a2", "b1", "b2"]
 
@@ -199,7 +199,7 @@ def test_writers_taking_turns_and_crashing_never_lose_a_committed_shard(url):
                 committed.extend(keys)
                 if r % 3 == 2:  # crash: its process "dies" with the lock held and a shard not yet committed
                     _add(w, [f"{name}-{r}-lost", f"{name}-{r}-lost2"])
-                    crashed_shards.append(w._pending[-1].path.rsplit("/", 1)[-1])
+                    crashed_shards.append(w._pending[-1].info.path.rsplit("/", 1)[-1])
                     w.lock.info["pid"] = DEAD_PID
                     w.lock.heartbeat()
                 else:

@@ -57,3 +57,37 @@ def test_examples_missing_from_cache_fail_clearly(ray_session, tiny_cache, tmp_p
     err = capsys.readouterr().err
     assert "1 train examples are not in the cache" in err and "er ingest" in err
     assert not (out / "metrics.json").exists()
+
+
+def test_models_and_batches_go_to_the_worker_device(ray_session, tiny_cache, tmp_path, monkeypatch):
+    """The worker's device comes from Ray Train; the model is prepared onto it and every batch is moved to it.
+
+    Ray Train's local mode (0 workers) runs the same worker loop in this process, so the patches reach it.
+    """
+    import ray.train.torch
+    import torch
+
+    from er_core import TrainConfig, devices
+    from pipelines.train_ray import train_on_ray
+
+    url, folder, _ = tiny_cache
+    device = torch.device("cpu")
+    got, moved = [], []
+    monkeypatch.setattr(ray.train.torch, "get_device", lambda: device)
+    real_prepare, real_to = ray.train.torch.prepare_model, devices.to_device
+
+    def prepare(model, move_to_device=True, **kw):
+        got.append(move_to_device)
+        return real_prepare(model, move_to_device=move_to_device, **kw)
+
+    def to_device(batch, d):
+        moved.append((d, batch["attention_mask"].shape[0]))
+        return real_to(batch, d)
+
+    monkeypatch.setattr(ray.train.torch, "prepare_model", prepare)
+    monkeypatch.setattr(devices, "to_device", to_device)
+    m = train_on_ray(url, str(folder), str(tmp_path / "out"), TrainConfig(epochs=1, batch_size=32), workers=0)
+    assert got == [device]
+    assert all(d == device for d, _ in moved) and m["history"][0]["epoch"] == 1
+    # every row once per pass: 256 train rows, dev after the epoch, dev and test at the end
+    assert sum(n for _, n in moved) == 256 + 48 + 48 + 48
