@@ -2,29 +2,60 @@
 
 __version__ = "0.1.0"
 
-from .cache import CacheReader, CacheWriter, open_cache, repair_cache, upgrade_cache  # noqa: E402
-from .codecs import CODECS, DEFAULT_CODEC, get_codec  # noqa: E402
-from .errors import (  # noqa: E402
-    ArtifactMismatchError,
-    CacheCorruptError,
-    CacheLockedError,
-    CacheMismatchError,
-    DataFormatError,
-    ErError,
-    LabelError,
-    LockLostError,
-    StorageError,
-    UnsupportedModelError,
-)
-from .keys import TokenizerSettings, example_key, tokenizer_settings  # noqa: E402
-from .manifest import CacheSpec, Manifest, ShardInfo  # noqa: E402
-from .families import lora_target_modules, supported_model_types  # noqa: E402
-from .finetune import finetune  # noqa: E402
-from .models import DEFAULT_MODEL, load_encoder  # noqa: E402
-from .recycle import Recycler, ingest_local  # noqa: E402
-from .split import lower_fingerprint, resolve_layer, split_encoder  # noqa: E402
-from .tasks import Example, LabelMap, Task, load_task  # noqa: E402
-from .train import TrainConfig  # noqa: E402
+# Names are imported on first use (PEP 562), so `import er_core.cache` in a Ray Data task does not pay for
+# torch and transformers: a worker that only reads the cache starts in a second, not in tens.
+_EXPORTS = {
+    "CacheReader": "cache",
+    "CacheWriter": "cache",
+    "open_cache": "cache",
+    "repair_cache": "cache",
+    "upgrade_cache": "cache",
+    "ArtifactMismatchError": "errors",
+    "CacheCorruptError": "errors",
+    "CacheLockedError": "errors",
+    "CacheMismatchError": "errors",
+    "DataFormatError": "errors",
+    "ErError": "errors",
+    "LabelError": "errors",
+    "LockLostError": "errors",
+    "StorageError": "errors",
+    "UnsupportedModelError": "errors",
+    "CODECS": "codecs",
+    "DEFAULT_CODEC": "codecs",
+    "get_codec": "codecs",
+    "TokenizerSettings": "keys",
+    "example_key": "keys",
+    "tokenizer_settings": "keys",
+    "CacheSpec": "manifest",
+    "Manifest": "manifest",
+    "ShardInfo": "manifest",
+    "lora_target_modules": "families",
+    "supported_model_types": "families",
+    "finetune": "finetune",
+    "DEFAULT_MODEL": "models",
+    "load_encoder": "models",
+    "Recycler": "recycle",
+    "ingest_local": "recycle",
+    "lower_fingerprint": "split",
+    "resolve_layer": "split",
+    "split_encoder": "split",
+    "Example": "tasks",
+    "LabelMap": "tasks",
+    "Task": "tasks",
+    "load_task": "tasks",
+    "TrainConfig": "train",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "Example",

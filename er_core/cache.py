@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, replace
 from typing import Iterable, Iterator
 
@@ -34,6 +34,7 @@ from .manifest import FORMAT_VERSION, MANIFEST_NAME, CacheSpec, Manifest, ShardI
 from .parquet_io import PartialFile, to_parquet
 from .storage import PreconditionFailed, WriterLock, is_local, put_atomic, put_if, read_bytes, read_versioned, url_to_fs
 
+OPEN_FILES = 256  # shard footers a reader keeps (a few KB each)
 GROUP_ROWS = 64  # rows per row group: the unit a reader fetches (about 0.4-3 MB of fp16 states for H=384)
 _COMPRESSION = {"key": "zstd", "length": "zstd", "input_ids": "zstd", "hidden": "none", "scale": "none", "truncated": "zstd"}
 
@@ -299,16 +300,18 @@ class CacheReader:
         self.codec = get_codec(self.spec.codec)
         self.index = Index(self.fs, self.root, manifest.index, url)
         self.shards = {s.id: s for s in manifest.shards}
-        self._files: dict[int, PartialFile] = {}
+        self._files: OrderedDict[int, PartialFile] = OrderedDict()  # checked footers, the most recent OPEN_FILES
 
     def shard_url(self, shard: ShardInfo) -> str:
         return f"{self.url.rstrip('/')}/{shard.path}"
 
     def file(self, shard: ShardInfo) -> PartialFile:
-        f = self._files.get(shard.id)
+        f = self._files.pop(shard.id, None)
         if f is None:
-            f = self._files[shard.id] = PartialFile(self.fs, f"{self.root}/{shard.path}", shard.bytes, shard.footer_sha256,
-                                                    f"shard {shard.path} of {self.url}")
+            f = PartialFile(self.fs, f"{self.root}/{shard.path}", shard.bytes, shard.footer_sha256, f"shard {shard.path} of {self.url}")
+        self._files[shard.id] = f
+        if len(self._files) > OPEN_FILES:  # a long-lived reader (a predictor actor) stays bounded
+            self._files.popitem(last=False)
         return f
 
     # ---------------------------------------------------------------- by key

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .artifacts import cache_meta, save_trained
 from .cache import open_cache
+from .devices import model_device
 from .errors import CacheMismatchError
 from .evaluate import evaluate
 from .metrics import majority_baseline, primary_metric
@@ -93,6 +94,7 @@ def run_metrics(p: Prepared, cfg: TrainConfig, result: FitResult, model, workers
         "method": cfg.method,
         "layer": p.spec.layer,
         "workers": workers,
+        "device": str(model_device(model)),
         "dev_source": p.dev_source,
         "best_epoch": result.best_epoch,
         "train_seconds": round(result.train_seconds, 3),

@@ -239,7 +239,8 @@ def fit(
             n += 1
             seen += int(batch["attention_mask"].shape[0])
         seconds += time.perf_counter() - t0
-        row = {"epoch": epoch + 1, "train_loss": total / max(n, 1), "attempt": attempt}
+        # ended_at: wall clock (unix) of the epoch's last step, so IO and logs can be split by epoch
+        row = {"epoch": epoch + 1, "train_loss": total / max(n, 1), "attempt": attempt, "ended_at": time.time()}
         if evaluate_dev is not None:
             row.update({f"dev_{k}": v for k, v in evaluate_dev().items()})
         history.append(row)

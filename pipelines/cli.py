@@ -75,13 +75,15 @@ def _train_args(p):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
     p.add_argument("--limit", type=int, help="use only the first N examples of each split (quick runs)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: train under bf16 autocast (weights and optimizer stay fp32); for GPUs with bf16")
 
 
 def train_config(args):
     from er_core import TrainConfig
 
     return TrainConfig(method=args.method, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                       patience=args.patience, seed=args.seed, lora_r=args.lora_r)
+                       patience=args.patience, seed=args.seed, lora_r=args.lora_r, precision=args.precision)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(its cache, task and settings come from OUT)")
     p.add_argument("--workers", type=int, default=1, help="data-parallel Ray Train workers (0 = in this process, no Ray)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs each worker reserves")
-    p.add_argument("--gpus-per-worker", type=float, default=0.0)
+    p.add_argument("--gpus-per-worker", type=float, default=0.0,
+                   help="GPUs each worker reserves (1: its model and batches on that GPU, NCCL between workers)")
     p.add_argument("--max-failures", type=int, default=3,
                    help="worker failures Ray Train recovers from (from the last epoch checkpoint) before giving up")
     p.add_argument("--ingest-missing", action="store_true",
@@ -150,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an earlier er predict output at --out")
     p.add_argument("--text-field", default="text")
     p.add_argument("--record", action="store_true", help="add cache misses to the cache")
+    p.add_argument("--actors", type=int, default=1, help="predictor actors (a GPU each when the cluster has GPUs)")
     _ray_args(p)
     _storage_args(p)
 

@@ -190,7 +190,7 @@ def main(args) -> int:
     from pipelines.cli import storage_options
 
     s = predict(args.cache, args.model_dir, args.corpus, args.out, text_field=args.text_field, record=args.record,
-                address=args.address, storage_options=storage_options(args), overwrite=args.overwrite)
+                address=args.address, storage_options=storage_options(args), actors=args.actors, overwrite=args.overwrite)
     print(f"predicted {s['examples']} examples ({s['cache_hits']} from the cache, {s['cache_misses']} through the lower "
           f"layers) -> {s['out']}")
     return 0

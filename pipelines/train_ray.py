@@ -21,7 +21,6 @@ driver moves it into OUT (outputs.OutputDir: staged, then marked complete).
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import shutil
@@ -34,10 +33,10 @@ import numpy as np
 from er_core import ErError, TrainConfig, open_cache
 from er_core.cache import CacheReader
 from er_core.finetune import CHECKPOINTS, Prepared, setup_data
-from er_core.manifest import CacheSpec, Manifest, ShardInfo
 from er_core.outputs import OutputDir
 from er_core.secrets import reject_secrets
 from er_core.task_data import collate, encode_split, grouped_order, missing_message
+from pipelines import cache_rows
 
 
 def _target_list(kind: str, target) -> list[int]:
@@ -50,25 +49,6 @@ def _target_list(kind: str, target) -> list[int]:
 
 def _from_target_list(kind: str, t: np.ndarray):
     return int(t[0]) if kind == "classification" else (int(t[0]), int(t[1])) if kind == "qa" else np.asarray(t)
-
-
-@functools.lru_cache(maxsize=4)
-def _reader(url: str, spec_json: str, storage_options_json: str) -> CacheReader:
-    """One reader per Ray worker process and cache: shard footers and connections are reused across tasks."""
-    spec = CacheSpec.from_dict(json.loads(spec_json))
-    return CacheReader(url, Manifest(spec=spec), json.loads(storage_options_json))
-
-
-def read_rows(batch: dict, url: str, spec_json: str, storage_options_json: str, columns: list[str]) -> dict:
-    """Ray Data UDF: for each plan row (a shard and the rows of it the task needs), those rows and their targets."""
-    import pyarrow as pa
-
-    reader = _reader(url, spec_json, storage_options_json)
-    parts = []
-    for shard, groups, rows, keys, targets in zip(batch["shard"], batch["groups"], batch["rows"], batch["keys"], batch["targets"]):
-        t = reader.read_rows(ShardInfo(**json.loads(shard)), groups, rows, columns, list(keys))
-        parts.append(t.append_column("target", pa.array(list(targets), pa.list_(pa.int64()))))
-    return pa.concat_tables(parts)
 
 
 def _train_batches(shard, spec, kind, batch_size, seed, epoch, pad_id):
@@ -201,7 +181,7 @@ def train_dataset(reader: CacheReader, p: Prepared, cfg: TrainConfig, storage_op
              "keys": [keys[i] for i in sel], "targets": [_target_list(kind, items[i].target) for i in sel]}
             for shard, sel in reader.by_shard(plan_locs)]
     ds = ray.data.from_items(plan, override_num_blocks=len(plan)).map_batches(
-        read_rows, batch_size=1, batch_format="numpy", num_cpus=0.5,
+        cache_rows.read_rows, batch_size=1, batch_format="numpy", num_cpus=0.5,
         fn_kwargs={"url": reader.url, "spec_json": json.dumps(p.spec.to_dict()),
                    "storage_options_json": json.dumps(storage_options or {}), "columns": ["key", "length", "hidden", "scale"]})
     return ds, len(items)
