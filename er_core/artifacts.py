@@ -48,14 +48,17 @@ def save_trained(out_dir: str | Path, model, meta: dict) -> Path:
     return out
 
 
-def read_meta(model_dir: str | Path) -> dict:
+def read_meta(model_dir: str | Path, storage_options: dict | None = None) -> dict:
+    """er_model.json of a complete trained model (a local folder or a URL such as s3://...)."""
     from .outputs import require_complete_output
+    from .storage import read_bytes, url_to_fs
 
-    require_complete_output(str(model_dir))
-    p = Path(model_dir) / META
-    if not p.exists():
-        raise ErError(f"{model_dir} is not a trained er model (no {META}); train one with `er train`")
-    return json.loads(p.read_text())
+    require_complete_output(str(model_dir), storage_options=storage_options)
+    fs, path = url_to_fs(str(model_dir), storage_options)
+    try:
+        return json.loads(read_bytes(fs, f"{path}/{META}"))
+    except FileNotFoundError:
+        raise ErError(f"{model_dir} is not a trained er model (no {META}); train one with `er train`") from None
 
 
 def check_cache(meta: dict, spec: CacheSpec, model_dir) -> None:
@@ -88,6 +91,20 @@ def load_trained(model_dir: str | Path, encoder=None):
     `model` is a RecycledModel (reduced/lora: fed with layer-k states; `lower` computes them
     for cache misses) or a FullModel (full: fed with token ids; `lower` is None).
     """
+    if "://" in str(model_dir) and not str(model_dir).startswith("file://"):
+        import shutil
+        import tempfile
+
+        from .storage import url_to_fs
+
+        read_meta(model_dir)  # refuse an incomplete one before copying it
+        fs, path = url_to_fs(str(model_dir))
+        tmp = tempfile.mkdtemp(prefix="er-model-")
+        try:  # a model is small next to the corpus: copy it here once, load it from disk
+            fs.get(path.rstrip("/") + "/", tmp + "/", recursive=True)
+            return load_trained(tmp, encoder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     meta = read_meta(model_dir)
     d = Path(model_dir)
     tokenizer = None

@@ -223,12 +223,12 @@ def _read_parquet(f, src, text_field, id_field):
             yield _record_row(record, src, row, text_field, id_field)
 
 
-def _read_task(src, text_field, id_field, limit):
+def _read_task(src, text_field, id_field, limit, storage_options=None):
     from .tasks import example_input, load_task, task_inputs
 
     if id_field is not None:
         raise ErError(f"{src.url}: --id-field does not apply to task folders (their keys are content hashes, so training can join them)")
-    task = load_task(src.url, text_field=text_field, limit=limit)
+    task = load_task(src.url, text_field=text_field, limit=limit, storage_options=storage_options)
     for i, (_, ex) in enumerate(task_inputs(task)):
         yield CorpusRow(i, example_input(ex), None if ex.id is None else str(ex.id))
 
@@ -245,7 +245,7 @@ def read_source(
 ) -> Iterator[CorpusRow]:
     """Stream one source's rows (`limit`: the first N rows; per split for a task folder)."""
     if src.fmt == "task":
-        yield from _read_task(src, text_field, id_field, limit)
+        yield from _read_task(src, text_field, id_field, limit, storage_options)
         return
     fs, path = url_to_fs(src.url, storage_options)
     try:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from .evaluate import evaluate
 from .metrics import majority_baseline, primary_metric
 from .models import load_encoder
 from .outputs import OutputDir
+from .storage import is_local
 from .split import lower_fingerprint, split_encoder
 from .task_data import SplitData, iter_batches, join_cache, label_map, require_complete
 from .tasks import ensure_dev, load_task
@@ -42,9 +45,9 @@ class Prepared:
     dev_source: str = "dev split"
 
 
-def prepare_task(task_dir: str, cfg: TrainConfig, limit=None, text_field="text"):
+def prepare_task(task_dir: str, cfg: TrainConfig, limit=None, text_field="text", storage_options=None):
     """The task as training sees it: limited, and with a dev split (held out of train if the task has none)."""
-    return ensure_dev(load_task(task_dir, limit=limit, text_field=text_field), cfg.seed)
+    return ensure_dev(load_task(task_dir, limit=limit, text_field=text_field, storage_options=storage_options), cfg.seed)
 
 
 def load_checked_encoder(spec, where: str):
@@ -62,7 +65,7 @@ def setup_data(cache_url: str, task_dir: str, cfg: TrainConfig, storage_options=
     reader = reader or open_cache(cache_url, storage_options=storage_options)
     spec = reader.spec
     encoder, tokenizer = load_checked_encoder(spec, cache_url)
-    task, dev_source = prepare_task(task_dir, cfg, limit, text_field)
+    task, dev_source = prepare_task(task_dir, cfg, limit, text_field, storage_options)
     labels = label_map(task) if task.kind != "qa" else None
     source_reader = None if cfg.method == "full" else reader
     data = {}
@@ -81,7 +84,7 @@ def cache_task(cache_url: str, task_dir: str, storage_options=None, limit=None) 
     from .recycle import ensure_cached
     from .tasks import example_input
 
-    task = load_task(task_dir, limit=limit)
+    task = load_task(task_dir, limit=limit, storage_options=storage_options)
     return ensure_cached(cache_url, [example_input(e) for exs in task.splits.values() for e in exs], storage_options)
 
 
@@ -136,7 +139,8 @@ def finetune(cache_url: str, task_dir: str, out_dir: str, cfg: TrainConfig, stor
     A checkpoint is written after every epoch; `resume=True` continues an interrupted run in `out_dir`.
     """
     request = {"cache": str(cache_url), "task": str(task_dir), "limit": limit, "workers": 0, "cfg": cfg.to_dict()}
-    out = OutputDir.claim(str(out_dir), "train", overwrite=overwrite, resume=resume, request=request)
+    out = OutputDir.claim(str(out_dir), "train", overwrite=overwrite, resume=resume, request=request,
+                          storage_options=storage_options)
     try:
         return _finetune(cache_url, task_dir, out, cfg, storage_options, limit, log, progress, ingest_missing)
     except BaseException as e:
@@ -156,7 +160,8 @@ def _finetune(cache_url, task_dir, out: OutputDir, cfg, storage_options, limit, 
     train, dev = p.data["train"], p.data.get("dev")
     src = cfg.source
     steps = -(-len(train.items) // cfg.batch_size)
-    checkpoints = out.local_path(CHECKPOINTS)
+    # In this process, checkpoints stay on local disk: under OUT, or a temporary folder for an output on object storage.
+    checkpoints = out.local_path(CHECKPOINTS) if is_local(out.fs) else tempfile.mkdtemp(prefix="er-checkpoints-")
 
     def batches(epoch):
         return (b for _, b in iter_batches(train, cfg.batch_size, src, p.pad_id, shuffle=True, seed=cfg.seed, epoch=epoch))
@@ -170,5 +175,8 @@ def _finetune(cache_url, task_dir, out: OutputDir, cfg, storage_options, limit, 
     staged = out.stage()
     save_artifact(staged, p, cfg, model, metrics)
     out.finish(staged)
-    out.remove(CHECKPOINTS)  # the run is complete: its resume state is no longer needed
+    if is_local(out.fs):
+        out.remove(CHECKPOINTS)  # the run is complete: its resume state is no longer needed
+    else:
+        shutil.rmtree(checkpoints, ignore_errors=True)
     return metrics

@@ -263,14 +263,31 @@ def _labels_from_train(kind: str, train: list[Example]) -> list[str]:
     return []
 
 
-def load_task(folder, text_field: str = "text", label_field: str = "label", limit=None) -> Task:
-    """Read a task folder; the format is detected from the files present.
+def load_task(folder, text_field: str = "text", label_field: str = "label", limit=None, storage_options=None) -> Task:
+    """Read a task folder (local, or a URL such as s3://bucket/tasks/name); the format is detected from the files.
 
     `limit` (int, or dict split -> int) keeps the first N examples of each split. Labels are read
     from the FULL train split before limiting, so a slice has the same label ids as the full task.
     Dev/test labels (and NER tags) not seen in training raise LabelError here, not mid-training.
+    A remote folder is copied to a temporary local folder first (tasks are small), then removed.
     """
-    folder = Path(folder)
+    if "://" in str(folder) and not str(folder).startswith("file://"):
+        import shutil
+        import tempfile
+
+        from .storage import url_to_fs
+
+        fs, path = url_to_fs(str(folder), storage_options)
+        if not fs.isdir(path):
+            raise ErError(f"task folder {folder} does not exist or is not a folder")
+        tmp = tempfile.mkdtemp(prefix="er-task-")
+        try:
+            local = Path(tmp, path.rstrip("/").rsplit("/", 1)[-1])
+            fs.get(path.rstrip("/") + "/", str(local) + "/", recursive=True)
+            return load_task(local, text_field, label_field, limit)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    folder = Path(str(folder).removeprefix("file://"))
     if not folder.is_dir():
         raise ErError(f"task folder {folder} does not exist or is not a directory")
     limit = _normalize_limit(limit)

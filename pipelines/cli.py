@@ -121,9 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train one task from the cache. A checkpoint is kept under OUT/checkpoints after "
                        "every epoch: a failed worker restarts from it, and --resume OUT continues a run whose driver died.")
     p.add_argument("--cache", help="cache URL the task's examples were ingested into")
-    p.add_argument("--task", help="task folder: train/dev/test .jsonl (classification), .conll (NER) or SQuAD .json; "
+    p.add_argument("--task", help="task folder (local or s3://): train/dev/test .jsonl (classification), .conll (NER) or SQuAD .json; "
                    "without dev, a seeded 10%% of train is held out for early stopping")
-    p.add_argument("--out", help="output folder, new or empty: trained weights, er_model.json, metrics.json")
+    p.add_argument("--out", help="output folder, new or empty, local or s3://: trained weights, er_model.json, metrics.json")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier er train output in --out (only er's own files)")
     p.add_argument("--resume", metavar="OUT", help="continue the interrupted run in OUT from its last epoch checkpoint "
                    "(its cache, task and settings come from OUT)")
@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs each worker reserves")
     p.add_argument("--gpus-per-worker", type=float, default=0.0,
                    help="GPUs each worker reserves (1: its model and batches on that GPU, NCCL between workers)")
+    p.add_argument("--storage-path", metavar="URL", help="where Ray Train keeps the run's checkpoints (default OUT/checkpoints, "
+                   "removed when the run completes); on a multi-node cluster a place every node reaches, e.g. s3://bucket/ckpt")
     p.add_argument("--max-failures", type=int, default=3,
                    help="worker failures Ray Train recovers from (from the last epoch checkpoint) before giving up")
     p.add_argument("--ingest-missing", action="store_true",

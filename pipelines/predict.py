@@ -26,6 +26,7 @@ from er_core.keys import example_key
 from er_core.manifest import Manifest
 from er_core.outputs import claim_file, commit_file, temp_sibling
 from er_core.secrets import reject_secrets
+from er_core.storage import is_local, url_to_fs
 from er_core.tasks import Example
 
 
@@ -90,7 +91,7 @@ def predict(cache_url: str, model_dirs: list[str], corpus: list[str], out: str, 
 
     reject_secrets(storage_options)  # they travel in actor arguments
     cache_url, model_dirs = absolute(cache_url), [absolute(str(d)) for d in model_dirs]
-    claim_file(out, overwrite, _is_predictions)  # before any work: never replace what er did not write
+    claim_file(out, overwrite, _is_predictions, storage_options)  # before any work: never replace what er did not write
     reader = open_cache(cache_url, storage_options=storage_options)  # opened once; actors get its manifest
     spec = reader.spec
     for d in model_dirs:  # refuse before any work starts
@@ -112,7 +113,7 @@ def predict(cache_url: str, model_dirs: list[str], corpus: list[str], out: str, 
                                "storage_options": storage_options, "record": record})
     with tempfile.TemporaryDirectory(prefix="er-predict-") as tmp:
         misses_file = Path(tmp, "misses.jsonl") if record else None
-        stats = _write(preds, out, misses_file)
+        stats = _write(preds, out, misses_file, storage_options)
         if not stats["examples"]:
             raise ErError(f"no examples found in {', '.join(corpus)} (empty texts are skipped); nothing was written")
         if record and stats["cache_misses"]:
@@ -145,17 +146,21 @@ def _is_predictions(f) -> bool:
     return isinstance(first, dict) and {"id", "key", "cached"} <= set(first)
 
 
-def _write(ds, out: str, misses_file: Path | None = None) -> dict:
-    """Stream results into one JSONL or Parquet file, written to a hidden sibling and renamed when complete.
+def _write(ds, out: str, misses_file: Path | None = None, storage_options=None) -> dict:
+    """Stream results into one JSONL or Parquet file, published whole when complete: written to a hidden sibling and
+    renamed on disk, or to a local temporary file and uploaded in one PUT to object storage.
 
-    Nothing is committed when there are no rows. With `misses_file`, the inputs of cache misses go there.
+    Nothing is published when there are no rows. With `misses_file`, the inputs of cache misses go there.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    tmp = temp_sibling(out)
+    fs, path = url_to_fs(out, storage_options)
+    local = is_local(fs)
+    tmp = temp_sibling(path) if local else tempfile.mkstemp(prefix="er-predict-", suffix=Path(path).suffix)[1]
     stats = {"examples": 0, "cache_hits": 0, "cache_misses": 0}
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    if local:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
     misses = open(misses_file, "w") if misses_file else None
     writer = None
     try:
@@ -177,8 +182,10 @@ def _write(ds, out: str, misses_file: Path | None = None) -> dict:
             if writer:
                 writer.close()
         stats["cache_misses"] = stats["examples"] - stats["cache_hits"]
-        if stats["examples"]:
-            commit_file(tmp, out)
+        if stats["examples"] and local:
+            commit_file(tmp, path)
+        elif stats["examples"]:
+            fs.put_file(tmp, path)
     finally:
         if misses:
             misses.close()

@@ -24,7 +24,8 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 from er_core import ErError, TrainConfig
-from er_core.outputs import OutputDir, commit_file, temp_sibling
+from er_core.outputs import OutputDir
+from er_core.storage import is_local, put_atomic, url_to_fs
 from er_core.secrets import find_secrets
 
 METHODS = ("reduced", "lora")  # `full` trains from raw text, not the cache, so it has no place in a sweep
@@ -45,7 +46,7 @@ class TaskEntry:
 @dataclass
 class Sweep:
     cache: str = field(metadata={"help": "cache URL (local folder or s3://...) every task was ingested into"})
-    output: str = field(metadata={"help": "local folder for the trials' models and results.csv/json"})
+    output: str = field(metadata={"help": "folder (local or s3://) for the trials' models and results.csv/json"})
     tasks: list[TaskEntry] = field(metadata={"help": "task folders, or {path, limit} entries"})
     methods: list[str] = field(default_factory=lambda: ["reduced"], metadata={"help": f"subset of {METHODS}"})
     defaults: dict = field(default_factory=dict, metadata={"help": "TrainConfig fields shared by every trial"})
@@ -80,28 +81,42 @@ class Trial:
 
 
 def load_sweep(path, check_paths: bool = True) -> Sweep:
-    """Read a YAML or TOML sweep file; relative paths are taken from the file's folder."""
+    """Read a YAML or TOML sweep file (local or s3://); relative paths are taken from the file's folder."""
+    if "://" in str(path):
+        from er_core.storage import read_bytes, url_to_fs
+
+        url = str(path)
+        fs, p = url_to_fs(url)
+        try:
+            text = read_bytes(fs, p).decode()
+        except FileNotFoundError:
+            raise ErError(f"sweep file {url} not found") from None
+        return parse_sweep(_parse_text(text, url), url.rsplit("/", 1)[0], check_paths=check_paths, source=url)
     path = Path(path)
     if not path.is_file():
         raise ErError(f"sweep file {path} not found")
-    if path.suffix == ".toml":
+    return parse_sweep(_parse_text(path.read_text(), str(path)), path.resolve().parent, check_paths=check_paths,
+                       source=str(path))
+
+
+def _parse_text(text: str, source: str):
+    toml = source.endswith(".toml")
+    if toml:
         try:
             import tomllib
         except ImportError:  # Python 3.10
-            raise ErError(f"{path}: TOML sweep files need Python 3.11+ (tomllib); write it as YAML") from None
+            raise ErError(f"{source}: TOML sweep files need Python 3.11+ (tomllib); write it as YAML") from None
     try:
-        if path.suffix == ".toml":
-            raw = tomllib.loads(path.read_text())
-        else:
-            import yaml
+        if toml:
+            return tomllib.loads(text)
+        import yaml
 
-            raw = yaml.safe_load(path.read_text())
+        return yaml.safe_load(text)
     except Exception as e:  # yaml.YAMLError, tomllib.TOMLDecodeError: either way a syntax error
-        raise ErError(f"sweep file {path} is not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {e}") from None
-    return parse_sweep(raw, path.resolve().parent, check_paths=check_paths, source=str(path))
+        raise ErError(f"sweep file {source} is not valid {'TOML' if toml else 'YAML'}: {e}") from None
 
 
-def parse_sweep(raw, base: Path, check_paths: bool = True, source: str = "sweep") -> Sweep:
+def parse_sweep(raw, base: Path | str, check_paths: bool = True, source: str = "sweep") -> Sweep:
     """Validate a parsed sweep; every problem is collected and raised as one ErError."""
     problems: list[str] = []
     if not isinstance(raw, dict):
@@ -121,8 +136,6 @@ def parse_sweep(raw, base: Path, check_paths: bool = True, source: str = "sweep"
     if isinstance(kw.get("cache"), str) and kw["cache"]:
         kw["cache"] = _resolve(kw["cache"], base)
     if isinstance(kw.get("output"), str) and kw["output"]:
-        if "://" in kw["output"]:
-            problems.append(f"output {kw['output']!r} must be a local folder (trained models are written there)")
         kw["output"] = _resolve(kw["output"], base)
     for key in ("max_concurrent", "workers"):
         if key in kw and not (_is_int(kw[key]) and kw[key] >= 1):
@@ -157,8 +170,20 @@ def _report(source: str, problems: list[str]) -> ErError:
     return ErError(f"{source} has {len(dict.fromkeys(problems))} problem(s):\n{lines}")
 
 
-def _resolve(p: str, base: Path) -> str:
-    return p if "://" in p else str((base / Path(p).expanduser()).resolve())
+def _resolve(p: str, base: Path | str) -> str:
+    """A path of the sweep file: URLs as given; relative ones from the file's folder (or URL)."""
+    if "://" in p:
+        return p
+    if "://" in str(base):
+        import posixpath
+
+        scheme, rest = str(base).split("://", 1)
+        return f"{scheme}://{posixpath.normpath(posixpath.join(rest, p))}"
+    return str((Path(base) / Path(p).expanduser()).resolve())
+
+
+def join(url: str, name: str) -> str:
+    return f"{url.rstrip('/')}/{name}"
 
 
 def _is_int(v) -> bool:
@@ -194,7 +219,7 @@ def _check_tasks(tasks, base: Path, check_paths: bool, problems: list[str]) -> l
             problems.append(f"{where}: expected a task folder path, got {path!r}")
             continue
         entry = TaskEntry(_resolve(path, base), limit)
-        if check_paths and "://" not in path and not Path(entry.path).is_dir():
+        if check_paths and "://" not in entry.path and not Path(entry.path).is_dir():
             problems.append(f"{where}: task folder {entry.path} not found")
         out.append(entry)
     names = [e.name for e in out]
@@ -289,7 +314,7 @@ def expand(sweep: Sweep) -> list[Trial]:
                 seen.add(tuple(params.items()))
                 name = "-".join([task.name, method] + [f"{k}{v}" for k, v in params.items()])
                 cfg = TrainConfig(method=method, **{**sweep.defaults, **params})
-                trials.append(Trial(name, task, method, params, cfg, str(Path(sweep.output) / name)))
+                trials.append(Trial(name, task, method, params, cfg, join(sweep.output, name)))
     return trials
 
 
@@ -305,8 +330,10 @@ def run_trial(sweep: Sweep, trial: Trial) -> dict:
                                storage_path=sweep.storage_path, name=f"er-sweep-{trial.name}")
         return result_row(trial, start, time.time(), metrics=metrics)
     except Exception as e:  # any failure, Ray's included, belongs to this trial only
-        Path(trial.out_dir).mkdir(parents=True, exist_ok=True)
-        Path(trial.out_dir, "error.txt").write_text(traceback.format_exc())
+        fs, path = url_to_fs(trial.out_dir, sweep.storage_options)
+        if is_local(fs):
+            fs.makedirs(path, exist_ok=True)
+        put_atomic(fs, f"{path}/error.txt", traceback.format_exc().encode())
         return result_row(trial, start, time.time(), error=e)
 
 
@@ -339,7 +366,7 @@ def run_trials(sweep: Sweep, trials: list[Trial], max_concurrent: int, address=N
             except Exception as e:  # the trial's worker process died (killed, out of memory)
                 rows[i] = result_row(t, submitted, time.time(), error=e)
             log(f"[{i + 1}/{len(trials)}] {_summary(rows[i])}")
-            write_results([r for r in rows if r is not None], sweep.output)
+            write_results([r for r in rows if r is not None], sweep.output, sweep.storage_options)
     except KeyboardInterrupt:
         for ref in pending:
             ray.cancel(ref, force=True, recursive=True)
@@ -379,18 +406,16 @@ def _summary(row: dict) -> str:
     return f"done {row['trial']} in {took}: test {row['metric']}={_fmt(row['test_' + row['metric']])}"
 
 
-def write_results(rows: list[dict], output: str) -> None:
+def write_results(rows: list[dict], output: str, storage_options: dict | None = None) -> None:
     """results.json (params as a mapping) and results.csv (params as `k=v k=v`), one row per trial; each replaced whole."""
-    out = Path(output)
+    fs, path = url_to_fs(output, storage_options)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=COLUMNS)
     w.writeheader()
     for r in rows:
         w.writerow({**r, "params": " ".join(f"{k}={v}" for k, v in r["params"].items())})
     for name, text in (("results.json", json.dumps(rows, indent=1)), ("results.csv", buf.getvalue())):
-        tmp = temp_sibling(str(out / name))
-        Path(tmp).write_text(text)
-        commit_file(tmp, str(out / name))
+        put_atomic(fs, f"{path}/{name}", text.encode())  # a rename on disk, one PUT on object storage
 
 
 def _fmt(v, digits: int = 4) -> str:
@@ -421,7 +446,7 @@ def main(args) -> int:
         raise ErError(f"--max-concurrent must be >= 1, got {max_concurrent}")
     open_cache(sweep.cache, storage_options=sweep.storage_options)  # fail once here, not once per trial
     trials = expand(sweep)
-    out = OutputDir.claim(sweep.output, "sweep", overwrite=args.overwrite, flag="output:")
+    out = OutputDir.claim(sweep.output, "sweep", overwrite=args.overwrite, flag="output:", storage_options=sweep.storage_options)
     out.add("results.csv", "results.json", *(t.name for t in trials))
     print(f"== er sweep {args.sweep}: {len(trials)} trials, at most {max_concurrent} at once, cache {sweep.cache}")
     try:
@@ -431,5 +456,5 @@ def main(args) -> int:
         raise
     out.finish()
     print(format_table(rows))
-    print(f"wrote {Path(sweep.output) / 'results.csv'} and results.json")
+    print(f"wrote {join(sweep.output, 'results.csv')} and results.json")
     return 1 if any(r["status"] != "ok" for r in rows) else 0

@@ -43,7 +43,8 @@ def main(args) -> int:
         if not (args.cache and args.task and args.out):
             raise ErError("er train needs --cache, --task and --out (or --resume OUT to continue an interrupted run)")
         cfg, workers = train_config(args), args.workers
-        ray_kw = dict(cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker, max_failures=args.max_failures)
+        ray_kw = dict(cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker, max_failures=args.max_failures,
+                      storage_path=args.storage_path)
     common = dict(storage_options=opts, limit=args.limit, ingest_missing=args.ingest_missing, overwrite=args.overwrite,
                   resume=bool(args.resume))
     if workers == 0:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import tempfile
 from dataclasses import asdict, replace
@@ -35,6 +36,7 @@ from er_core.cache import CacheReader
 from er_core.finetune import CHECKPOINTS, Prepared, setup_data
 from er_core.outputs import OutputDir
 from er_core.secrets import reject_secrets
+from er_core.storage import is_local, read_bytes, url_to_fs
 from er_core.task_data import collate, encode_split, grouped_order, missing_message
 from pipelines import cache_rows
 
@@ -199,7 +201,8 @@ def train_on_ray(cache_url: str, task_dir: str, out_dir: str, cfg: TrainConfig, 
     request = {"cache": cache_url, "task": task_dir, "limit": limit, "workers": workers, "cpus_per_worker": cpus_per_worker,
                "gpus_per_worker": gpus_per_worker, "storage_path": storage_path, "name": name, "cfg": cfg.to_dict(),
                "max_failures": max_failures}
-    out = OutputDir.claim(absolute(str(out_dir)), "train", overwrite=overwrite, resume=resume, request=request)
+    out = OutputDir.claim(absolute(str(out_dir)), "train", overwrite=overwrite, resume=resume, request=request,
+                          storage_options=storage_options)
     try:
         metrics = _fit_on_ray(out, cache_url, task_dir, cfg, workers, cpus_per_worker, gpus_per_worker, storage_options,
                               limit, address, storage_path, name, ingest_missing, max_failures)
@@ -225,6 +228,19 @@ def _fit_on_ray(out: OutputDir, cache_url, task_dir, cfg, workers, cpus_per_work
     ensure_ray(address)
     import ray
 
+    from pipelines.placement import Cluster, check_shared
+
+    # Ray Train's checkpoints: somewhere every worker's node can write and the driver can read.
+    checkpoints = storage_path or (out.local_path(CHECKPOINTS) if is_local(out.fs) else out.child(CHECKPOINTS))
+    cluster = Cluster.current(local=(address or os.environ.get("RAY_ADDRESS") or "local") == "local")
+    check_shared(cache_url, cluster, "cache")
+    check_shared(checkpoints, cluster, "checkpoint folder (under --out; or give --storage-path s3://...)")
+    storage = {"storage_path": checkpoints}
+    if "://" in checkpoints:  # er's own filesystem (endpoint, timeouts), so Ray Train writes where er reads
+        import pyarrow.fs as pafs
+
+        fs, path = url_to_fs(checkpoints, storage_options)
+        storage = {"storage_path": path, "storage_filesystem": pafs.PyFileSystem(pafs.FSSpecHandler(fs))}
     reader = open_cache(cache_url, storage_options=storage_options)  # opened once for the whole run
     p = setup_data(cache_url, task_dir, cfg, storage_options, limit, splits=("dev", "test"), reader=reader)
     ds, n_train = train_dataset(reader, p, cfg, storage_options)
@@ -240,8 +256,7 @@ def _fit_on_ray(out: OutputDir, cache_url, task_dir, cfg, workers, cpus_per_work
         datasets={"train": ds},
         # Checkpoints every node can reach: under OUT on one machine, a shared storage_path (s3://) on a cluster.
         # The same (storage_path, name) later resumes the run.
-        run_config=RunConfig(name=name or "run", storage_path=storage_path or out.local_path(CHECKPOINTS),
-                             failure_config=FailureConfig(max_failures=max_failures),
+        run_config=RunConfig(name=name or "run", **storage, failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
     result = trainer.fit()
@@ -254,4 +269,4 @@ def _fit_on_ray(out: OutputDir, cache_url, task_dir, cfg, workers, cpus_per_work
     out.finish(staged)
     if storage_path is None:
         out.remove(CHECKPOINTS)  # the run is complete: its resume state is no longer needed
-    return json.loads(Path(out.path, "metrics.json").read_text())
+    return json.loads(read_bytes(out.fs, f"{out.path}/metrics.json"))
