@@ -1,12 +1,14 @@
 # make demo  : install, then ingest a task folder and train on it from the cache (local Ray, local disk, bundled model)
 # make test  : install, then run the test suite
+# make cluster-up [WORKERS=N] / make cluster-down : a local Ray head + N worker nodes, with the dashboard and Jobs API
+# make submit-demo : submit `er demo` to that cluster with `ray job submit` (the Jobs API), and follow it
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 DATA    ?= ../shared/data/tasks
 DEMO_TASK ?= $(DATA)/chemprot
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench clean cluster-up cluster-down submit-demo
 
 install: $(VENV)/.installed
 
@@ -26,6 +28,25 @@ demo: install
 
 bench: install
 	RAY_AUTH_MODE=disabled $(BIN)/er bench --out benchmarks/REPORT.md
+
+# A local multi-node cluster (cluster/local-start.sh): the nodes run from this venv, so its ray and er.
+WORKERS   ?= 1
+DASHBOARD ?= http://127.0.0.1:8265
+RUNTIME_ENV ?= cluster/runtime-env.local.yaml
+SUBMIT_DIR  ?= /tmp/er-submit-demo
+export RAY_AUTH_MODE ?= disabled
+
+cluster-up: install
+	PATH=$(abspath $(BIN)):$$PATH cluster/local-start.sh $(WORKERS)
+
+cluster-down:
+	cluster/local-stop.sh
+
+# The job's driver runs on the head, in the uploaded copy of this repo: paths are absolute. The demo's
+# cache and model are local folders, which every node of a one-host cluster sees (use s3:// beyond one host).
+submit-demo: install
+	$(BIN)/ray job submit --address $(DASHBOARD) --working-dir . --runtime-env $(RUNTIME_ENV) -- \
+	  er demo $(abspath $(DEMO_TASK)) --workdir $(SUBMIT_DIR) --limit 200 --overwrite
 
 clean:
 	rm -rf $(VENV) .er-demo .pytest_cache

@@ -2,10 +2,14 @@
 # Start a multi-node Ray cluster on this one machine: a head and N worker nodes, each its own
 # raylet with its own CPUs, so Ray Data / Ray Train spread over several nodes as on a real cluster.
 #
-#   cluster/local-start.sh [N_WORKERS]        # default 1 worker node
+#   cluster/local-start.sh [N_WORKERS]        # default 1 worker node; or: make cluster-up WORKERS=N
 #   export RAY_ADDRESS=127.0.0.1:6390         # printed at the end; then e.g.
 #   er ingest corpus.jsonl --cache /tmp/er-cache --address "$RAY_ADDRESS"
+#   ray job submit --address http://127.0.0.1:8265 --working-dir . -- er cache info /tmp/er-cache
 #   cluster/local-stop.sh
+#
+# The head serves the dashboard and the Jobs API (`ray job submit/status/logs`, needs ray[default])
+# on 127.0.0.1:$ER_DASHBOARD_PORT (8265); ER_RAY_DASHBOARD=false leaves them out.
 #
 # Each node runs `ray start --block` in its own process group; their ids go to $ER_LOCAL_DIR so
 # local-stop.sh ends exactly these processes (no `ray stop`, which would kill every Ray on the host).
@@ -68,12 +72,16 @@ wait_nodes() {   # wait_nodes COUNT: until `ray status` shows COUNT active nodes
 }
 
 # Ray advertises this host's own IP for every node (it maps 127.0.0.1 to it); all traffic stays
-# on this machine. The head serves ray:// clients on 10001 only when ray[client] (grpcio) is
-# installed; ER_RAY_CLIENT_PORT picks another port (and then requires ray[client]).
+# on this machine. With grpcio installed (ray[default] brings it) the head also serves Ray Client
+# (ray://), on 10001 by default: here on a free port (ER_RAY_CLIENT_PORT to choose one), so that
+# a second head on this host does not fight over 10001. er uses the Jobs API, not ray://.
+DASHBOARD=${ER_RAY_DASHBOARD:-true}
+DASH_PORT=${ER_DASHBOARD_PORT:-8265}
+dashboard_flags=(--include-dashboard="$DASHBOARD")
+[[ $DASHBOARD == true ]] && dashboard_flags+=(--dashboard-host=127.0.0.1 --dashboard-port="$DASH_PORT")
 # shellcheck disable=SC2046  # node_ports is meant to split into separate flags
-start_node head --head --port="$PORT" \
-  --include-dashboard="${ER_RAY_DASHBOARD:-false}" \
-  ${ER_RAY_CLIENT_PORT:+--ray-client-server-port="$ER_RAY_CLIENT_PORT"} $(node_ports)
+start_node head --head --port="$PORT" "${dashboard_flags[@]}" \
+  --ray-client-server-port="${ER_RAY_CLIENT_PORT:-$(free_port)}" $(node_ports)
 wait_nodes 1 || { bash "$(dirname "$0")/local-stop.sh"; exit 1; }
 
 for i in $(seq "$WORKERS"); do
@@ -82,5 +90,21 @@ for i in $(seq "$WORKERS"); do
 done
 wait_nodes $((WORKERS + 1)) || { bash "$(dirname "$0")/local-stop.sh"; exit 1; }
 
+# The Jobs API answers once the dashboard is up (a few seconds after the head); a taken port shows here.
+if [[ $DASHBOARD == true ]]; then
+  deadline=$((SECONDS + 60))
+  until python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
+      "http://127.0.0.1:$DASH_PORT/api/version" 2>/dev/null; do
+    if ((SECONDS >= deadline)); then
+      echo "the dashboard did not answer on 127.0.0.1:$DASH_PORT in 60 s (port taken? ER_DASHBOARD_PORT=...);" \
+           "see $RAY_TMP/session_latest/logs/dashboard.log" >&2
+      bash "$(dirname "$0")/local-stop.sh"; exit 1
+    fi
+    sleep 1
+  done
+fi
+
 echo "local Ray cluster up: 1 head + $WORKERS worker node(s), $CPUS CPUs each"
 echo "export RAY_ADDRESS=127.0.0.1:$PORT RAY_AUTH_MODE=$RAY_AUTH_MODE"
+[[ $DASHBOARD == true ]] && echo "dashboard and Jobs API: http://127.0.0.1:$DASH_PORT (ray job submit --address http://127.0.0.1:$DASH_PORT ...)"
+exit 0

@@ -80,7 +80,10 @@ class LocalCluster:
     # ------------------------------------------------------------ start and stop
 
     def start(self) -> LocalCluster:
-        head = ["--head", f"--port={self.address.rsplit(':', 1)[1]}", f"--include-dashboard={str(self.layout.dashboard).lower()}"]
+        # With grpcio (ray[default]) the head serves Ray Client on 10001 unless told otherwise: a free port instead,
+        # so that two heads on this host never fight over it.
+        head = ["--head", f"--port={self.address.rsplit(':', 1)[1]}", f"--include-dashboard={str(self.layout.dashboard).lower()}",
+                f"--ray-client-server-port={_free_port()}"]
         if self.layout.dashboard:
             port = _free_port()
             head += ["--dashboard-host=127.0.0.1", f"--dashboard-port={port}"]

@@ -1,0 +1,157 @@
+"""`er` submitted through Ray's Jobs API (`ray job submit`) to a local multi-node cluster with its dashboard on
+(tests/conftest_cluster.py: head + 1 worker node), with inputs and outputs on the tests' S3 server.
+
+The jobs run as a user's would: `ray job submit --runtime-env cluster/runtime-env.local.yaml` (the repo uploaded as
+the working dir) with the venv's python as entrypoint, since the nodes run from this venv. Credentials: the nodes
+are started after the S3 fixture, so each node has the AWS_* variables in its own environment, as real nodes get
+theirs from an instance role, IRSA or a Secret; nothing secret goes through Ray (no runtime_env env_vars).
+One cluster and one S3 layout for the whole module; the tests run in file order and build on each other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import write_tiny_task
+from tests.conftest_cluster import RAY, Layout
+
+ROOT = Path(__file__).resolve().parents[1]
+DASHBOARD = Layout(head_cpus=2, workers=(2,), dashboard=True)
+EXAMPLES = 128  # 96 + 16 + 16, all distinct
+ER = [sys.executable, "-m", "pipelines.cli"]  # on the nodes: this venv's python, the submitted code on its path
+INGEST_ARGS = ["--layer", "2", "--codec", "fp32", "--shard-rows", "16"]
+
+pytestmark = pytest.mark.parametrize("ray_cluster", [DASHBOARD], indirect=True, ids=str)
+
+
+@pytest.fixture(scope="module")
+def jobs(s3, ray_cluster, tiny_bert, tmp_path_factory):
+    """(cluster, Jobs API client, s3fs filesystem, s3:// base): the tiny task uploaded to S3."""
+    from ray.job_submission import JobSubmissionClient
+
+    from er_core.storage import url_to_fs
+
+    # s3 is set up first (argument order), so the nodes started after it carry the credentials in their environment.
+    assert ray_cluster.env.get("AWS_ENDPOINT_URL") == os.environ["AWS_ENDPOINT_URL"], "the cluster started before S3"
+    assert ray_cluster.dashboard_url, "the layout has the dashboard on"
+    task = write_tiny_task(tmp_path_factory.mktemp("jobs") / "task", sizes=(("train", 96), ("dev", 16), ("test", 16)))
+    fs, _ = url_to_fs(f"s3://{s3.bucket}")
+    base = f"{s3.bucket}/jobs-{uuid.uuid4().hex[:8]}"
+    fs.put(str(task) + "/", f"{base}/task/", recursive=True)
+    return ray_cluster, JobSubmissionClient(ray_cluster.dashboard_url), fs, f"s3://{base}"
+
+
+def _submit(cluster, sid: str, argv: list[str]) -> subprocess.CompletedProcess:
+    """`ray job submit --no-wait` from the repo root, as a user would; the entrypoint is er's argv."""
+    cmd = [RAY, "job", "submit", "--address", cluster.dashboard_url, "--submission-id", sid, "--no-wait",
+           "--runtime-env", "cluster/runtime-env.local.yaml", "--", *ER, *argv]
+    return subprocess.run(cmd, cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=120)
+
+
+def _wait(client, sid: str, timeout: float = 300) -> str:
+    from ray.job_submission import JobStatus
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = client.get_job_status(sid)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            return status.value
+        time.sleep(1)
+    client.stop_job(sid)
+    pytest.fail(f"job {sid} still {status.value} after {timeout:.0f} s:\n{client.get_job_logs(sid)[-3000:]}")
+
+
+def _run_job(jobs, sid: str, argv: list[str]) -> str:
+    cluster, client, _, _ = jobs
+    sub = _submit(cluster, sid, argv)
+    assert sub.returncode == 0, sub.stdout + sub.stderr
+    assert f"Job '{sid}' submitted successfully" in sub.stdout + sub.stderr
+    status = _wait(client, sid)
+    logs = client.get_job_logs(sid)
+    assert status == "SUCCEEDED", logs[-4000:]
+    return logs
+
+
+def _er_local(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*ER, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": ""})
+
+
+def test_submitted_ingest_succeeds_and_its_s3_cache_verifies(jobs, tiny_bert):
+    cluster, client, fs, base = jobs
+    logs = _run_job(jobs, "er-test-ingest", ["ingest", f"{base}/task", "--cache", f"{base}/cache", "--model", tiny_bert,
+                                             *INGEST_ARGS])
+    assert f"examples written  {EXAMPLES}" in logs
+    info = client.get_job_info("er-test-ingest")
+    assert info.entrypoint.endswith(shlex.join(["--cache", f"{base}/cache", "--model", tiny_bert, *INGEST_ARGS]))
+    verify = _er_local("cache", "verify", f"{base}/cache")
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_ray_state_api_shows_the_jobs_actors_on_both_nodes(jobs):
+    from ray.util.state import list_actors
+
+    cluster, client, _, _ = jobs
+    job_id = client.get_job_info("er-test-ingest").job_id
+    actors = list_actors(address=cluster.dashboard_url, filters=[("job_id", "=", job_id)], limit=1000, detail=True,
+                         raise_on_missing_output=False)
+    names = {n["id"]: n["name"] for n in cluster.nodes()}
+    embed = {names.get(a.node_id) for a in actors if "EmbedShards" in a.class_name}
+    assert embed == {"head", "w1"}, [(a.class_name, names.get(a.node_id)) for a in actors]
+
+
+def test_submitted_sweep_reads_its_tasks_and_writes_its_results_on_s3(jobs):
+    _, _, fs, base = jobs
+    path = base.removeprefix("s3://")
+    # Relative paths are taken from the sweep file's own URL.
+    sweep = {"cache": "../cache", "output": "../sweep-out", "tasks": ["../task"], "methods": ["reduced"],
+             "defaults": {"epochs": 1}, "resources": {"cpus_per_worker": 0.5}}
+    fs.pipe_file(f"{path}/sweeps/sweep.yaml", yaml.safe_dump(sweep).encode())
+    _run_job(jobs, "er-test-sweep", ["sweep", f"{base}/sweeps/sweep.yaml"])
+    fs.invalidate_cache()
+    rows = json.loads(fs.cat_file(f"{path}/sweep-out/results.json"))
+    assert [r["status"] for r in rows] == ["ok"] and rows[0]["out_dir"].startswith(f"{base}/sweep-out/")
+    assert fs.exists(f"{path}/sweep-out/results.csv")
+    assert fs.exists(f"{rows[0]['out_dir'].removeprefix('s3://')}/metrics.json")
+
+
+def test_scheduled_ingest_twice_submits_once_and_adds_nothing_the_second_time(jobs, tiny_bert, tmp_path):
+    cluster, client, fs, base = jobs
+    cache = f"{base}/cron-cache"
+    env = {**cluster.env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "RAY_API_SERVER_ADDRESS": cluster.dashboard_url, "CORPUS": f"{base}/task", "CACHE": cache,
+           "ER": shlex.join(ER), "ER_INGEST_LOCK": str(tmp_path / "lock")}
+    env.pop("ER_SUBMISSION_ID", None)
+    day = datetime.now(timezone.utc).strftime("%Y%m%d")
+
+    def run():
+        return subprocess.run(["bash", str(ROOT / "cluster" / "scheduled-ingest.sh"), "--model", tiny_bert, *INGEST_ARGS],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+    first = run()
+    assert first.returncode == 0, first.stdout + first.stderr
+    sid = f"er-ingest-{day}"
+    assert f"Ray job {sid}: SUCCEEDED" in first.stdout
+    assert f"examples written  {EXAMPLES}" in first.stdout  # the job's logs, followed
+    manifest = fs.cat_file(f"{cache.removeprefix('s3://')}/manifest.json")
+
+    second = run()
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert f"{sid} was submitted before: following it, not submitting it again" in second.stdout
+    assert f"Ray job {sid}: SUCCEEDED" in second.stdout
+    assert [j.submission_id for j in client.list_jobs()].count(sid) == 1  # one job, however often it ran
+    fs.invalidate_cache()
+    assert fs.cat_file(f"{cache.removeprefix('s3://')}/manifest.json") == manifest  # the cache is as the first run left it
+    verify = _er_local("cache", "verify", cache)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
