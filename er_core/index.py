@@ -5,7 +5,9 @@ the shard holding it, the row group and the row within it, and its token count. 
 the entries of the shards it adds as one segment, `index/seg-<generation>-<run>.parquet`, sorted
 by digest in row groups of SEGMENT_GROUP_ROWS entries with min/max statistics. Locating N keys
 reads each segment's footer and only the row groups whose digest range holds one of them, so the
-bytes read grow with N and the number of segments, never with the hidden states. Like an LSM tree,
+bytes read grow with N and the number of segments, never with the hidden states. An Index fetches each
+row group once and keeps it (up to CACHED_ENTRIES entries), so lookups one after another (a task's
+splits, a predictor's batches) do not fetch the same index bytes again. Like an LSM tree,
 a commit that leaves more than MAX_SEGMENTS segments merges the smaller half into one, so lookups
 open a bounded number of files however many commits a cache has seen.
 """
@@ -13,6 +15,7 @@ open a bounded number of files however many commits a cache has seen.
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -24,6 +27,7 @@ from .parquet_io import PartialFile, to_parquet
 
 SEGMENT_GROUP_ROWS = 4096
 MAX_SEGMENTS = 8
+CACHED_ENTRIES = 1_000_000  # index entries an Index keeps after reading them (about 32 MB), least recently used dropped
 SCHEMA = pa.schema([("digest", pa.binary(16)), ("shard", pa.int32()), ("group", pa.int32()), ("row", pa.int32()),
                     ("length", pa.int32())])
 
@@ -78,6 +82,8 @@ class Index:
     def __init__(self, fs, root: str, segments: list[SegmentInfo], url: str):
         self.fs, self.root, self.segments, self.url = fs, root, list(segments), url
         self._files: dict[str, PartialFile] = {}
+        self._groups: OrderedDict[tuple[str, int], pa.Table] = OrderedDict()  # (segment, row group) -> its entries
+        self._kept = 0
 
     def file(self, seg: SegmentInfo) -> PartialFile:
         f = self._files.get(seg.path)
@@ -99,12 +105,28 @@ class Index:
             f = self.file(seg)
             groups = [g for g in range(f.metadata.num_row_groups) if _may_hold(f.metadata.row_group(g).column(0), wanted)]
             if groups:
-                t = f.read(groups, SCHEMA.names)
+                t = self._read_groups(seg, f, groups)
                 found.append(t.filter(pc.is_in(t.column("digest"), value_set=digest_array(wanted))))
         t = pa.concat_tables(found) if found else SCHEMA.empty_table()
         got = digests_of(t.column("digest"))
         pos = order[np.searchsorted(wanted, got)]  # back to the caller's keys
         return t.append_column("key", pa.array([keys[i] for i in pos], pa.string()))
+
+    def _read_groups(self, seg: SegmentInfo, f: PartialFile, groups: list[int]) -> pa.Table:
+        """The entries of row groups `groups` of a segment, fetching only those this Index does not hold yet."""
+        need = [g for g in groups if (seg.path, g) not in self._groups]
+        if need:
+            t, start = f.read(need, SCHEMA.names), 0
+            for g in need:
+                n = f.metadata.row_group(g).num_rows
+                self._groups[(seg.path, g)] = t.slice(start, n)
+                self._kept, start = self._kept + n, start + n
+        for g in groups:
+            self._groups.move_to_end((seg.path, g))
+        out = pa.concat_tables([self._groups[(seg.path, g)] for g in groups])
+        while self._kept > CACHED_ENTRIES and len(self._groups) > len(groups):  # never the groups just used
+            self._kept -= self._groups.popitem(last=False)[1].num_rows
+        return out
 
     def entries(self, columns: list[str] | None = None) -> pa.Table:
         """Every entry (for key claims, merges and checks): index bytes only, never hidden states."""

@@ -298,3 +298,41 @@ def test_locating_keys_reads_the_index_not_the_states(tmp_path, rec):
     assert got.column("key").to_pylist() == ["k5", "k7"]
     assert np.array_equal(r.decode(got["length"][0].as_py(), got["hidden"][0].as_py(), None), rows[5][2])
     assert {p.rsplit("/", 1)[-1] for p in opened} <= {shard.path.rsplit("/", 1)[-1]}
+
+
+def test_a_reader_fetches_each_index_row_group_once(tmp_path, rec, monkeypatch):
+    """Lookups one after another (a task's splits, a predictor's batches) fetch an index row group once, whatever the order."""
+    import fsspec
+
+    from er_core import index
+
+    monkeypatch.setattr(index, "SEGMENT_GROUP_ROWS", 16)  # several index row groups per segment
+    url = str(tmp_path / "c")
+    rows = _rows(120, seed=6, lo=2, hi=5)
+    with CacheWriter(url, rec.spec, shard_rows=40) as w:
+        for i, (k, ids, h) in enumerate(rows):
+            w.add(k, ids, h)
+            if i % 60 == 59:
+                w.commit()
+    fetched = []
+    real = fsspec.implementations.local.LocalFileSystem.cat_ranges
+
+    def counting(self, paths, starts, ends, *a, **kw):
+        fetched.extend(p for p in paths if "/index/" in p)
+        return real(self, paths, starts, ends, *a, **kw)
+
+    monkeypatch.setattr(fsspec.implementations.local.LocalFileSystem, "cat_ranges", counting)
+    keys = [k for k, _, _ in rows]
+    r = open_cache(url)
+    first = r.locate(keys[:50] + ["nope"]).to_pylist()
+    n = len(fetched)
+    assert n > 0 and r.locate(keys[:50] + ["nope"]).to_pylist() == first and len(fetched) == n  # same keys: nothing fetched
+    r.locate(keys)
+    everything = len(fetched)
+    assert r.locate(keys[10:90]).num_rows == 80 and len(fetched) == everything  # all held now
+    monkeypatch.setattr(index, "CACHED_ENTRIES", 20)  # a small budget drops the least recently used, answers stay right
+    small = open_cache(url)
+    for part in (keys[:30], keys[60:], keys[:30], keys[::7]):
+        got = small.locate(part)
+        assert sorted(got.column("key").to_pylist()) == sorted(part)
+        assert got.to_pylist() == open_cache(url).locate(part).to_pylist()

@@ -1,0 +1,447 @@
+"""A task's cost vs the cache's size: the bytes and time one training needs before its first step, at 10k, 50k and 200k cached examples.
+
+    python -m benchmarks.bench_scale [--quick] [--repeats 2] [--out JSON] [--report MD]
+
+Caches: the real key scheme, spec and codec (bundled MiniLM cut at k=3, fp16, H=384), written through
+CacheWriter in 4096-row shards, committed every 16 shards like `er ingest`; random states stand in for
+the encoder's. Each cache holds two synthetic classification tasks of 2,000 train + 200 dev + 200 test
+short texts (real token ids, so training's key and length checks pass) among 16-token filler rows:
+- `runs`: the task in runs of 64 rows (one row group each), the runs spread evenly over the whole
+  cache, so they land in many shards (38 runs: every shard up to 50k, 38 of 49 at 200k), as a task
+  ingested in batches among other corpora would;
+- `scattered`: the task's rows spread evenly one by one, about one per row group (the adversarial case).
+Backends: local disk and S3 (SeaweedFS from tests/s3_server.py; the local cache is uploaded).
+
+Each training (`pipelines.train_ray.train_on_ray`: 1 worker, `reduced`, 3 epochs) starts on a fresh
+local Ray that is already up when the clock starts, so no run reuses another's warm readers; each
+setting is trained twice, interleaved, and the faster is reported (the machine is shared). Bytes are
+counted in every process (driver, Ray Data tasks, Train workers) by benchmarks/io_count.py, and only reads
+of the cache count: manifest, index and shards apart. Time to first step is the worker's `first_step_at`
+minus the call; epoch 2-3 bytes are reads between the ends of epochs 1 and 3 (history `ended_at`).
+Goal: from the smallest cache to the largest, first-step bytes and time grow at most 1.5x, and epochs
+after the first read nothing from storage.
+
+Results: benchmarks/results/scale.json, and the `scale` section of benchmarks/REPORT.md with its plot
+benchmarks/scale.png. `--quick` (caches of 2k, 5k, 10k rows, a 400-example task, one training each)
+is a smoke run and writes neither unless --out / --report are given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import io_count
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "scale.json"
+SIZES, QUICK_SIZES = (10_000, 50_000, 200_000), (2_000, 5_000, 10_000)
+TASK, QUICK_TASK = {"train": 2000, "dev": 200, "test": 200}, {"train": 300, "dev": 50, "test": 50}
+SHARD_ROWS, QUICK_SHARD_ROWS = 4096, 1024
+COMMIT_EVERY = 16  # shards per commit, as `er ingest` does: a big cache has several index segments
+FILLER_TOKENS = 16
+LAYOUTS = ("runs", "scattered")
+BACKENDS = ("local", "s3")
+GOAL = 1.5
+WORDS = ("the of and to in is was with for on by that as at from this are it an or not protein gene disease cell "
+         "patients drug binds cancer mutation results study method show effect level expression human receptor "
+         "treatment increased reduced model data signal").split()
+
+
+# ---------------------------------------------------------------- the synthetic cache
+
+
+def write_task(folder: Path, sizes: dict, seed: int) -> Path:
+    """A two-class JSONL task of short unique texts (the label word is in the text)."""
+    rnd = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for split, count in sizes.items():
+        with open(folder / f"{split}.jsonl", "w") as f:
+            for i in range(count):
+                label = ("alpha", "beta")[i % 2]
+                words = [rnd.choice(WORDS) for _ in range(rnd.randint(6, 9))]
+                words.insert(rnd.randint(0, len(words)), label)
+                n += 1
+                f.write(json.dumps({"text": f"{' '.join(words)} t{seed} n{n}", "label": label}) + "\n")
+    return folder
+
+
+def task_rows(rec, folder: Path) -> list[tuple[str, np.ndarray]]:
+    """(key, token ids) of every example of the task, exactly as training computes them."""
+    from er_core import load_task
+    from er_core.tasks import example_input
+
+    task = load_task(folder)
+    inputs = [example_input(e) for split in ("train", "dev", "test") for e in task.splits[split]]
+    return [(rec.key(i), t.input_ids) for i, t in zip(inputs, rec.tokenize(inputs))]
+
+
+def placement(n: int, n_runs: int, n_scattered: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row positions of the `runs` task (whole row groups, spread evenly) and the `scattered` one (one by one)."""
+    from er_core.cache import GROUP_ROWS
+
+    groups, need = n // GROUP_ROWS, math.ceil(n_runs / GROUP_ROWS)
+    assert groups >= need, f"a cache of {n} rows cannot hold a task of {n_runs} rows in whole row groups"
+    starts = np.arange(need) * groups // need * GROUP_ROWS
+    runs = (starts[:, None] + np.arange(GROUP_ROWS)).ravel()[:n_runs]
+    free = np.setdiff1d(np.arange(n), runs)
+    scattered = free[np.linspace(0, len(free) - 1, n_scattered).round().astype(np.int64)]
+    return runs, scattered
+
+
+def build_cache(url: str, rec, n: int, rows_at: dict, shard_rows: int, seed: int) -> dict:
+    """Write `n` rows (the tasks' rows at their positions, random filler elsewhere) through CacheWriter."""
+    from er_core.cache import CacheWriter, encode_table, write_shard
+
+    rng = np.random.default_rng(seed)
+    t0, pending = time.perf_counter(), 0
+    with CacheWriter(url, rec.spec, shard_rows=shard_rows) as w:
+        for s0 in range(0, n, shard_rows):
+            keys, ids = [], []
+            for p in range(s0, min(n, s0 + shard_rows)):
+                k, i = rows_at.get(p) or (rng.bytes(16).hex(), np.r_[101, rng.integers(1000, 30000, FILLER_TOKENS - 2), 102])
+                keys.append(k)
+                ids.append(i)
+            lengths = np.array([len(i) for i in ids])
+            # Bulk random states, cut into per-row views: the codec (fp16) encodes them as it would real ones.
+            flat = rng.standard_normal((int(lengths.sum()), rec.spec.hidden_size), dtype=np.float32)
+            hidden = np.split(flat, np.cumsum(lengths)[:-1])
+            table = encode_table(keys, ids, hidden, [False] * len(keys), rec.spec.codec)
+            w.add_shard(write_shard(url, w.next_shard_name(), table))
+            pending += 1
+            if pending == COMMIT_EVERY:
+                w.commit()
+                pending = 0
+    m = w.manifest
+    return {"rows": m.totals["rows"], "shards": len(m.shards), "index_segments": len(m.index),
+            "bytes": sum(s.bytes for s in m.shards), "index_bytes": sum(s.bytes for s in m.index),
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def upload(fs, local: Path, remote: str) -> float:
+    """Copy a local cache to S3, the manifest last (as a writer commits it)."""
+    t0 = time.perf_counter()
+    files = [p for p in local.rglob("*") if p.is_file() and p.name != ".er-cas" and ".tmp-" not in p.name]
+    for p in sorted(files, key=lambda p: p.name == "manifest.json"):
+        fs.put_file(str(p), f"{remote}/{p.relative_to(local).as_posix()}")
+    return round(time.perf_counter() - t0, 1)
+
+
+# ---------------------------------------------------------------- one measured training
+
+
+def fresh_ray(tmp: Path, object_store: int = 2_000_000_000):
+    """A local Ray (its processes count their reads: they inherit PYTHONPATH and $ER_IO_COUNT_DIR); returns its stop function."""
+    import ray
+
+    from pipelines import ray_sessions
+
+    root = str(tmp / "ray")
+    rec = ray_sessions.record(root)
+    before = set(glob.glob(f"{root}/session_2*"))
+    try:
+        # 8 logical CPUs like er's own local Ray: the Train worker holds one, Ray Data reads on the others.
+        ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, _temp_dir=root,
+                 object_store_memory=object_store)
+    except Exception:  # e.g. its node timed out starting on a loaded machine: leave nothing of it running
+        ray.shutdown()
+        for session in set(glob.glob(f"{root}/session_2*")) - before:
+            ray_sessions.finish(session, rec)
+        raise
+    session = ray._private.worker._global_node.get_session_dir_path()
+    ray_sessions.record(root, session)
+
+    @ray.remote(num_cpus=1)
+    def ready():
+        time.sleep(1)
+
+    ray.get([ready.remote() for _ in range(8)])  # Ray's prestarted workers are up before the clock starts
+
+    def stop():
+        ray.shutdown()
+        ray_sessions.finish(session, rec)  # whatever of this session outlived the shutdown
+
+    return stop
+
+
+def measure(cache_url: str, prefix: str, task_dir: Path, work: Path, logs: Path, settle: float, attempts: int = 3) -> dict:
+    """`measure_once`, tried again when Ray fails to start or to train on this shared machine (the attempt is recorded)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return {**measure_once(cache_url, prefix, task_dir, work, logs, settle), "attempt": attempt}
+        except Exception as e:  # noqa: BLE001 - the last attempt raises
+            if attempt == attempts:
+                raise
+            print(f"attempt {attempt} failed ({type(e).__name__}: {str(e)[:300]}); trying again", flush=True)
+            time.sleep(10)
+
+
+def measure_once(cache_url: str, prefix: str, task_dir: Path, work: Path, logs: Path, settle: float) -> dict:
+    """Train once on a fresh Ray; the cache reads before the first step, in epochs 2-3, and the times."""
+    from er_core import TrainConfig
+    from pipelines.train_ray import train_on_ray
+
+    stop = fresh_ray(work)
+    try:
+        time.sleep(settle)  # let the new Ray's start-up work finish before the clock starts
+        out = work / "out"
+        shutil.rmtree(out, ignore_errors=True)
+        t0 = time.time()
+        m = train_on_ray(cache_url, str(task_dir), str(out), TrainConfig(method="reduced", epochs=3, patience=3),
+                         workers=1, cpus_per_worker=1.0)
+        t1 = time.time()
+    finally:
+        stop()
+    reads = [r for r in io_count.load(logs) if t0 <= r.t <= t1 and r.path.startswith(prefix)]
+    first, ends = m["first_step_at"], [h["ended_at"] for h in m["history"]]
+    assert len(ends) == 3, m["history"]
+
+    def part(r):
+        rel = r.path[len(prefix):]
+        return "manifest" if rel == "manifest.json" else rel.split("/", 1)[0] if rel.startswith(("index/", "shards/")) else "other"
+
+    before = [r for r in reads if r.t < first]
+    by_part = {p: sum(r.nbytes for r in before if part(r) == p) for p in ("manifest", "index", "shards", "other")}
+    return {
+        "time_to_first_step_s": round(first - t0, 2),
+        "reads_done_s": round(max((r.t for r in before), default=t0) - t0, 2),  # last cache read before the first step
+        "read_span_s": round(max((r.t for r in before), default=t0) - min((r.t for r in before), default=t0), 2),
+        "first_step_bytes": sum(by_part.values()),
+        "first_step_bytes_by_part": by_part,
+        # local: read calls; S3: requests of any kind (GET, HEAD, LIST)
+        "first_step_requests": len(before),
+        "epoch1_after_first_step_bytes": sum(r.nbytes for r in reads if first <= r.t <= ends[0]),
+        "epochs_2_3_bytes": sum(r.nbytes for r in reads if ends[0] < r.t <= ends[2]),
+        "after_first_step_bytes": sum(r.nbytes for r in reads if r.t >= first),  # to the end of train_on_ray
+        "run_seconds": round(t1 - t0, 1),
+        "test": m.get("test"),
+    }
+
+
+# ---------------------------------------------------------------- the whole benchmark
+
+
+def run(quick: bool = False, out_json=None, report=None, settle: float = 2.0, repeats: int | None = None) -> dict:
+    import s3fs
+
+    from er_core import Recycler
+    from tests.s3_server import SeaweedS3
+
+    sizes, task_sizes = (QUICK_SIZES, QUICK_TASK) if quick else (SIZES, TASK)
+    shard_rows = QUICK_SHARD_ROWS if quick else SHARD_ROWS
+    repeats = repeats or (1 if quick else 2)
+    work = Path(tempfile.mkdtemp(prefix="er-scale-", dir="/tmp"))  # short: Ray puts unix sockets under it
+    logs = work / "reads"
+    logs.mkdir()
+    os.environ[io_count.ENV] = str(logs)  # before any Ray starts: its workers inherit it
+    # Every Ray process then counts its reads from start-up (io_probe/sitecustomize.py imports benchmarks from the repo).
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [io_count.PROBE, str(ROOT), os.environ.get("PYTHONPATH")]))
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+        os.environ.pop(name, None)
+    io_count.install()
+    server = SeaweedS3(work / "seaweedfs").start()
+    results = {"quick": quick, "sizes": list(sizes), "task": task_sizes, "shard_rows": shard_rows, "repeats": repeats,
+               "builds": {}, "runs": []}
+    try:
+        os.environ.update(server.env())  # er, s3fs and every Ray worker reach the server through these
+        fs = s3fs.S3FileSystem(skip_instance_cache=True, **server.storage_options())
+        rec = Recycler.load("bundled", layer=3, codec="fp16", max_length=128)
+        tasks = {layout: write_task(work / f"task-{layout}", task_sizes, seed=i) for i, layout in enumerate(LAYOUTS)}
+        rows = {layout: task_rows(rec, folder) for layout, folder in tasks.items()}
+        results["task_state_bytes"] = {layout: int(sum(len(i) for _, i in r) * rec.spec.hidden_size * 2) for layout, r in rows.items()}
+        for n in sizes:
+            local = work / f"cache-{n}"
+            pos = dict(zip(LAYOUTS, placement(n, len(rows["runs"]), len(rows["scattered"]))))
+            rows_at = {int(p): row for layout in LAYOUTS for p, row in zip(pos[layout], rows[layout])}
+            build = build_cache(str(local), rec, n, rows_at, shard_rows, seed=n)
+            remote = f"{server.bucket}/cache-{n}"
+            build["upload_seconds"] = upload(fs, local, remote)
+            results["builds"][str(n)] = build  # str: the keys of the JSON
+            print(f"cache {n}: {build}", flush=True)
+            done: dict = {}
+            for _ in range(repeats):  # interleaved, so a burst of load from elsewhere hits one repeat, not one setting
+                for backend in BACKENDS:
+                    url, prefix = (str(local), f"{local}/") if backend == "local" else (f"s3://{remote}", f"{remote}/")
+                    for layout in LAYOUTS:
+                        r = measure(url, prefix, tasks[layout], work, logs, settle)
+                        done.setdefault((backend, layout), []).append(r)
+                        print(json.dumps({"backend": backend, "size": n, "layout": layout,
+                                          **{k: v for k, v in r.items() if k != "test"}}), flush=True)
+            for (backend, layout), reps in done.items():
+                results["runs"].append({"backend": backend, "size": n, "layout": layout, **best_of(reps)})
+            shutil.rmtree(local)  # disk is limited: one cache at a time
+            fs.rm(remote, recursive=True)
+    finally:
+        server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    results["growth"] = growth(results)
+    results["measured"] = time.strftime("%Y-%m-%d %H:%M")
+    if out_json:
+        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_json).write_text(json.dumps(results, indent=1))
+    if report:
+        png = Path(report).with_name("scale.png")
+        plot(results, png)
+        from benchmarks.report import write_section
+
+        write_section("scale", section(results, png.name), Path(report))
+    return results
+
+
+def best_of(reps: list[dict]) -> dict:
+    """The fastest repeat (this machine is shared: the slower ones met others' load); bytes: the most any repeat read."""
+    best = dict(min(reps, key=lambda r: r["time_to_first_step_s"]))
+    best["time_to_first_step_all_s"] = [r["time_to_first_step_s"] for r in reps]
+    best["first_step_bytes_all"] = sorted({r["first_step_bytes"] for r in reps})  # one value: reads are deterministic
+    for k in ("epoch1_after_first_step_bytes", "epochs_2_3_bytes", "after_first_step_bytes"):
+        best[k] = max(r[k] for r in reps)
+    return best
+
+
+def growth(results: dict) -> dict:
+    """Largest cache over smallest, per backend and layout: first-step bytes and time, and the goal's verdict."""
+    out = {}
+    lo, hi = min(results["sizes"]), max(results["sizes"])
+    for backend in BACKENDS:
+        for layout in LAYOUTS:
+            rs = {r["size"]: r for r in results["runs"] if r["backend"] == backend and r["layout"] == layout}
+            if lo not in rs or hi not in rs:
+                continue
+            b = rs[hi]["first_step_bytes"] / rs[lo]["first_step_bytes"]
+            t = rs[hi]["time_to_first_step_s"] / rs[lo]["time_to_first_step_s"]
+            later = max(r["epochs_2_3_bytes"] for r in rs.values())
+            out[f"{backend}/{layout}"] = {"bytes_x": round(b, 2), "time_x": round(t, 2), "epochs_2_3_bytes_max": later,
+                                          "goal_met": b <= GOAL and t <= GOAL and later == 0}
+    return out
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_b, ax_t) = plt.subplots(1, 2, figsize=(10, 4))
+    for backend, color in zip(BACKENDS, ("tab:blue", "tab:orange")):
+        for layout, style in zip(LAYOUTS, ("-o", "--s")):
+            rs = sorted((r for r in results["runs"] if r["backend"] == backend and r["layout"] == layout), key=lambda r: r["size"])
+            x = [r["size"] for r in rs]
+            ax_b.plot(x, [r["first_step_bytes"] / 1e6 for r in rs], style, color=color, label=f"{backend}, {layout}")
+            ax_t.plot(x, [r["time_to_first_step_s"] for r in rs], style, color=color, label=f"{backend}, {layout}")
+    for ax, title in ((ax_b, "cache bytes read before the first step (MB)"), (ax_t, "time to the first step (s)")):
+        ax.set_xscale("log")
+        ax.set_xticks(results["sizes"], [f"{n // 1000}k" for n in results["sizes"]])
+        ax.minorticks_off()
+        ax.set_xlabel("cached examples")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    ax_b.set_yscale("log")
+    ax_t.set_ylim(bottom=0)
+    ax_b.legend(fontsize=8)
+    t = results["task"]
+    fig.suptitle(f"One task ({t['train']} train + {t['dev']} dev + {t['test']} test examples) vs cache size", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def section(results: dict, png: str) -> str:
+    t, mb = results["task"], lambda b: f"{b / 1e6:.1f}"
+    lines = [
+        "## Task cost vs cache size (`python -m benchmarks.bench_scale" + (" --quick" if results["quick"] else "") + "`)",
+        "",
+        f"Measured {results['measured']} on this machine ({os.cpu_count()} cores). One task of {t['train']} train + "
+        f"{t['dev']} dev + {t['test']} test examples trained (`reduced`, 1 Ray Train worker, 3 epochs) from synthetic "
+        f"caches of {', '.join(f'{n // 1000}k' for n in results['sizes'])} examples (bundled MiniLM k=3, fp16, H=384, "
+        f"16-token filler rows, {results['shard_rows']}-row shards of 64-row row groups), on local disk and on S3 "
+        f"(SeaweedFS on 127.0.0.1). Layout `runs`: the task in whole row groups spread over the cache; `scattered`: "
+        f"its rows one by one, about one per row group. The task's own states are "
+        f"{mb(results['task_state_bytes']['runs'])} MB. Bytes are the cache's (manifest + index + shards), counted "
+        f"in every process; time starts at `train_on_ray` on an already running local Ray (fresh for every training); "
+        f"times are the fastest of {results['repeats']} trainings (all in the JSON), as this machine is shared. "
+        f"*Reads done*: when the last cache read before the first step ended; *read span*: from the first cache read to it.",
+        "",
+        f"![first-step bytes and time vs cache size]({png})",
+        "",
+        "| backend | layout | cache | shards | bytes to first step (MB) | manifest / index / shards (MB) | reads | time to first step (s) | reads done (s) | read span (s) | bytes in epochs 2-3 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(results["runs"], key=lambda r: (r["backend"], r["layout"], r["size"])):
+        p = r["first_step_bytes_by_part"]
+        lines.append(f"| {r['backend']} | {r['layout']} | {r['size'] // 1000}k | {results['builds'][str(r['size'])]['shards']} | "
+                     f"{mb(r['first_step_bytes'])} | {mb(p['manifest'])} / {mb(p['index'])} / {mb(p['shards'])} | "
+                     f"{r['first_step_requests']} | {r['time_to_first_step_s']} | {r['reads_done_s']} | {r['read_span_s']} | {r['epochs_2_3_bytes']} |")
+    lo, hi = min(results["sizes"]) // 1000, max(results["sizes"]) // 1000
+    lines += ["", f"Growth from {lo}k to {hi}k (goal: at most {GOAL}x, and 0 bytes in epochs 2-3):", "",
+              "| backend / layout | bytes | time | bytes in epochs 2-3 | goal |", "|---|---|---|---|---|"]
+    for k, g in results["growth"].items():
+        lines.append(f"| {k} | {g['bytes_x']}x | {g['time_x']}x | {g['epochs_2_3_bytes_max']} | {'met' if g['goal_met'] else 'NOT met'} |")
+    return "\n".join(lines + [""] + notes(results)) + "\n"
+
+
+def notes(results: dict) -> list[str]:
+    """What the table says, computed from it."""
+    runs, mb = results["runs"], lambda b: f"{b / 1e6:.1f} MB"
+    lo, hi = min(results["sizes"]), max(results["sizes"])
+    at = {(r["backend"], r["layout"], r["size"]): r for r in runs}
+    task = results["task_state_bytes"]
+    out = []
+    later = max(r["after_first_step_bytes"] for r in runs)
+    out.append(f"- After the first step no training read anything from the cache: {later} bytes at most over every run "
+               f"(epochs 1-3 and the final evaluation), since the task's rows are materialized once in the object store.")
+    same = all(at[("local", lay, n)]["first_step_bytes"] == at[("s3", lay, n)]["first_step_bytes"]
+               for lay in LAYOUTS for n in results["sizes"] if ("s3", lay, n) in at and ("local", lay, n) in at)
+    if same:
+        out.append("- Local disk and S3 read exactly the same bytes (the same ranged reads), counted at two different "
+                   "levels (file reads, GET replies): the lines overlap in the plot.")
+    r0, r1 = at.get(("local", "runs", lo)), at.get(("local", "runs", hi))
+    if r0 and r1:
+        p0, p1 = r0["first_step_bytes_by_part"], r1["first_step_bytes_by_part"]
+        files = results["builds"][str(hi)].get("index_bytes")
+        whole = f" (its files hold {mb(files)})" if files else ""
+        out.append(f"- `runs`: the shards' bytes follow the task ({mb(p0['shards'])} at {lo // 1000}k, {mb(p1['shards'])} at "
+                   f"{hi // 1000}k, for {mb(task['runs'])} of its own states; most of the difference is the 64 KB footer "
+                   f"read of each shard the task touches). What grows with the cache is the key index: {mb(p0['index'])} "
+                   f"at {lo // 1000}k, {mb(p1['index'])} at {hi // 1000}k{whole}, {p1['index'] / hi:.0f} bytes per cached "
+                   f"example. Locating thousands of random keys touches every index row group (4096 digests each), so "
+                   f"the whole index is read: a small fraction of the cache, but linear in it.")
+    s0, s1 = at.get(("local", "scattered", lo)), at.get(("local", "scattered", hi))
+    if s0 and s1:
+        b0, b1 = s0["first_step_bytes_by_part"]["shards"], s1["first_step_bytes_by_part"]["shards"]
+        out.append(f"- `scattered`: a reader fetches whole row groups (64 rows, here about 0.8 MB of states), so a task "
+                   f"whose rows sit about one per row group reads up to 64x its own states: {mb(b0)} at {lo // 1000}k "
+                   f"({b0 / task['scattered']:.0f}x), {mb(b1)} at {hi // 1000}k ({b1 / task['scattered']:.0f}x) for "
+                   f"{mb(task['scattered'])} of states. It grows with the cache until every row group holds at most one "
+                   f"task row: with this layout the goal cannot be met at row-group granularity.")
+    done = max(r["reads_done_s"] for r in runs if r["layout"] == "runs")
+    first = min(r["time_to_first_step_s"] for r in runs)
+    out.append(f"- Time to the first step is mostly fixed start-up: with the `runs` layout every cache read was over within "
+               f"{done:.0f} s of the call, and the first step came no sooner than {first:.0f} s (Ray Train's worker, torch "
+               f"and the model loading there, on 2 cores shared with other jobs), whatever the cache size.")
+    return out
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help=f"smoke run: caches of {', '.join(map(str, QUICK_SIZES))} rows, a smaller task")
+    ap.add_argument("--out", help=f"results JSON (default {RESULTS.relative_to(ROOT)}; none with --quick)")
+    ap.add_argument("--report", help="markdown report: its section `scale`, and scale.png beside it "
+                                     "(default benchmarks/REPORT.md; none with --quick)")
+    ap.add_argument("--settle", type=float, default=2.0, help="seconds to wait after each Ray start before the clock starts")
+    ap.add_argument("--repeats", type=int, help="trainings per setting, the fastest reported (default 2; 1 with --quick)")
+    a = ap.parse_args()
+    res = run(a.quick, a.out or (None if a.quick else RESULTS), a.report or (None if a.quick else ROOT / "benchmarks" / "REPORT.md"),
+              a.settle, a.repeats)
+    print(json.dumps(res["growth"], indent=1))
