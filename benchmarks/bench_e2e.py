@@ -84,6 +84,8 @@ def _er(args: list[str], log: Path, profile: bool = False) -> float:
     with open(log, "w") as out:
         rc = subprocess.Popen([*cmd, *args], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env).wait()
     wall = time.perf_counter() - t0
+    if rc in (-15, -9, 143, 137):
+        raise Interrupted(f"ended by signal (exit status {rc})")
     if rc != 0:
         raise RuntimeError(f"er {' '.join(args)} failed ({rc}):\n" + log.read_text()[-3000:])
     return wall
@@ -239,13 +241,30 @@ def phases(log: str, wall: float, train_seconds: float) -> dict:
     return out
 
 
-def train_run(cache: str, task: Path, method: str, out: Path, epochs: int, limit: int, log: Path, profile: bool = False) -> dict:
-    shutil.rmtree(out, ignore_errors=True)
+class Interrupted(RuntimeError):
+    """A run ended by a signal from outside, or one whose Ray Train worker was restarted: not a valid measurement."""
+
+
+def train_run(cache: str, task: Path, method: str, out: Path, epochs: int, limit: int, log: Path, profile: bool = False,
+              tries: int = 3) -> dict:
+    """One timed `er train`. A run killed from outside (SIGTERM/SIGKILL) or whose worker Ray Train had to restart is
+    discarded and run again (at most `tries` times in all); how many were discarded is recorded."""
     args = ["train", "--cache", cache, "--task", str(task), "--out", str(out), "--method", method, "--workers", "1",
             "--epochs", str(epochs), "--limit", str(limit)]
-    wall = _er(args, log, profile)
-    m = json.loads((out / "metrics.json").read_text())
-    r = {"wall_seconds": round(wall, 1), "train_seconds": m["train_seconds"], "epochs_run": len(m["history"]),
+    for attempt in range(tries):
+        shutil.rmtree(out, ignore_errors=True)
+        try:
+            wall = _er(args, log, profile)
+            m = json.loads((out / "metrics.json").read_text())
+            if m.get("resumed"):
+                raise Interrupted(f"its Ray Train worker was restarted from a checkpoint: {m['resumed']}")
+            break
+        except Interrupted as e:
+            print(f"discarded a {method} run ({e}); running it again", file=sys.stderr, flush=True)
+            log.rename(log.with_suffix(f".discarded-{attempt}.log"))
+    else:
+        raise RuntimeError(f"{tries} {method} runs in a row were interrupted from outside; see {log.parent}")
+    r = {"wall_seconds": round(wall, 1), "train_seconds": m["train_seconds"], "epochs_run": len(m["history"]), "discarded": attempt,
          "train_examples_per_second": m["train_examples_per_second"], "first_step_at": m.get("first_step_at")}
     r["outside_loop_seconds"] = round(wall - m["train_seconds"], 1)
     if profile:
@@ -263,12 +282,22 @@ def run(task: Path | None = None, limit: int = 800, epochs: int = 2, repeats: in
     try:
         info = build_caches(task, work, factor)
         runs: dict[str, dict[str, list[dict]]] = {}
+        done_file = work / "runs.jsonl"  # finished runs: a re-run with the same --work and settings continues after them
+        done = {}
+        if keep and done_file.exists():
+            done = {d["id"]: d["result"] for d in map(json.loads, done_file.read_text().splitlines())}
         for name, c in info["caches"].items():
             runs[name] = {"reduced": [], "full": []}
             for r in range(repeats):
                 for method in ("reduced", "full"):
-                    res = train_run(c["path"], task, method, work / "out", epochs, limit, work / f"train-{name}-{method}-{r}.log",
-                                    profile)
+                    rid = json.dumps([name, method, r, limit, epochs, profile])
+                    res = done.get(rid)
+                    if res is None:
+                        res = train_run(c["path"], task, method, work / "out", epochs, limit,
+                                        work / f"train-{name}-{method}-{r}.log", profile)
+                        res["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+                        with open(done_file, "a") as f:
+                            f.write(json.dumps({"id": rid, "result": res}) + "\n")
                     runs[name][method].append(res)
                     print(f"{name} {method} #{r + 1}: {res}", file=sys.stderr, flush=True)
         summary = {}
@@ -349,6 +378,20 @@ def markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _log_sigterm(work: Path):
+    """A long benchmark on a shared machine: a stray SIGTERM is logged (with what ran at that moment) and ignored;
+    the run it hit is discarded and repeated (train_run). Ctrl-C (SIGINT) still stops the benchmark."""
+    import signal
+
+    def handler(signum, frame):
+        snap = subprocess.run(["ps", "-eo", "pid,ppid,etime,args"], capture_output=True, text=True).stdout
+        f = work / f"sigterm-{time.strftime('%H%M%S')}.txt"
+        f.write_text(snap)
+        print(f"SIGTERM received at {time.strftime('%H:%M:%S')} and ignored; processes then: {f}", file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["_profiled"]:
     sys.exit(_profiled_main(sys.argv[2:]))
 elif __name__ == "__main__":
@@ -361,11 +404,15 @@ elif __name__ == "__main__":
     ap.add_argument("--quick", action="store_true", help="smoke run: limit 64, 1 epoch, 1 run each, a 3x cache, no report")
     ap.add_argument("--profile", action="store_true",
                     help="time every run phase by phase: `er train` (pipelines.cli.main) with timers around its phases")
-    ap.add_argument("--work", help="keep caches and logs here (reused by a later run with the same task and factor)")
+    ap.add_argument("--work", help="keep caches, logs and finished runs here: a later run with the same task and settings "
+                    "reuses the caches and continues after the runs already finished")
     ap.add_argument("--out", help=f"results JSON (default {RESULTS.relative_to(ROOT)}; none with --quick)")
     ap.add_argument("--report", default=str(ROOT / "benchmarks" / "REPORT.md"), help="markdown report for the section ('' for none)")
     a = ap.parse_args()
     q = a.quick
+    if a.work:
+        Path(a.work).mkdir(parents=True, exist_ok=True)
+        _log_sigterm(Path(a.work).resolve())
     res = run(Path(a.task) if a.task else None, limit=64 if q else a.limit, epochs=1 if q else a.epochs,
               repeats=1 if q else a.repeats, factor=3 if q else a.factor, quick=q, work=Path(a.work) if a.work else None,
               out_json=Path(a.out) if a.out else (None if q else RESULTS), report=Path(a.report) if a.report and not q else None, profile=a.profile)

@@ -35,6 +35,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -161,6 +162,7 @@ def fresh_ray(tmp: Path, object_store: int = 2_000_000_000):
         raise
     session = ray._private.worker._global_node.get_session_dir_path()
     ray_sessions.record(root, session)
+    signal.signal(signal.SIGTERM, _sigterm)  # ray.init installed its own handler, which skips the clean-up
 
     @ray.remote(num_cpus=1)
     def ready():
@@ -173,6 +175,16 @@ def fresh_ray(tmp: Path, object_store: int = 2_000_000_000):
         ray_sessions.finish(session, rec)  # whatever of this session outlived the shutdown
 
     return stop
+
+
+class Terminated(Exception):
+    """A SIGTERM: on this shared machine, other jobs' clean-ups have ended this driver's Ray processes and the
+    driver itself. It fails the current training (tried again, `measure`); once attempts run out the run
+    stops, cleaning up (SeaweedFS, Ray, caches), and `--resume` continues it. Ctrl-C stops it at once."""
+
+
+def _sigterm(signum, frame):
+    raise Terminated("SIGTERM")
 
 
 def measure(cache_url: str, prefix: str, task_dir: Path, work: Path, logs: Path, settle: float, attempts: int = 3) -> dict:
@@ -232,7 +244,8 @@ def measure_once(cache_url: str, prefix: str, task_dir: Path, work: Path, logs: 
 # ---------------------------------------------------------------- the whole benchmark
 
 
-def run(quick: bool = False, out_json=None, report=None, settle: float = 2.0, repeats: int | None = None) -> dict:
+def run(quick: bool = False, out_json=None, report=None, settle: float = 2.0, repeats: int | None = None,
+        resume: bool = False) -> dict:
     import s3fs
 
     from er_core import Recycler
@@ -241,6 +254,14 @@ def run(quick: bool = False, out_json=None, report=None, settle: float = 2.0, re
     sizes, task_sizes = (QUICK_SIZES, QUICK_TASK) if quick else (SIZES, TASK)
     shard_rows = QUICK_SHARD_ROWS if quick else SHARD_ROWS
     repeats = repeats or (1 if quick else 2)
+    results = {"quick": quick, "sizes": list(sizes), "task": task_sizes, "shard_rows": shard_rows, "repeats": repeats,
+               "builds": {}, "measurements": []}
+    partial = Path(f"{out_json}.partial") if out_json else None  # the sizes done so far, for --resume
+    if resume and partial and partial.exists():
+        kept = json.loads(partial.read_text())
+        if all(kept.get(k) == v for k, v in results.items() if k not in ("builds", "measurements")):
+            results = kept
+    signal.signal(signal.SIGTERM, _sigterm)
     work = Path(tempfile.mkdtemp(prefix="er-scale-", dir="/tmp"))  # short: Ray puts unix sockets under it
     logs = work / "reads"
     logs.mkdir()
@@ -252,8 +273,6 @@ def run(quick: bool = False, out_json=None, report=None, settle: float = 2.0, re
         os.environ.pop(name, None)
     io_count.install()
     server = SeaweedS3(work / "seaweedfs").start()
-    results = {"quick": quick, "sizes": list(sizes), "task": task_sizes, "shard_rows": shard_rows, "repeats": repeats,
-               "builds": {}, "runs": []}
     try:
         os.environ.update(server.env())  # er, s3fs and every Ray worker reach the server through these
         fs = s3fs.S3FileSystem(skip_instance_cache=True, **server.storage_options())
@@ -262,35 +281,43 @@ def run(quick: bool = False, out_json=None, report=None, settle: float = 2.0, re
         rows = {layout: task_rows(rec, folder) for layout, folder in tasks.items()}
         results["task_state_bytes"] = {layout: int(sum(len(i) for _, i in r) * rec.spec.hidden_size * 2) for layout, r in rows.items()}
         for n in sizes:
+            todo = [(rep, backend, layout) for rep in range(repeats) for backend in BACKENDS for layout in LAYOUTS
+                    if not any(m["size"] == n and (m["rep"], m["backend"], m["layout"]) == (rep, backend, layout)
+                               for m in results["measurements"])]
+            if not todo:
+                continue  # measured by the run this one resumes
             local = work / f"cache-{n}"
             pos = dict(zip(LAYOUTS, placement(n, len(rows["runs"]), len(rows["scattered"]))))
             rows_at = {int(p): row for layout in LAYOUTS for p, row in zip(pos[layout], rows[layout])}
-            build = build_cache(str(local), rec, n, rows_at, shard_rows, seed=n)
+            build = build_cache(str(local), rec, n, rows_at, shard_rows, seed=n)  # the same cache every time
             remote = f"{server.bucket}/cache-{n}"
             build["upload_seconds"] = upload(fs, local, remote)
             results["builds"][str(n)] = build  # str: the keys of the JSON
             print(f"cache {n}: {build}", flush=True)
-            done: dict = {}
-            for _ in range(repeats):  # interleaved, so a burst of load from elsewhere hits one repeat, not one setting
-                for backend in BACKENDS:
-                    url, prefix = (str(local), f"{local}/") if backend == "local" else (f"s3://{remote}", f"{remote}/")
-                    for layout in LAYOUTS:
-                        r = measure(url, prefix, tasks[layout], work, logs, settle)
-                        done.setdefault((backend, layout), []).append(r)
-                        print(json.dumps({"backend": backend, "size": n, "layout": layout,
-                                          **{k: v for k, v in r.items() if k != "test"}}), flush=True)
-            for (backend, layout), reps in done.items():
-                results["runs"].append({"backend": backend, "size": n, "layout": layout, **best_of(reps)})
+            # Repeats interleaved, so a burst of load from elsewhere hits one repeat, not one setting.
+            for rep, backend, layout in todo:
+                url, prefix = (str(local), f"{local}/") if backend == "local" else (f"s3://{remote}", f"{remote}/")
+                m = {"size": n, "rep": rep, "backend": backend, "layout": layout,
+                     **measure(url, prefix, tasks[layout], work, logs, settle)}
+                results["measurements"].append(m)
+                print(json.dumps({k: v for k, v in m.items() if k != "test"}), flush=True)
+                if partial:
+                    partial.parent.mkdir(parents=True, exist_ok=True)
+                    partial.write_text(json.dumps(results, indent=1))
             shutil.rmtree(local)  # disk is limited: one cache at a time
             fs.rm(remote, recursive=True)
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
+    results["runs"] = [{"backend": backend, "size": n, "layout": layout,
+                        **best_of([m for m in results["measurements"] if (m["size"], m["backend"], m["layout"]) == (n, backend, layout)])}
+                       for n in sizes for backend in BACKENDS for layout in LAYOUTS]
     results["growth"] = growth(results)
     results["measured"] = time.strftime("%Y-%m-%d %H:%M")
     if out_json:
         Path(out_json).parent.mkdir(parents=True, exist_ok=True)
         Path(out_json).write_text(json.dumps(results, indent=1))
+        partial.unlink(missing_ok=True)
     if report:
         png = Path(report).with_name("scale.png")
         plot(results, png)
@@ -441,7 +468,8 @@ if __name__ == "__main__":
                                      "(default benchmarks/REPORT.md; none with --quick)")
     ap.add_argument("--settle", type=float, default=2.0, help="seconds to wait after each Ray start before the clock starts")
     ap.add_argument("--repeats", type=int, help="trainings per setting, the fastest reported (default 2; 1 with --quick)")
+    ap.add_argument("--resume", action="store_true", help="skip the cache sizes an interrupted run finished (OUT.partial)")
     a = ap.parse_args()
     res = run(a.quick, a.out or (None if a.quick else RESULTS), a.report or (None if a.quick else ROOT / "benchmarks" / "REPORT.md"),
-              a.settle, a.repeats)
+              a.settle, a.repeats, a.resume)
     print(json.dumps(res["growth"], indent=1))
