@@ -253,8 +253,14 @@ def train_run(cache: str, task: Path, method: str, out: Path, epochs: int, limit
             "--epochs", str(epochs), "--limit", str(limit)]
     for attempt in range(tries):
         shutil.rmtree(out, ignore_errors=True)
+        started = time.time()
         try:
-            wall = _er(args, log, profile)
+            try:
+                wall = _er(args, log, profile)
+            except RuntimeError:
+                if any(t >= started for t in _SIGTERMS):  # the same stray signal hit this benchmark too
+                    raise Interrupted("failed after a SIGTERM from outside") from None
+                raise
             m = json.loads((out / "metrics.json").read_text())
             if m.get("resumed"):
                 raise Interrupted(f"its Ray Train worker was restarted from a checkpoint: {m['resumed']}")
@@ -378,12 +384,16 @@ def markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
+_SIGTERMS: list[float] = []  # when this benchmark received a SIGTERM (logged and ignored, see _log_sigterm)
+
+
 def _log_sigterm(work: Path):
     """A long benchmark on a shared machine: a stray SIGTERM is logged (with what ran at that moment) and ignored;
     the run it hit is discarded and repeated (train_run). Ctrl-C (SIGINT) still stops the benchmark."""
     import signal
 
     def handler(signum, frame):
+        _SIGTERMS.append(time.time())
         snap = subprocess.run(["ps", "-eo", "pid,ppid,etime,args"], capture_output=True, text=True).stdout
         f = work / f"sigterm-{time.strftime('%H%M%S')}.txt"
         f.write_text(snap)
