@@ -77,7 +77,7 @@ def _env() -> dict:
 
 def _er(args: list[str], log: Path, profile: bool = False) -> float:
     """Run `python -m pipelines.cli ARGS` to completion (or its profiled twin); its wall seconds (Popen to exit)."""
-    cmd = [sys.executable, "-m", "benchmarks.bench_e2e", "_profiled"] if profile else [sys.executable, "-m", "pipelines.cli"]
+    cmd = [sys.executable, "-c", _PROFILED] if profile else [sys.executable, "-m", "pipelines.cli"]
     env = _env()
     t0 = time.perf_counter()
     env["ER_PROFILE_T0"] = repr(time.time())
@@ -145,11 +145,12 @@ def build_caches(task: Path, work: Path, factor: int = 30) -> dict:
 
 
 # ---------------------------------------------------------------- phases of one run (--profile)
-# A profiled run is `python -m benchmarks.bench_e2e _profiled train ...`: `er train` (pipelines.cli.main) with timers
-# around its phases, in the driver and, through a wrapper of the training function, in the Ray Train worker. Those
-# timers print `PROFILE name|start|end` lines (seconds since Popen); `phases` turns them into a breakdown of the wall time.
+# A profiled run is `er train` (pipelines.cli.main) with timers around its phases, in the driver and, through a
+# wrapper of the training function, in the Ray Train worker. Those timers print `PROFILE name|start|end` lines
+# (seconds since Popen); `phases` turns them into a breakdown of the wall time.
 
 _T0 = 0.0
+_PROFILED = "import sys; from benchmarks import bench_e2e; sys.exit(bench_e2e._profiled_main(sys.argv[1:]))"
 
 
 def _mark(name: str, a: float, b: float, t0: float) -> None:
@@ -190,6 +191,7 @@ def _profiled_loop(config: dict) -> None:
 def _profiled_main(argv: list[str]) -> int:
     global _T0
     _T0 = float(os.environ["ER_PROFILE_T0"])
+    import ray.cloudpickle
     import ray.data
     import ray.train.torch
 
@@ -200,6 +202,7 @@ def _profiled_main(argv: list[str]) -> int:
     for obj, attr in ((pipelines.ray_env, "ensure_ray"), (pipelines.ray_env, "_shutdown"), (tr, "setup_data"),
                       (tr, "train_dataset"), (ray.data.Dataset, "materialize"), (ray.train.torch.TorchTrainer, "fit")):
         _timed(obj, attr, attr, _T0)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the worker gets the timed loop without this module
     tr.train_loop_per_worker = _profiled_loop
     s = time.time()
     rc = pipelines.cli.main(argv)
@@ -402,9 +405,7 @@ def _log_sigterm(work: Path):
     signal.signal(signal.SIGTERM, handler)
 
 
-if __name__ == "__main__" and sys.argv[1:2] == ["_profiled"]:
-    sys.exit(_profiled_main(sys.argv[2:]))
-elif __name__ == "__main__":
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("task", nargs="?", help="classification task folder (default: the first under ../shared/data/tasks)")
     ap.add_argument("--limit", type=int, default=800, help="first N examples of each split")
@@ -418,7 +419,7 @@ elif __name__ == "__main__":
                     "reuses the caches and continues after the runs already finished")
     ap.add_argument("--out", help=f"results JSON (default {RESULTS.relative_to(ROOT)}; none with --quick)")
     ap.add_argument("--report", default=str(ROOT / "benchmarks" / "REPORT.md"), help="markdown report for the section ('' for none)")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     q = a.quick
     if a.work:
         Path(a.work).mkdir(parents=True, exist_ok=True)
@@ -430,3 +431,7 @@ elif __name__ == "__main__":
     for name, x in res["summary"].items():
         print(f"{name}: e2e {x['e2e_ratio']:.2f}x, loop {x['loop_ratio']:.2f}x, e2e/loop {x['e2e_over_loop']:.0%} "
               f"({'met' if x['met'] else 'NOT met'})")
+
+
+if __name__ == "__main__":
+    main()

@@ -196,7 +196,10 @@ def measure(cache_url: str, prefix: str, task_dir: Path, work: Path, logs: Path,
             if attempt == attempts:
                 raise
             print(f"attempt {attempt} failed ({type(e).__name__}: {str(e)[:300]}); trying again", flush=True)
-            time.sleep(10)
+            try:
+                time.sleep(10)
+            except Terminated:
+                pass
 
 
 def measure_once(cache_url: str, prefix: str, task_dir: Path, work: Path, logs: Path, settle: float) -> dict:
@@ -262,7 +265,9 @@ def run(quick: bool = False, out_json=None, report=None, settle: float = 2.0, re
         if all(kept.get(k) == v for k, v in results.items() if k not in ("builds", "measurements")):
             results = kept
     signal.signal(signal.SIGTERM, _sigterm)
+    reap_stale()
     work = Path(tempfile.mkdtemp(prefix="er-scale-", dir="/tmp"))  # short: Ray puts unix sockets under it
+    (work / "driver.pid").write_text(str(os.getpid()))
     logs = work / "reads"
     logs.mkdir()
     os.environ[io_count.ENV] = str(logs)  # before any Ray starts: its workers inherit it
@@ -325,6 +330,28 @@ def run(quick: bool = False, out_json=None, report=None, settle: float = 2.0, re
 
         write_section("scale", section(results, png.name), Path(report))
     return results
+
+
+def reap_stale(parent: str = "/tmp") -> None:
+    """What runs of this benchmark killed before their clean-up (SIGKILL) left: their Ray, SeaweedFS and caches."""
+    import psutil
+
+    from pipelines.ray_sessions import session_processes
+
+    for work in Path(parent).glob("er-scale-*"):
+        try:
+            if psutil.pid_exists(int((work / "driver.pid").read_text())):
+                continue  # a run in progress
+        except (OSError, ValueError):
+            continue  # not a work folder of this benchmark
+        procs = [p for d in glob.glob(f"{work}/ray/session_2*") for p in session_processes(d)]
+        procs += [p for p in psutil.process_iter(["cmdline"]) if any(str(work) in a for a in p.info["cmdline"] or ())]  # weed
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def best_of(reps: list[dict]) -> dict:
@@ -440,10 +467,10 @@ def notes(results: dict) -> list[str]:
         whole = f" (its files hold {mb(files)})" if files else ""
         out.append(f"- `runs`: the shards' bytes follow the task ({mb(p0['shards'])} at {lo // 1000}k, {mb(p1['shards'])} at "
                    f"{hi // 1000}k, for {mb(task['runs'])} of its own states; most of the difference is the 64 KB footer "
-                   f"read of each shard the task touches). What grows with the cache is the key index: {mb(p0['index'])} "
-                   f"at {lo // 1000}k, {mb(p1['index'])} at {hi // 1000}k{whole}, {p1['index'] / hi:.0f} bytes per cached "
-                   f"example. Locating thousands of random keys touches every index row group (4096 digests each), so "
-                   f"the whole index is read: a small fraction of the cache, but linear in it.")
+                   f"read of each shard the task touches). The key index: {mb(p0['index'])} read "
+                   f"at {lo // 1000}k, {mb(p1['index'])} at {hi // 1000}k{whole}. A lookup reads the index buckets of the task's keys only (about 16 entries of 32 bytes per key, "
+                   f"nearby buckets fetched together), so index bytes follow the task's keys and level off once the index "
+                   f"has many more buckets than the task has keys; in a small cache the task's keys touch most of it.")
     s0, s1 = at.get(("local", "scattered", lo)), at.get(("local", "scattered", hi))
     if s0 and s1:
         b0, b1 = s0["first_step_bytes_by_part"]["shards"], s1["first_step_bytes_by_part"]["shards"]

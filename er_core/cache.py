@@ -4,7 +4,7 @@ Layout under the cache URL (a local folder or `s3://bucket/prefix`):
 
     manifest.json                   committed last; lists every valid shard and index segment with checksums
     shards/part-<run>-<n>.parquet   one row per example: key, length, input_ids, hidden, scale, truncated
-    index/seg-<run>-<gen>.parquet   where each key lives: (digest, shard, group, row, length), see index.py
+    index/seg-<run>-<gen>.idx       where each key lives: (digest, shard, group, row, length), see index.py
     _writer.lock                    names the writer holding the cache (or the last one, marked released)
 
 Rows hold real tokens only (no padding). `hidden` is the codec's raw little-endian bytes of a
@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from .codecs import get_codec
 from .errors import CacheCorruptError, CacheLockedError, ErError, LockLostError
+from .index import SCHEMA as INDEX_SCHEMA
 from .index import Index, SegmentInfo, key_digests, merge_plan, segment_bytes, shard_entries
 from .manifest import FORMAT_VERSION, MANIFEST_NAME, CacheSpec, Manifest, ShardInfo
 from .parquet_io import PartialFile, to_parquet
@@ -181,7 +182,7 @@ class CacheWriter:
                 continue
             for f in files:
                 name = f["name"].rstrip("/").rsplit("/", 1)[-1]
-                parts = name.split("-")  # <prefix>-<run>-<n>.parquet
+                parts = name.split("-")  # <prefix>-<run>-<n>.parquet|idx
                 if name in listed or parts[0] != prefix or len(parts) < 3 or parts[1] == self.run_id:
                     continue
                 if parts[1] == ended or time.time() - _mtime(f) > self.lock.ttl:
@@ -242,7 +243,7 @@ class CacheWriter:
 
     def _write_segment(self, entries: list[pa.Table], generation: int, tag: str = "") -> SegmentInfo:
         data, footer, rows = segment_bytes(entries)
-        rel = f"index/seg-{self.run_id}-{generation:08d}{tag}.parquet"
+        rel = f"index/seg-{self.run_id}-{generation:08d}{tag}.idx"
         if is_local(self.fs):
             self.fs.makedirs(f"{self.root}/index", exist_ok=True)
         put_atomic(self.fs, f"{self.root}/{rel}", data)
@@ -479,11 +480,12 @@ def rebuild_entries(reader: CacheReader, shards: list[ShardInfo]) -> pa.Table:
 
 
 def upgrade_cache(url: str, storage_options: dict | None = None, progress=None) -> dict:
-    """Rewrite a format-1 cache as the current format, in place and in one commit, under the writer lock.
+    """Rewrite an older cache as the current format, in place and in one commit, under the writer lock.
 
-    Each old shard is read whole once, checked against its sha256 and rewritten in row groups with page
-    checksums; the key index is built in the same commit; the old files are deleted after it. Keys,
-    states and spec are unchanged, so trained models and tasks keep working. A current cache is left as is.
+    Format 1: each shard is read whole once, checked against its sha256 and rewritten in row groups with
+    page checksums, and the key index is built. Format 2: the key index is rewritten from the old one
+    (checked against its sha256); shards stay. Old files are deleted after the commit. Keys, states and
+    spec are unchanged, so trained models and tasks keep working. A current cache is left as is.
     """
     fs, root = url_to_fs(url, storage_options)
     try:
@@ -494,27 +496,39 @@ def upgrade_cache(url: str, storage_options: dict | None = None, progress=None) 
         return {"url": url, "upgraded": False, "format_version": FORMAT_VERSION, "shards": len(old.shards)}
     writer = CacheWriter(url, old.spec, storage_options, upgrading=True)
     try:
-        old_shards = list(writer.manifest.shards)
-        for i, s in enumerate(old_shards):
-            raw = read_bytes(fs, f"{root}/{s.path}")
-            if hashlib.sha256(raw).hexdigest() != s.sha256:
-                raise CacheCorruptError(f"shard {s.path} of {url} fails its checksum; nothing was upgraded "
-                                        f"(drop it first: an older er's `er cache repair`, or re-ingest into a new cache)")
-            table = pq.read_table(pa.BufferReader(raw)).select(SCHEMA.names).cast(SCHEMA)
-            writer.add_shard(write_shard(url, writer.next_shard_name(), table, storage_options))
-            if progress:
-                progress(i + 1, len(old_shards))
-        writer.manifest = replace(writer.manifest, shards=[], index=[])  # the rewritten shards replace them all
-        writer.commit()
-        for s in old_shards:
+        m = writer.manifest
+        old_files = [s.path for s in m.index]
+        if m.format_version == 1:
+            old_files += [s.path for s in m.shards]
+            for i, s in enumerate(m.shards):
+                table = pq.read_table(pa.BufferReader(_checked(fs, root, s.path, s.sha256, url))).select(SCHEMA.names).cast(SCHEMA)
+                writer.add_shard(write_shard(url, writer.next_shard_name(), table, storage_options))
+                if progress:
+                    progress(i + 1, len(m.shards))
+            writer.manifest = replace(m, shards=[], index=[], format_version=FORMAT_VERSION)  # the rewritten shards replace them all
+            writer.commit()
+        else:
+            entries = [pq.read_table(pa.BufferReader(_checked(fs, root, s.path, s.sha256, url))).select(INDEX_SCHEMA.names)
+                       for s in m.index]
+            index = [writer._write_segment(entries, m.generation + 1, "u")] if m.shards else []
+            writer._put(replace(writer._next(m.shards, index), format_version=FORMAT_VERSION))
+        for p in old_files:
             try:
-                fs.rm_file(f"{root}/{s.path}")
+                fs.rm_file(f"{root}/{p}")
             except FileNotFoundError:
                 pass
     finally:
         writer.abort()
-    return {"url": url, "upgraded": True, "format_version": FORMAT_VERSION, "shards": len(old_shards),
-            "rows": sum(s.rows for s in old_shards)}
+    return {"url": url, "upgraded": True, "format_version": FORMAT_VERSION, "from_version": old.format_version,
+            "shards": len(old.shards), "rows": sum(s.rows for s in old.shards)}
+
+
+def _checked(fs, root: str, path: str, sha256: str, url: str) -> bytes:
+    raw = read_bytes(fs, f"{root}/{path}")
+    if hashlib.sha256(raw).hexdigest() != sha256:
+        raise CacheCorruptError(f"{path} of {url} fails its checksum; nothing was upgraded "
+                                f"(re-ingest into a new cache, or repair it with the er that wrote it)")
+    return raw
 
 
 def repair_cache(url: str, storage_options: dict | None = None) -> dict:

@@ -2,32 +2,45 @@
 
 An entry is (digest, shard, group, row, length): the 16-byte digest of the example's key, the id of
 the shard holding it, the row group and the row within it, and its token count. Each commit writes
-the entries of the shards it adds as one segment, `index/seg-<generation>-<run>.parquet`, sorted
-by digest in row groups of SEGMENT_GROUP_ROWS entries with min/max statistics. Locating N keys
-reads each segment's footer and only the row groups whose digest range holds one of them, so the
-bytes read grow with N and the number of segments, never with the hidden states. An Index fetches each
-row group once and keeps it (up to CACHED_ENTRIES entries), so lookups one after another (a task's
-splits, a predictor's batches) do not fetch the same index bytes again. Like an LSM tree,
-a commit that leaves more than MAX_SEGMENTS segments merges the smaller half into one, so lookups
-open a bounded number of files however many commits a cache has seen.
+the entries of the shards it adds as one segment, `index/seg-<run>-<generation>.idx`:
+
+    entries      rows x 32 bytes, sorted by digest (RECORD)
+    buckets      (B + 1) x (start u32, crc32 u32): bucket b holds the entries whose digest starts with b
+                 (its top `bits` bits, B = 2**bits, about BUCKET_ENTRIES entries each); the crc covers the
+                 bucket's start, end and entries, so every bucket read is checked on its own
+    trailer      b"ERIX", bits (u32), rows (u64)
+
+Digests are hashes, so buckets are even. Locating N keys reads, per segment, the bucket table entries
+and the buckets of those keys only (nearby ranges merged up to COALESCE bytes apart): bytes grow
+with N, never with the cache. The layout follows from the row count and file size in the manifest,
+so opening a segment reads nothing. An Index keeps the buckets it fetched (up to CACHED_ENTRIES
+entries), so lookups one after another (a task's splits, a predictor's batches) fetch them once.
+Like an LSM tree, a commit that leaves more than MAX_SEGMENTS segments merges the smaller half into
+one, so lookups open a bounded number of files however many commits a cache has seen.
 """
 
 from __future__ import annotations
 
 import hashlib
+import struct
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from .parquet_io import PartialFile, to_parquet
+from .errors import CacheCorruptError
 
-SEGMENT_GROUP_ROWS = 4096
+BUCKET_ENTRIES = 16  # mean entries a bucket holds: the unit a lookup reads (about 0.5 KB)
+COALESCE = 4096  # ranges closer than this are fetched in one request
 MAX_SEGMENTS = 8
 CACHED_ENTRIES = 1_000_000  # index entries an Index keeps after reading them (about 32 MB), least recently used dropped
+MAGIC = b"ERIX"
+RECORD = np.dtype([("digest", "S16"), ("shard", "<i4"), ("group", "<i4"), ("row", "<i4"), ("length", "<i4")])
+_BUCKET = np.dtype([("start", "<u4"), ("crc", "<u4")])
+_TRAILER = struct.Struct("<4sIQ")
 SCHEMA = pa.schema([("digest", pa.binary(16)), ("shard", pa.int32()), ("group", pa.int32()), ("row", pa.int32()),
                     ("length", pa.int32())])
 
@@ -38,7 +51,7 @@ class SegmentInfo:
     rows: int
     bytes: int
     sha256: str
-    footer_sha256: str
+    footer_sha256: str = ""  # unused since format 3 (the layout follows from rows and bytes)
 
 
 def key_digests(keys: Iterable[str]) -> np.ndarray:
@@ -69,81 +82,165 @@ def shard_entries(digests: np.ndarray, shard: int, lengths, group_rows: int) -> 
                      "length": pa.array(np.asarray(lengths, dtype=np.int32))}, schema=SCHEMA)
 
 
+def _bits(rows: int) -> int:
+    return min(32, max(0, int(np.ceil(np.log2(max(rows, 1) / BUCKET_ENTRIES)))))
+
+
+def _bucket(digests: np.ndarray, bits: int) -> np.ndarray:
+    top = np.frombuffer(np.ascontiguousarray(digests, "S16").tobytes(), ">u8")[::2] if len(digests) else np.empty(0, np.uint64)
+    return (top >> np.uint64(64 - bits)).astype(np.int64) if bits else np.zeros(len(digests), np.int64)
+
+
+def _crc(start: int, end: int, entries: bytes) -> int:
+    return zlib.crc32(entries, zlib.crc32(struct.pack("<II", start, end)))
+
+
 def segment_bytes(entries: list[pa.Table]) -> tuple[bytes, str, int]:
-    """One segment file from entry tables: (file bytes, footer digest, rows)."""
-    t = pa.concat_tables(entries).sort_by("digest") if entries else SCHEMA.empty_table()
-    data, footer = to_parquet(t, SEGMENT_GROUP_ROWS, "zstd", statistics=["digest"])
-    return data, footer, t.num_rows
+    """One segment file from entry tables: (file bytes, "" (no footer), rows)."""
+    t = pa.concat_tables(entries) if entries else SCHEMA.empty_table()
+    rec = np.empty(t.num_rows, RECORD)
+    rec["digest"] = digests_of(t.column("digest"))
+    for c in ("shard", "group", "row", "length"):
+        rec[c] = t.column(c).to_numpy()
+    rec = rec[np.argsort(rec["digest"], kind="stable")]
+    bits = _bits(len(rec))
+    starts = np.searchsorted(_bucket(rec["digest"], bits), np.arange((1 << bits) + 1)).astype(np.uint32)
+    body = rec.tobytes()
+    table = np.zeros(len(starts), _BUCKET)
+    table["start"] = starts
+    for b in range(len(starts) - 1):
+        s, e = int(starts[b]), int(starts[b + 1])
+        table["crc"][b] = _crc(s, e, body[s * RECORD.itemsize: e * RECORD.itemsize])
+    return body + table.tobytes() + _TRAILER.pack(MAGIC, bits, len(rec)), "", len(rec)
+
+
+def _coalesce(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for s, e in sorted(spans):
+        if merged and s <= merged[-1][1] + COALESCE:
+            merged[-1] = (merged[-1][0], max(e, merged[-1][1]))
+        else:
+            merged.append((s, e))
+    return merged
+
+
+class _Segment:
+    """One segment file: its layout (from the manifest alone) and checked ranged reads of its buckets."""
+
+    def __init__(self, fs, root: str, seg: SegmentInfo, where: str):
+        self.fs, self.path, self.seg, self.where = fs, f"{root}/{seg.path}", seg, where
+        self.bits = _bits(seg.rows)
+        self.buckets = 1 << self.bits
+        self.table_at = seg.rows * RECORD.itemsize
+        if self.table_at + (self.buckets + 1) * _BUCKET.itemsize + _TRAILER.size != seg.bytes:
+            raise CacheCorruptError(f"{where}: {seg.bytes} bytes does not fit {seg.rows} entries (`er cache repair`)")
+
+    def fetch(self, spans: list[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
+        """The bytes of each span, fetched in merged ranges (one request each)."""
+        merged = _coalesce(spans)
+        try:
+            parts = self.fs.cat_ranges([self.path] * len(merged), [s for s, _ in merged], [e for _, e in merged])
+        except FileNotFoundError:
+            raise CacheCorruptError(f"{self.where} is listed in the manifest but missing") from None
+        out, i = {}, 0
+        for s, e in sorted(set(spans)):
+            while merged[i][1] < e:
+                i += 1
+            m0, data = merged[i][0], parts[i]
+            if len(data) != merged[i][1] - m0:
+                raise CacheCorruptError(f"{self.where} is truncated (`er cache repair`)")
+            out[(s, e)] = data[s - m0: e - m0]
+        return out
+
+    def read(self, buckets: np.ndarray) -> dict[int, np.ndarray]:
+        """The entries of each bucket (sorted, unique ids), every one checked against its crc."""
+        t = {b: self.table_at + int(b) * _BUCKET.itemsize for b in buckets.tolist()}
+        heads = self.fetch([(o, o + 2 * _BUCKET.itemsize) for o in t.values()])
+        bounds = {b: np.frombuffer(heads[(o, o + 2 * _BUCKET.itemsize)], _BUCKET) for b, o in t.items()}
+        spans = {b: (int(v["start"][0]) * RECORD.itemsize, int(v["start"][1]) * RECORD.itemsize) for b, v in bounds.items()}
+        if any(not (0 <= s <= e <= self.table_at) for s, e in spans.values()):
+            raise CacheCorruptError(f"{self.where} fails its checksum (bucket table); refusing to read it (`er cache repair`)")
+        body = self.fetch([sp for sp in spans.values() if sp[1] > sp[0]])
+        out = {}
+        for b, (s, e) in spans.items():
+            data = body.get((s, e), b"")
+            if _crc(s // RECORD.itemsize, e // RECORD.itemsize, data) != int(bounds[b]["crc"][0]):
+                raise CacheCorruptError(f"{self.where} fails its checksum (bucket {b}); refusing to read it (`er cache repair`)")
+            out[b] = np.frombuffer(data, RECORD)
+        return out
+
+    def everything(self) -> np.ndarray:
+        """Every entry, every bucket checked."""
+        data = self.fetch([(0, self.seg.bytes)])[(0, self.seg.bytes)]
+        magic, bits, rows = _TRAILER.unpack(data[-_TRAILER.size:])
+        if (magic, bits, rows) != (MAGIC, self.bits, self.seg.rows):
+            raise CacheCorruptError(f"{self.where} has a bad trailer; refusing to read it (`er cache repair`)")
+        table = np.frombuffer(data[self.table_at: self.table_at + (self.buckets + 1) * _BUCKET.itemsize], _BUCKET)
+        starts = table["start"].astype(np.int64)
+        if starts[0] != 0 or starts[-1] != rows or np.any(np.diff(starts) < 0):
+            raise CacheCorruptError(f"{self.where} fails its checksum (bucket table); refusing to read it (`er cache repair`)")
+        for b in range(self.buckets):
+            s, e = int(starts[b]), int(starts[b + 1])
+            if _crc(s, e, data[s * RECORD.itemsize: e * RECORD.itemsize]) != int(table["crc"][b]):
+                raise CacheCorruptError(f"{self.where} fails its checksum (bucket {b}); refusing to read it (`er cache repair`)")
+        return np.frombuffer(data[: self.table_at], RECORD)
 
 
 class Index:
-    """The segments of one manifest generation, opened lazily (a footer each)."""
+    """The segments of one manifest generation; opening it reads nothing."""
 
     def __init__(self, fs, root: str, segments: list[SegmentInfo], url: str):
         self.fs, self.root, self.segments, self.url = fs, root, list(segments), url
-        self._files: dict[str, PartialFile] = {}
-        self._groups: OrderedDict[tuple[str, int], pa.Table] = OrderedDict()  # (segment, row group) -> its entries
+        self._open: dict[str, _Segment] = {}
+        self._buckets: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()  # (segment, bucket) -> its entries
         self._kept = 0
 
-    def file(self, seg: SegmentInfo) -> PartialFile:
-        f = self._files.get(seg.path)
-        if f is None:
-            f = self._files[seg.path] = PartialFile(self.fs, f"{self.root}/{seg.path}", seg.bytes, seg.footer_sha256,
-                                                    f"index segment {seg.path} of {self.url}")
-        return f
+    def _segment(self, seg: SegmentInfo) -> _Segment:
+        if seg.path not in self._open:
+            self._open[seg.path] = _Segment(self.fs, self.root, seg, f"index segment {seg.path} of {self.url}")
+        return self._open[seg.path]
+
+    def lookup(self, digests: np.ndarray) -> np.ndarray:
+        """The entries (RECORD) of the given digests that the cache holds."""
+        wanted = np.unique(np.asarray(digests, "S16"))
+        found = []
+        for seg in self.segments if len(wanted) else []:
+            s = self._segment(seg)
+            ids = np.unique(_bucket(wanted, s.bits))
+            need = np.array([b for b in ids.tolist() if (seg.path, b) not in self._buckets], np.int64)
+            for b, rec in (s.read(need) if len(need) else {}).items():
+                self._buckets[(seg.path, b)] = rec
+                self._kept += len(rec)
+            rec = np.concatenate([self._buckets[(seg.path, b)] for b in ids.tolist()])
+            for b in ids.tolist():
+                self._buckets.move_to_end((seg.path, b))
+            while self._kept > CACHED_ENTRIES and len(self._buckets) > len(ids):  # never the buckets just used
+                self._kept -= len(self._buckets.popitem(last=False)[1])
+            found.append(rec[np.isin(rec["digest"], wanted)])
+        return np.concatenate(found) if found else np.empty(0, RECORD)
+
+    def holds(self, digests: np.ndarray) -> np.ndarray:
+        """Bool mask: which of the digests the cache holds."""
+        return np.isin(np.asarray(digests, "S16"), self.lookup(digests)["digest"])
 
     def locate(self, keys: list[str]) -> pa.Table:
         """The entries of the given keys that the cache holds, with a `key` column; absent keys are left out."""
         keys = list(dict.fromkeys(keys))
-        if not keys or not self.segments:
-            return SCHEMA.append(pa.field("key", pa.string())).empty_table()
         dig = key_digests(keys)
+        rec = self.lookup(dig)
         order = np.argsort(dig)
-        wanted = dig[order]
-        found = []
-        for seg in self.segments:
-            f = self.file(seg)
-            groups = [g for g in range(f.metadata.num_row_groups) if _may_hold(f.metadata.row_group(g).column(0), wanted)]
-            if groups:
-                t = self._read_groups(seg, f, groups)
-                found.append(t.filter(pc.is_in(t.column("digest"), value_set=digest_array(wanted))))
-        t = pa.concat_tables(found) if found else SCHEMA.empty_table()
-        got = digests_of(t.column("digest"))
-        pos = order[np.searchsorted(wanted, got)]  # back to the caller's keys
-        return t.append_column("key", pa.array([keys[i] for i in pos], pa.string()))
-
-    def _read_groups(self, seg: SegmentInfo, f: PartialFile, groups: list[int]) -> pa.Table:
-        """The entries of row groups `groups` of a segment, fetching only those this Index does not hold yet."""
-        need = [g for g in groups if (seg.path, g) not in self._groups]
-        if need:
-            t, start = f.read(need, SCHEMA.names), 0
-            for g in need:
-                n = f.metadata.row_group(g).num_rows
-                self._groups[(seg.path, g)] = t.slice(start, n)
-                self._kept, start = self._kept + n, start + n
-        for g in groups:
-            self._groups.move_to_end((seg.path, g))
-        out = pa.concat_tables([self._groups[(seg.path, g)] for g in groups])
-        while self._kept > CACHED_ENTRIES and len(self._groups) > len(groups):  # never the groups just used
-            self._kept -= self._groups.popitem(last=False)[1].num_rows
-        return out
+        pos = order[np.searchsorted(dig[order], rec["digest"])]  # back to the caller's keys
+        return _table(rec).append_column("key", pa.array([keys[i] for i in pos], pa.string()))
 
     def entries(self, columns: list[str] | None = None) -> pa.Table:
-        """Every entry (for key claims, merges and checks): index bytes only, never hidden states."""
-        cols = columns or SCHEMA.names
-        parts = [self.file(s).read(range(self.file(s).metadata.num_row_groups), cols) for s in self.segments]
-        return pa.concat_tables(parts) if parts else SCHEMA.empty_table().select(cols)
-
-    def digests(self) -> np.ndarray:
-        return digests_of(self.entries(["digest"]).column("digest"))
+        """Every entry (for merges, repairs and checks): index bytes only, never hidden states."""
+        recs = [self._segment(s).everything() for s in self.segments]
+        return _table(np.concatenate(recs) if recs else np.empty(0, RECORD)).select(columns or SCHEMA.names)
 
 
-def _may_hold(col_meta, wanted: np.ndarray) -> bool:
-    st = col_meta.statistics
-    if st is None or not st.has_min_max:
-        return True
-    lo, hi = np.array([st.min], dtype="S16")[0], np.array([st.max], dtype="S16")[0]
-    return bool(np.searchsorted(wanted, lo, "left") < np.searchsorted(wanted, hi, "right"))
+def _table(rec: np.ndarray) -> pa.Table:
+    return pa.table({"digest": digest_array(rec["digest"]), **{c: pa.array(rec[c], pa.int32()) for c in SCHEMA.names[1:]}},
+                    schema=SCHEMA)
 
 
 def merge_plan(segments: list[SegmentInfo]) -> list[SegmentInfo]:

@@ -4,8 +4,10 @@
 listed here with its checksums (whole file for `er cache verify`, footer for partial reads). It is
 self-describing (format and er versions recorded), like peft's `adapter_config.json`.
 
-Format versions: 1 had no key index and a whole-file checksum only; `er cache upgrade URL` rewrites
-a version-1 cache as version 2 (readers refuse version 1 with that hint).
+Format versions: 1 had no key index and a whole-file checksum only; 2 had a Parquet key index, read in
+4096-entry row groups (so a lookup's bytes grew with the cache); 3 has the bucketed index of index.py.
+Readers refuse older versions in one line naming `er cache upgrade URL`, which rewrites a cache in
+place in one commit: the shards and the index from version 1, the index only from version 2.
 """
 
 from __future__ import annotations
@@ -19,7 +21,11 @@ from .index import SegmentInfo
 from .keys import TokenizerSettings
 
 FORMAT_NAME = "er-embedding-cache"
-FORMAT_VERSION = 2
+_UPGRADES = {  # older versions: what they lack, and what `er cache upgrade` rewrites
+    1: ("no key index", "it rewrites every shard once"),
+    2: ("its key index reads grow with the cache", "it rewrites the key index only"),
+}
+FORMAT_VERSION = 3
 MANIFEST_NAME = "manifest.json"
 
 
@@ -93,7 +99,7 @@ class Manifest:
     writer: str = ""  # run id of the lock holder that wrote it last; its change fences out an earlier holder
     index: list[SegmentInfo] = field(default_factory=list)  # key index segments (index.py)
     next_id: int = 0  # id of the next shard committed
-    format_version: int = FORMAT_VERSION  # as read; written always as FORMAT_VERSION
+    format_version: int = FORMAT_VERSION  # as read; only `er cache upgrade` commits a newer one
 
     @property
     def totals(self) -> dict:
@@ -107,7 +113,7 @@ class Manifest:
 
         d = {
             "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
+            "format_version": self.format_version,  # an upgrade's lock stamp keeps the old one until its commit
             "er_version": __version__,
             "generation": self.generation,
             "created": self.created,
@@ -131,14 +137,14 @@ class Manifest:
             raise CacheCorruptError(f"manifest {where} is truncated or not valid JSON ({e}); the cache cannot be read") from None
         if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
             raise CacheCorruptError(f"{where} is not an er cache manifest")
-        if d.get("format_version") == 1 and not upgrading:
-            raise CacheFormatError(
-                f"cache {where.removesuffix('/' + MANIFEST_NAME)} has format version 1 (no key index); upgrade it in place "
-                f"with `er cache upgrade {where.removesuffix('/' + MANIFEST_NAME)}` (it rewrites every shard once)"
-            )
-        if d.get("format_version") not in (FORMAT_VERSION, 1):
+        old = d.get("format_version")
+        if old in _UPGRADES and not upgrading:
+            url = where.removesuffix("/" + MANIFEST_NAME)
+            raise CacheFormatError(f"cache {url} has format version {old} ({_UPGRADES[old][0]}); upgrade it in place "
+                                   f"with `er cache upgrade {url}` ({_UPGRADES[old][1]})")
+        if old not in (FORMAT_VERSION, *_UPGRADES):
             raise CacheCorruptError(
-                f"manifest {where} has format version {d.get('format_version')}, this er reads versions 1-{FORMAT_VERSION}; "
+                f"manifest {where} has format version {d.get('format_version')}, this er reads version {FORMAT_VERSION} and upgrades 1-{FORMAT_VERSION - 1}; "
                 f"it was written by a newer er: upgrade er"
             )
         try:

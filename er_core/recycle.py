@@ -86,7 +86,7 @@ def ingest_local(
                       + "; check the corpus and its text field. Nothing was written")
     embed = recycler.embedder()
     with CacheWriter(url, recycler.spec, storage_options) as writer:
-        seen = KeyClaims(writer.reader().index.digests())  # from the key index: no hidden state is read
+        seen = KeyClaims(index=writer.reader().index)  # asks the key index: no hidden state is read
         if empty:
             writer.count_skipped("empty_text", empty)
         bar = None

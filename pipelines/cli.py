@@ -256,7 +256,8 @@ def _upgrade(args) -> int:
     if args.json:
         print(json.dumps(rep, indent=1))
     elif rep["upgraded"]:
-        print(f"upgraded {args.url} to format version {rep['format_version']}: {rep['shards']} shards, {rep['rows']} examples")
+        print(f"upgraded {args.url} from format version {rep['from_version']} to {rep['format_version']}: "
+              f"{rep['shards']} shards, {rep['rows']} examples")
     else:
         print(f"{args.url} already has format version {rep['format_version']}; nothing to do")
     return 0

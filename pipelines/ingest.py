@@ -287,9 +287,9 @@ def _run_ray(sources, writer, rec, cfg: IngestConfig, pool: Pool):
 
     ray.data.DataContext.get_current().enable_progress_bars = cfg.progress
 
-    # Seed the claims with the cached keys as 16-byte digests (the key strings are never all in memory).
+    # Claims ask the index about each batch's keys: neither the cached keys nor any state is ever read whole.
     reader = open_cache(writer.url, storage_options=writer.storage_options, manifest=writer.manifest)
-    claims = ray.remote(KeyClaims).options(num_cpus=0).remote(reader.index.digests())  # the index only: no state read
+    claims = ray.remote(KeyClaims).options(num_cpus=0).remote(index=reader.index)  # asks the index per batch: no state read
     try:
         return _stream(_pipeline(sources, writer, rec, cfg, pool, claims), writer, cfg, claims)
     finally:

@@ -266,6 +266,132 @@ def test_format_1_cache_is_refused_with_a_hint_then_upgraded_in_place(tmp_path, 
     assert upgrade_cache(url)["upgraded"] is False  # a current cache is left as it is
 
 
+def _as_format_2(url: str) -> None:
+    """Rewrite a cache's index the way er wrote format 2: Parquet segments in 4096-entry row groups."""
+    import hashlib
+
+    from er_core.parquet_io import to_parquet
+
+    m = json.loads(open(f"{url}/manifest.json").read())
+    entries = open_cache(url).index.entries()
+    for p in m["index"]:
+        os.remove(f"{url}/{p['path']}")
+    data, footer = to_parquet(entries.sort_by("digest"), 4096, "zstd", statistics=["digest"])
+    open(f"{url}/index/seg-old-00000001.parquet", "wb").write(data)
+    m["index"] = [{"path": "index/seg-old-00000001.parquet", "rows": entries.num_rows, "bytes": len(data),
+                   "sha256": hashlib.sha256(data).hexdigest(), "footer_sha256": footer}]
+    m["format_version"] = 2
+    open(f"{url}/manifest.json", "w").write(json.dumps(m))
+
+
+def test_format_2_cache_is_refused_with_a_hint_then_its_index_rewritten(tmp_path, rec, capsys):
+    from er_core.errors import CacheFormatError
+    from pipelines.cli import main
+
+    url = str(tmp_path / "c")
+    rows = _rows(90, seed=8)
+    with CacheWriter(url, rec.spec, shard_rows=40) as w:
+        for k, ids, h in rows:
+            w.add(k, ids, h)
+    shards = {p: (tmp_path / "c" / "shards" / p).read_bytes() for p in os.listdir(tmp_path / "c" / "shards")}
+    _as_format_2(url)
+    with pytest.raises(CacheFormatError, match=f"format version 2 .*er cache upgrade {url}"):
+        open_cache(url)
+    assert main(["cache", "upgrade", url]) == 0
+    assert "from format version 2 to 3" in capsys.readouterr().out
+    r = open_cache(url)
+    assert r.verify() == [] and r.manifest.format_version == 3
+    assert os.listdir(tmp_path / "c" / "index") == [r.manifest.index[0].path.split("/")[1]]  # the old segment is gone
+    assert {p: (tmp_path / "c" / "shards" / p).read_bytes() for p in os.listdir(tmp_path / "c" / "shards")} == shards
+    got = r.load([k for k, _, _ in rows])
+    for k, ids, h in rows:
+        assert np.array_equal(got.hidden(got.index[k]), h)
+
+
+def _entries(n: int, seed: int):
+    from er_core.index import key_digests, shard_entries
+
+    keys = [f"key-{seed}-{i}" for i in range(n)]
+    return keys, shard_entries(key_digests(keys), 0, np.full(n, 5), 64)
+
+
+def _segment(tmp_path, n: int):
+    import hashlib
+
+    from er_core.index import Index, SegmentInfo, segment_bytes
+
+    keys, t = _entries(n, 0)
+    data, _, rows = segment_bytes([t])
+    (tmp_path / "seg.idx").write_bytes(data)
+    fs, root = url_to_fs(str(tmp_path))
+    return keys, data, lambda: Index(fs, root, [SegmentInfo("seg.idx", rows, len(data), hashlib.sha256(data).hexdigest())], str(tmp_path))
+
+
+def test_index_lookups_read_bytes_in_proportion_to_the_keys_not_the_cache(tmp_path, monkeypatch):
+    import fsspec
+
+    from er_core import index
+
+    monkeypatch.setattr(index, "COALESCE", 0)
+    keys, data, open_index = _segment(tmp_path, 20_000)
+    read = []
+    real = fsspec.implementations.local.LocalFileSystem.cat_ranges
+
+    def counting(self, paths, starts, ends, *a, **kw):
+        read.extend(e - s for s, e in zip(starts, ends))
+        return real(self, paths, starts, ends, *a, **kw)
+
+    monkeypatch.setattr(fsspec.implementations.local.LocalFileSystem, "cat_ranges", counting)
+    ix = open_index()
+    assert read == []  # opening reads nothing
+    got = ix.locate(keys[:10] + ["absent"])
+    assert sorted(got.column("key").to_pylist()) == sorted(keys[:10])
+    per_bucket = index.BUCKET_ENTRIES * index.RECORD.itemsize
+    assert 0 < sum(read) < 10 * 4 * per_bucket and sum(read) * 50 < len(data)  # 10 buckets (about 5 KB) of 640 KB
+    assert set(got.column("shard").to_pylist()) == {0} and set(got.column("length").to_pylist()) == {5}
+
+
+def test_a_corrupt_index_bucket_is_refused_and_the_rest_still_read(tmp_path):
+    from er_core.index import RECORD
+
+    keys, data, open_index = _segment(tmp_path, 3000)
+    bad = bytearray(data)
+    bad[100 * RECORD.itemsize + 20] ^= 0xFF  # the shard id of entry 100
+    (tmp_path / "seg.idx").write_bytes(bytes(bad))
+    ix = open_index()
+    with pytest.raises(CacheCorruptError, match="seg.idx of .* fails its checksum"):
+        ix.locate(keys)
+    with pytest.raises(CacheCorruptError, match="seg.idx of .* fails its checksum"):
+        ix.entries()
+    broken = np.frombuffer(bytes(data[: 3000 * RECORD.itemsize]), RECORD)["digest"][100]
+    from er_core.index import key_digests
+
+    fine = [k for k, d in zip(keys, key_digests(keys)) if d[:1] != broken[:1]][:50]  # keys in other buckets
+    assert ix.locate(fine).num_rows == 50
+
+
+def test_a_corrupt_index_is_found_by_verify_and_rebuilt_by_repair(tmp_path, rec):
+    from er_core import repair_cache
+
+    url = str(tmp_path / "c")
+    rows = _rows(60, seed=9)
+    with CacheWriter(url, rec.spec, shard_rows=30) as w:
+        for k, ids, h in rows:
+            w.add(k, ids, h)
+    seg = open_cache(url).manifest.index[0]
+    p = tmp_path / "c" / seg.path
+    data = bytearray(p.read_bytes())
+    data[40] ^= 0xFF
+    p.write_bytes(bytes(data))
+    with pytest.raises(CacheCorruptError):
+        open_cache(url).locate([k for k, _, _ in rows])
+    assert any(seg.path in x for x in open_cache(url).verify())
+    rep = repair_cache(url)
+    assert rep["dropped"] == [] and rep["index_rebuilt"]
+    r = open_cache(url)
+    assert r.verify() == [] and r.locate([k for k, _, _ in rows]).num_rows == 60
+
+
 def test_locating_keys_reads_the_index_not_the_states(tmp_path, rec):
     """Opening a cache and locating keys touches index segments only; reading them touches their row groups only."""
     import fsspec
@@ -300,13 +426,14 @@ def test_locating_keys_reads_the_index_not_the_states(tmp_path, rec):
     assert {p.rsplit("/", 1)[-1] for p in opened} <= {shard.path.rsplit("/", 1)[-1]}
 
 
-def test_a_reader_fetches_each_index_row_group_once(tmp_path, rec, monkeypatch):
-    """Lookups one after another (a task's splits, a predictor's batches) fetch an index row group once, whatever the order."""
+def test_a_reader_fetches_each_index_bucket_once(tmp_path, rec, monkeypatch):
+    """Lookups one after another (a task's splits, a predictor's batches) fetch an index bucket once, whatever the order."""
     import fsspec
 
     from er_core import index
 
-    monkeypatch.setattr(index, "SEGMENT_GROUP_ROWS", 16)  # several index row groups per segment
+    monkeypatch.setattr(index, "BUCKET_ENTRIES", 4)  # many buckets per segment
+    monkeypatch.setattr(index, "COALESCE", 0)
     url = str(tmp_path / "c")
     rows = _rows(120, seed=6, lo=2, hi=5)
     with CacheWriter(url, rec.spec, shard_rows=40) as w:

@@ -155,3 +155,38 @@ def test_scheduled_ingest_twice_submits_once_and_adds_nothing_the_second_time(jo
     assert fs.cat_file(f"{cache.removeprefix('s3://')}/manifest.json") == manifest  # the cache is as the first run left it
     verify = _er_local("cache", "verify", cache)
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_losing_the_worker_node_mid_ingest_then_rerunning_gives_a_clean_runs_keys(jobs, tiny_bert, tmp_path):
+    """Last in this module: it takes the worker node away (SIGKILL to its whole process group, as a lost machine)."""
+    from er_core import Recycler, ingest_local, open_cache
+
+    cluster, client, fs, base = jobs
+    texts = [f"lost node example {i} " + " ".join(str(i * j % 97) for j in range(12)) for i in range(3000)]
+    path = base.removeprefix("s3://")
+    fs.pipe_file(f"{path}/big/corpus.jsonl", "".join(json.dumps({"text": t}) + "\n" for t in texts).encode())
+    cache = f"{base}/lost-node-cache"
+    argv = ["ingest", f"{base}/big", "--cache", cache, "--model", tiny_bert, *INGEST_ARGS]
+    sub = _submit(cluster, "er-test-lost-node", argv)
+    assert sub.returncode == 0, sub.stdout + sub.stderr
+    deadline = time.monotonic() + 180
+    while not fs.exists(f"{cache.removeprefix('s3://')}/manifest.json"):  # mid-run: a first commit is out
+        assert time.monotonic() < deadline, client.get_job_logs("er-test-lost-node")[-3000:]
+        assert client.get_job_status("er-test-lost-node").value in ("PENDING", "RUNNING"), \
+            "the ingest ended before the node could be lost:\n" + client.get_job_logs("er-test-lost-node")[-3000:]
+        time.sleep(0.5)
+        fs.invalidate_cache()
+    cluster.stop_node("w1", kill=True)
+    first = _wait(client, "er-test-lost-node", timeout=400)  # Ray may finish it on the head, or it fails: either way it ends
+    logs = _run_job(jobs, "er-test-lost-node-rerun", argv)
+    assert "examples written" in logs, logs[-3000:]
+    verify = _er_local("cache", "verify", cache)
+    assert verify.returncode == 0, f"(first run: {first})\n" + verify.stdout + verify.stderr
+
+    clean = str(tmp_path / "clean")
+    rec = Recycler.load(tiny_bert, layer=2, codec="fp32")
+    ingest_local([{"text": t} for t in texts], clean, rec, progress=False)
+    got = list(open_cache(cache).keys())
+    want = list(open_cache(clean).keys())
+    assert len(got) == len(set(got)) == len(texts)  # nothing lost, nothing twice
+    assert set(got) == set(want)
