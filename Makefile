@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: install
-	RAY_AUTH_MODE=disabled $(BIN)/pytest -q
+	RAY_AUTH_MODE=disabled $(BIN)/pytest -q --durations=25
 
 demo: install
 	RAY_AUTH_MODE=disabled $(BIN)/er demo $(DEMO_TASK) --overwrite

@@ -135,43 +135,49 @@ class _Segment:
         if self.table_at + (self.buckets + 1) * _BUCKET.itemsize + _TRAILER.size != seg.bytes:
             raise CacheCorruptError(f"{where}: {seg.bytes} bytes does not fit {seg.rows} entries (`er cache repair`)")
 
-    def fetch(self, spans: list[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
-        """The bytes of each span, fetched in merged ranges (one request each)."""
+    def fetch(self, spans: list[tuple[int, int]]) -> list[tuple[int, bytes]]:
+        """(start, bytes) of the merged ranges covering `spans`, one request each."""
         merged = _coalesce(spans)
+        if not merged:
+            return []
         try:
             parts = self.fs.cat_ranges([self.path] * len(merged), [s for s, _ in merged], [e for _, e in merged])
         except FileNotFoundError:
             raise CacheCorruptError(f"{self.where} is listed in the manifest but missing") from None
-        out, i = {}, 0
-        for s, e in sorted(set(spans)):
-            while merged[i][1] < e:
-                i += 1
-            m0, data = merged[i][0], parts[i]
-            if len(data) != merged[i][1] - m0:
-                raise CacheCorruptError(f"{self.where} is truncated (`er cache repair`)")
-            out[(s, e)] = data[s - m0: e - m0]
-        return out
+        if any(len(d) != e - s for (s, e), d in zip(merged, parts)):
+            raise CacheCorruptError(f"{self.where} is truncated (`er cache repair`)")
+        return [(s, d) for (s, _), d in zip(merged, parts)]
 
     def read(self, buckets: np.ndarray) -> dict[int, np.ndarray]:
-        """The entries of each bucket (sorted, unique ids), every one checked against its crc."""
-        t = {b: self.table_at + int(b) * _BUCKET.itemsize for b in buckets.tolist()}
-        heads = self.fetch([(o, o + 2 * _BUCKET.itemsize) for o in t.values()])
-        bounds = {b: np.frombuffer(heads[(o, o + 2 * _BUCKET.itemsize)], _BUCKET) for b, o in t.items()}
-        spans = {b: (int(v["start"][0]) * RECORD.itemsize, int(v["start"][1]) * RECORD.itemsize) for b, v in bounds.items()}
-        if any(not (0 <= s <= e <= self.table_at) for s, e in spans.values()):
+        """The entries of the given buckets, and of any other bucket the same requests fetched whole (the bytes
+        between nearby buckets come with them), every one checked against its crc."""
+        w = _BUCKET.itemsize
+        bounds = {}  # bucket -> (start, end, crc), from every table range fetched
+        for at, data in self.fetch([(self.table_at + int(b) * w, self.table_at + (int(b) + 2) * w) for b in buckets.tolist()]):
+            t = np.frombuffer(data, _BUCKET)
+            first = (at - self.table_at) // w
+            for i in range(len(t) - 1):
+                bounds[first + i] = (int(t["start"][i]), int(t["start"][i + 1]), int(t["crc"][i]))
+        if any(not (0 <= s <= e <= self.seg.rows) for s, e, _ in bounds.values()):
             raise CacheCorruptError(f"{self.where} fails its checksum (bucket table); refusing to read it (`er cache repair`)")
-        body = self.fetch([sp for sp in spans.values() if sp[1] > sp[0]])
+        r = RECORD.itemsize
+        got = self.fetch([(bounds[b][0] * r, bounds[b][1] * r) for b in buckets.tolist() if bounds[b][1] > bounds[b][0]])
         out = {}
-        for b, (s, e) in spans.items():
-            data = body.get((s, e), b"")
-            if _crc(s // RECORD.itemsize, e // RECORD.itemsize, data) != int(bounds[b]["crc"][0]):
+        for b, (s, e, crc) in bounds.items():
+            if s == e:
+                data = b""
+            else:
+                data = next((d[s * r - at: e * r - at] for at, d in got if at <= s * r and e * r <= at + len(d)), None)
+                if data is None:
+                    continue  # a bucket whose table entry came along but whose entries were not fetched
+            if _crc(s, e, data) != crc:
                 raise CacheCorruptError(f"{self.where} fails its checksum (bucket {b}); refusing to read it (`er cache repair`)")
             out[b] = np.frombuffer(data, RECORD)
         return out
 
     def everything(self) -> np.ndarray:
         """Every entry, every bucket checked."""
-        data = self.fetch([(0, self.seg.bytes)])[(0, self.seg.bytes)]
+        data = self.fetch([(0, self.seg.bytes)])[0][1]
         magic, bits, rows = _TRAILER.unpack(data[-_TRAILER.size:])
         if (magic, bits, rows) != (MAGIC, self.bits, self.seg.rows):
             raise CacheCorruptError(f"{self.where} has a bad trailer; refusing to read it (`er cache repair`)")
@@ -209,8 +215,9 @@ class Index:
             ids = np.unique(_bucket(wanted, s.bits))
             need = np.array([b for b in ids.tolist() if (seg.path, b) not in self._buckets], np.int64)
             for b, rec in (s.read(need) if len(need) else {}).items():
-                self._buckets[(seg.path, b)] = rec
-                self._kept += len(rec)
+                if (seg.path, b) not in self._buckets:
+                    self._buckets[(seg.path, b)] = rec
+                    self._kept += len(rec)
             rec = np.concatenate([self._buckets[(seg.path, b)] for b in ids.tolist()])
             for b in ids.tolist():
                 self._buckets.move_to_end((seg.path, b))
