@@ -77,4 +77,6 @@ def call(model, batch: dict) -> torch.Tensor:
     """Run a model on a batch already on its device."""
     if "hidden_states" in batch:
         return model(batch["hidden_states"], batch["attention_mask"])
+    if "token_type_ids" in batch:  # a text pair, for families whose embeddings read segments
+        return model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
     return model(batch["input_ids"], batch["attention_mask"])

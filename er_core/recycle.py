@@ -98,7 +98,7 @@ def ingest_local(
 
         def run():
             toks = recycler.tokenize([inp for _, inp in buf])
-            states = embed([t.input_ids for t in toks])
+            states = embed([t.input_ids for t in toks], [t.type_ids for t in toks])
             for (key, _), t, h in zip(buf, toks, states):
                 writer.add(key, t.input_ids, h, t.truncated)
             buf.clear()

@@ -103,13 +103,13 @@ class EmbedShards:
         self.actor = ray.get_runtime_context().get_actor_id()[:8]
         self.node = ray.get_runtime_context().get_node_id()
 
-    def _states(self, ids):
+    def _states(self, ids, types):
         # Forward passes of `batch_size` texts of similar length (the Embedder also caps tokens per pass).
         order = np.argsort([len(x) for x in ids], kind="stable")
         out = [None] * len(ids)
         for s in range(0, len(order), self.batch_size):
             part = order[s: s + self.batch_size]
-            for i, h in zip(part, self.embed([ids[i] for i in part])):
+            for i, h in zip(part, self.embed([ids[i] for i in part], [types[i] for i in part])):
                 out[i] = h
         return out
 
@@ -123,7 +123,8 @@ class EmbedShards:
         if mask.any():
             toks = self.rec.tokenize([json.loads(s) for s in batch["input"][mask]])
             ids = [t.input_ids for t in toks]
-            table = encode_table(keys[mask], ids, self._states(ids), [t.truncated for t in toks], self.rec.spec.codec)
+            table = encode_table(keys[mask], ids, self._states(ids, [t.type_ids for t in toks]), [t.truncated for t in toks],
+                                 self.rec.spec.codec)
             w = write_shard(self.cache, f"part-{self.run_id}-{uuid.uuid4().hex[:12]}.parquet", table, self.storage_options)
             info, digests, lengths = w.info, w.digests.tobytes(), w.lengths.tobytes()
         row = {k: np.array([getattr(info, k)]) for k in _INFO_FIELDS}
