@@ -53,6 +53,7 @@ class Example:
     label: str | None = None  # classification label
     tags: tuple[str, ...] | None = None  # NER: one BIO tag per word
     answers: tuple[tuple[str, int], ...] | None = None  # QA: (answer text, char start in context)
+    truncation: str | None = None  # how a pair is cut; None: only_second for QA, longest_first for pairs to classify
 
 
 @dataclass
@@ -331,9 +332,12 @@ def example_input(ex: Example) -> dict:
     if ex.text is None:
         raise ErError(f"example {ex.id} has neither text nor words")
     if ex.text_pair is not None:
-        if ex.answers is None:  # a sentence pair to classify (NLI)
+        cut = ex.truncation or ("only_second" if ex.answers is not None else "longest_first")
+        if cut == "longest_first":  # a sentence pair to classify (NLI)
             return pair_input(ex.text, ex.text_pair)
-        return {"text": ex.text, "text_pair": ex.text_pair}  # QA: the question kept whole, the context cut (only_second)
+        if cut != "only_second":
+            raise ErError(f"example {ex.id}: pair truncation {cut!r} is neither only_second (QA) nor longest_first")
+        return {"text": ex.text, "text_pair": ex.text_pair}  # QA: the question kept whole, the context cut
     return {"text": ex.text}
 
 

@@ -70,6 +70,8 @@ class Predictor:
         examples, hidden = [], []
         for ident, key, inputs in zip(batch["id"], keys, batch["input"]):
             d = json.loads(inputs)
+            if "text_pair" in d:  # the input's own truncation (its key's), which QA inputs leave implicit
+                d["truncation"] = d.get("truncation", "only_second")
             examples.append(Example(id=ident, **{k: (tuple(v) if k == "words" else v) for k, v in d.items()}))
             hit = states.get(key)
             hidden.append(self.reader.decode(*hit) if hit else None)
