@@ -10,9 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from torch import nn
-from transformers.masking_utils import create_bidirectional_mask
+from transformers.masking_utils import create_bidirectional_mask, create_bidirectional_sliding_window_mask
 from transformers.models.deberta_v2.modeling_deberta_v2 import DebertaV2Encoder
+from transformers.models.mpnet.modeling_mpnet import MPNetEncoder
 
 from er_core.errors import UnsupportedModelError
 
@@ -62,6 +64,50 @@ def _deberta_shared(model: nn.Module) -> DebertaRel:
     return DebertaRel(model.encoder)
 
 
+class MPNetRel(nn.Module):
+    """MPNet's relative-position bias, which every layer reads: the encoder's own table and method."""
+
+    compute_position_bias = MPNetEncoder.compute_position_bias
+    relative_position_bucket = staticmethod(MPNetEncoder.relative_position_bucket)
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.relative_attention_bias = encoder.relative_attention_bias
+
+
+def _mpnet_inputs(config, shared, hidden, attention_mask) -> dict:
+    return {**_bidirectional_inputs(config, shared, hidden, attention_mask), "position_bias": shared.compute_position_bias(hidden)}
+
+
+def _mpnet_shared(model: nn.Module) -> MPNetRel:
+    return MPNetRel(model.encoder)
+
+
+class ModernBertRotary(nn.Module):
+    """ModernBERT's rotary embeddings (no weights), read by every layer with its own attention type."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.rotary_emb = model.rotary_emb
+
+
+def _modernbert_inputs(config, shared, hidden, attention_mask) -> dict:
+    # The model's own padded path: a full mask for global layers, a sliding-window one for local layers,
+    # and rotary embeddings per layer type, from positions 0..T-1 (rows are right padded, as in the cache).
+    kw = {"config": config, "inputs_embeds": hidden, "attention_mask": attention_mask}
+    masks = {"full_attention": create_bidirectional_mask(**kw), "sliding_attention": create_bidirectional_sliding_window_mask(**kw)}
+    pos = torch.arange(hidden.shape[1], device=hidden.device)[None]
+    return {BY_LAYER_TYPE: {t: {"attention_mask": masks[t], "position_embeddings": shared.rotary_emb(hidden, pos, t)}
+                            for t in set(config.layer_types)}}
+
+
+def _modernbert_shared(model: nn.Module) -> ModernBertRotary:
+    return ModernBertRotary(model)
+
+
+BY_LAYER_TYPE = "by_layer_type"  # layer_inputs key: kwargs per `layer.attention_type` instead of one set for all
+
+
 # Functions in rows are module-level (no lambdas) so split parts stay picklable for Ray.
 @dataclass(frozen=True)
 class Family:
@@ -73,6 +119,7 @@ class Family:
     post_embed: tuple[str, ...] = ()  # model-level modules applied to the embeddings' output, if present
     shared: Callable[[nn.Module], nn.Module] | None = None  # model -> module every layer reads
     after_layer0: str | None = None  # module run as m(embeddings_out, layer0_out, mask2d), if not None
+    final: str | None = None  # model-level module applied after the last layer (it goes with the upper part)
     num_layers_attr: str = "num_hidden_layers"
     hidden_size_attr: str = "hidden_size"
 
@@ -115,6 +162,26 @@ FAMILIES: dict[str, Family] = {
         layer_inputs=_deberta_inputs,
         shared=_deberta_shared,
         after_layer0="encoder.conv",
+    ),
+    # MPNet (all-mpnet-base-v2): no token types; every layer reads one relative-position bias.
+    "mpnet": Family(
+        embeddings="embeddings",
+        layers="encoder.layer",
+        embed_kwargs=("input_ids",),
+        lora_targets=("q", "v"),
+        layer_inputs=_mpnet_inputs,
+        shared=_mpnet_shared,
+    ),
+    # ModernBERT: alternating global / sliding-window layers with rotary positions, and a norm after the last layer.
+    # Split on transformers' padded path (attention masks, no unpadding), which is what the model itself runs.
+    "modernbert": Family(
+        embeddings="embeddings",
+        layers="layers",
+        embed_kwargs=("input_ids",),
+        lora_targets=("Wqkv",),
+        layer_inputs=_modernbert_inputs,
+        shared=_modernbert_shared,
+        final="final_norm",
     ),
 }
 
