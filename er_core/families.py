@@ -114,7 +114,9 @@ class Family:
     embeddings: str  # attribute path of the embeddings module
     layers: str  # attribute path of the nn.ModuleList of layers
     embed_kwargs: tuple[str, ...]  # what the embeddings are called with, of input_ids/token_type_ids/mask
-    lora_targets: tuple[str, ...]  # Linear names peft's LoRA targets by default
+    lora_targets: tuple[str, ...]  # Linear names peft's LoRA (and LoHa, LoKr, ...) targets by default
+    ia3_targets: tuple[str, ...] = ()  # IA³: keys, values and the FFN's second Linear, as peft's own IA³ tables
+    ffn_targets: tuple[str, ...] = ()  # IA³'s feedforward_modules: of ia3_targets, those scaled on their input
     layer_inputs: Callable = _bidirectional_inputs  # (config, shared, hidden, mask2d) -> layer kwargs
     post_embed: tuple[str, ...] = ()  # model-level modules applied to the embeddings' output, if present
     shared: Callable[[nn.Module], nn.Module] | None = None  # model -> module every layer reads
@@ -129,6 +131,8 @@ _BERT_LIKE = Family(
     layers="encoder.layer",
     embed_kwargs=("input_ids", "token_type_ids"),
     lora_targets=("query", "value"),
+    ia3_targets=("key", "value", "output.dense"),
+    ffn_targets=("output.dense",),
 )
 
 FAMILIES: dict[str, Family] = {
@@ -141,6 +145,8 @@ FAMILIES: dict[str, Family] = {
         layers="encoder.layer",
         embed_kwargs=("input_ids", "token_type_ids"),
         lora_targets=("query", "value"),
+        ia3_targets=("key", "value", "output.dense"),
+        ffn_targets=("output.dense",),
         post_embed=("embeddings_project",),
     ),
     # DistilBERT has no token types.
@@ -149,6 +155,8 @@ FAMILIES: dict[str, Family] = {
         layers="transformer.layer",
         embed_kwargs=("input_ids",),
         lora_targets=("q_lin", "v_lin"),
+        ia3_targets=("k_lin", "v_lin", "lin2"),
+        ffn_targets=("lin2",),
         num_layers_attr="n_layers",
         hidden_size_attr="dim",
     ),
@@ -159,6 +167,8 @@ FAMILIES: dict[str, Family] = {
         layers="encoder.layer",
         embed_kwargs=("input_ids", "token_type_ids", "mask"),
         lora_targets=("query_proj", "value_proj"),
+        ia3_targets=("key_proj", "value_proj", "output.dense"),
+        ffn_targets=("output.dense",),
         layer_inputs=_deberta_inputs,
         shared=_deberta_shared,
         after_layer0="encoder.conv",
@@ -169,6 +179,8 @@ FAMILIES: dict[str, Family] = {
         layers="encoder.layer",
         embed_kwargs=("input_ids",),
         lora_targets=("q", "v"),
+        ia3_targets=("k", "v", "output.dense"),
+        ffn_targets=("output.dense",),
         layer_inputs=_mpnet_inputs,
         shared=_mpnet_shared,
     ),
@@ -179,6 +191,8 @@ FAMILIES: dict[str, Family] = {
         layers="layers",
         embed_kwargs=("input_ids",),
         lora_targets=("Wqkv",),
+        ia3_targets=("Wqkv", "mlp.Wo"),
+        ffn_targets=("mlp.Wo",),
         layer_inputs=_modernbert_inputs,
         shared=_modernbert_shared,
         final="final_norm",
@@ -200,13 +214,17 @@ def family_for(config) -> Family:
     return FAMILIES[model_type]
 
 
-def lora_target_modules(model_type: str) -> list[str]:
+def family_by_type(model_type: str) -> Family:
     if model_type not in FAMILIES:
         raise UnsupportedModelError(
-            f"model_type {model_type!r} has no LoRA targets; supported model types are "
+            f"model_type {model_type!r} has no split recipe or adapter targets; supported model types are "
             f"{', '.join(supported_model_types())}."
         )
-    return list(FAMILIES[model_type].lora_targets)
+    return FAMILIES[model_type]
+
+
+def lora_target_modules(model_type: str) -> list[str]:
+    return list(family_by_type(model_type).lora_targets)
 
 
 def num_layers(config) -> int:

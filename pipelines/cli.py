@@ -66,14 +66,17 @@ def _ray_args(p):
 
 def _train_args(p):
     p.add_argument("--method", choices=["reduced", "lora", "full"], default="reduced",
-                   help="reduced: fine-tune layers k..L from the cache; lora: LoRA adapters on layers k..L from the cache; "
-                        "full: the whole model from raw text (baseline)")
+                   help="reduced: fine-tune layers k..L from the cache; lora: peft adapters on layers k..L from the cache "
+                        "(LoRA, or the tuner of --peft-config); full: the whole model from raw text (baseline)")
     p.add_argument("--epochs", type=int, default=3, help="maximum epochs (early stopping on dev)")
     p.add_argument("--lr", type=float, help="peak learning rate (default 5e-5; 5e-4 for lora)")
     p.add_argument("--batch-size", type=int, default=32, help="examples per step per worker")
     p.add_argument("--patience", type=int, default=2, help="epochs without dev improvement before stopping")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
+    p.add_argument("--peft-config", metavar="FILE", help="with --method lora: any peft tuner (LoRA, IA3, LoHa, LoKr, ...) "
+                   "from a JSON/YAML file or a folder holding peft's adapter_config.json, e.g. {\"peft_type\": \"IA3\"}; "
+                   "target modules left out come from er's family table")
     p.add_argument("--limit", type=int, help="use only the first N examples of each split (quick runs)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="bf16: train under bf16 autocast (weights and optimizer stay fp32); for GPUs with bf16")
@@ -82,8 +85,11 @@ def _train_args(p):
 def train_config(args):
     from er_core import TrainConfig
 
+    from er_core.train import read_peft_config
+
+    peft = read_peft_config(args.peft_config) if getattr(args, "peft_config", None) else None
     return TrainConfig(method=args.method, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                       patience=args.patience, seed=args.seed, lora_r=args.lora_r, precision=args.precision)
+                       patience=args.patience, seed=args.seed, lora_r=args.lora_r, precision=args.precision, peft_config=peft)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -179,3 +179,47 @@ def test_task_without_dev_holds_out_part_of_train_and_says_so(tiny_cache, tmp_pa
     assert m["dev_source"] == note and note in caplog.text
     assert json.loads((tmp_path / "o" / "metrics.json").read_text())["dev_source"] == note
     assert "dev" in m and "dev_micro_f1" in m["history"][0]  # early stopping watched the held-out slice
+
+
+@pytest.mark.parametrize("peft_config", [{"peft_type": "LORA", "r": 4, "lora_alpha": 8},
+                                         {"peft_type": "IA3"},
+                                         {"peft_type": "LOHA", "r": 4, "alpha": 8}], ids=lambda d: d["peft_type"])
+def test_any_peft_tuner_trains_saves_and_reloads_with_peft(tiny_cache, tmp_path, peft_config):
+    import json
+
+    from peft import PeftModel
+
+    url, folder, rec = tiny_cache
+    cfg = TrainConfig(method="lora", epochs=2, lr=3e-3, batch_size=8, seed=3, peft_config=peft_config)
+    out = tmp_path / "out"
+    m = finetune(url, str(folder), str(out), cfg, progress=False, log=lambda r: None)
+    saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert saved["peft_type"] == peft_config["peft_type"] and "head" in saved["modules_to_save"]
+    if peft_config["peft_type"] == "IA3":  # targets from er's family table
+        assert set(saved["target_modules"]) == {"key", "value", "output.dense"} and saved["feedforward_modules"] == ["output.dense"]
+    meta, lower, model, tok = load_trained(out)  # PeftModel.from_pretrained, then merged where peft can
+    assert isinstance(model, PeftModel) == (peft_config["peft_type"] != "LORA")
+    reader = open_cache(url)
+    task = load_task(folder)
+    data = join_cache(task, "test", tok, reader.spec.tokenizer, label_map(task), reader=reader)
+    from er_core.evaluate import score
+
+    assert score("classification", data.items, predict(model, data, "cache", label_map(task))) == m["test"]
+
+
+def test_peft_config_is_read_from_yaml_or_an_adapter_folder_and_checked(tmp_path):
+    from er_core import ErError
+    from er_core.train import read_peft_config
+
+    (tmp_path / "ia3.yaml").write_text("peft_type: IA3\n")
+    assert read_peft_config(str(tmp_path / "ia3.yaml")) == {"peft_type": "IA3"}
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "saved" / "adapter_config.json").write_text('{"peft_type": "LOHA", "r": 2, "base_model_name_or_path": null}')
+    assert read_peft_config(str(tmp_path / "saved"))["peft_type"] == "LOHA"
+    with pytest.raises(ErError, match="peft_type"):
+        TrainConfig(method="lora", peft_config={"peft_type": "NOPE"})
+    with pytest.raises(ErError, match="use method lora"):
+        TrainConfig(method="reduced", peft_config={"peft_type": "IA3"})
+    (tmp_path / "bad.yaml").write_text("- a list\n")
+    with pytest.raises(ErError, match="expected a mapping with peft_type"):
+        read_peft_config(str(tmp_path / "bad.yaml"))
