@@ -114,7 +114,7 @@ def load_trained(model_dir: str | Path, encoder=None):
     d = Path(model_dir)
     tokenizer = None
     if encoder is None:
-        encoder, tokenizer = load_encoder(meta["model"]["name"])
+        encoder, tokenizer = load_encoder(meta["model"]["name"], meta["model"].get("revision"))
     head = make_head(meta["task"]["kind"], encoder.config.hidden_size, max(len(meta["task"]["labels"]), 1))
     if meta["method"] == "full":
         encoder.load_state_dict(load_file(d / "encoder.safetensors"))

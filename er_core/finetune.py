@@ -52,7 +52,7 @@ def prepare_task(task_dir: str, cfg: TrainConfig, limit=None, text_field="text",
 
 def load_checked_encoder(spec, where: str):
     """The cache's model as loaded here, refused unless its lower layers are the ones the cache was built with."""
-    encoder, tokenizer = load_encoder(spec.model_name)
+    encoder, tokenizer = load_encoder(spec.model_name, spec.model_revision)
     lower, _ = split_encoder(encoder, spec.layer)
     if lower_fingerprint(lower) != spec.lower_fingerprint:
         raise CacheMismatchError(f"model {spec.model_name!r} as loaded here differs from the one cache {where} was built with")
@@ -121,7 +121,7 @@ def run_meta(p: Prepared, cfg: TrainConfig) -> dict:
     return {
         "method": cfg.method,
         "task": {"name": p.task.name, "kind": p.task.kind, "labels": p.task.labels},
-        "model": {"name": p.spec.model_name, "model_type": p.spec.model_type},
+        "model": {"name": p.spec.model_name, "model_type": p.spec.model_type, "revision": p.spec.model_revision},
         "cache": cache_meta(p.spec),
         "train_config": cfg.to_dict(),
     }

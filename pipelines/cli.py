@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "a task folder ingests its train/dev/test files")
     p.add_argument("--cache", required=True, help="cache URL: a local folder or s3://bucket/prefix")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"HF model id or local folder (default {DEFAULT_MODEL}, bundled)")
+    p.add_argument("--model-revision", metavar="REV", help="Hub commit, branch or tag to load the model at; recorded in "
+                   "the cache and reused by every later command (default: the cache's, else the Hub's latest)")
     p.add_argument("--layer", default="0.5", help="cut layer k: an int 0..L or a fraction of depth (default 0.5)")
     p.add_argument("--codec", choices=sorted(CODECS), default=DEFAULT_CODEC, help="storage precision of the states")
     p.add_argument("--text-field", default="text", help="field holding the text in JSONL/Parquet/CSV corpora")

@@ -121,7 +121,7 @@ def predict(cache_url: str, model_dirs: list[str], corpus: list[str], out: str, 
         if record and stats["cache_misses"]:
             from er_core import Recycler, ingest_local
 
-            rec = Recycler.load(spec.model_name, spec.layer, spec.codec, spec.tokenizer.max_length)
+            rec = Recycler.load(spec.model_name, spec.layer, spec.codec, spec.tokenizer.max_length, spec.model_revision)
             with open(misses_file) as f:
                 ingest_local((json.loads(line) for line in f), cache_url, rec, storage_options=storage_options, progress=False)
     return {**stats, "out": out}
