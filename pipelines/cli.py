@@ -182,6 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     _storage_args(p)
 
+    p = sub.add_parser("export", help="write a trained model as one standard Hugging Face model folder (no er needed)",
+                       description="Join the lower and the trained upper layers (LoRA merged) into one encoder, saved with "
+                       "save_pretrained, plus the task head: load it with AutoModel.from_pretrained(DIR) and apply "
+                       "head.safetensors as DIR/er_head.json says.")
+    p.add_argument("model_dir", help="a trained model folder (`er train --out`)")
+    p.add_argument("--to", required=True, help="a new folder for the export")
+
     p = sub.add_parser("demo", help="ingest a task folder, train on it from the cache, print metrics and speed")
     p.add_argument("task", nargs="?", default=None, help="task folder (default ../shared/data/tasks/chemprot)")
     p.add_argument("--workdir", default=".er-demo", help="where the cache and the model go: a new or empty folder")
@@ -314,6 +321,15 @@ def cmd_cleanup(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from er_core.export import export_model
+
+    rep = export_model(args.model_dir, args.to)
+    print(f"exported {rep['method']} {rep['kind']} model {args.model_dir} to {rep['to']}: AutoModel.from_pretrained"
+          f"({rep['to']!r}) plus head.safetensors, applied as er_head.json says")
+    return 0
+
+
 def main(argv=None) -> int:
     from pipelines import ray_sessions
 
@@ -325,6 +341,8 @@ def main(argv=None) -> int:
         ray_sessions.reap()  # Ray processes left by an er that was killed
         if args.cmd == "cache":
             return cmd_cache(args)
+        if args.cmd == "export":
+            return cmd_export(args)
         if args.cmd == "ingest":
             from pipelines.ingest import main as run
         elif args.cmd == "train":

@@ -223,3 +223,48 @@ def test_peft_config_is_read_from_yaml_or_an_adapter_folder_and_checked(tmp_path
     (tmp_path / "bad.yaml").write_text("- a list\n")
     with pytest.raises(ErError, match="expected a mapping with peft_type"):
         read_peft_config(str(tmp_path / "bad.yaml"))
+
+
+EXPORT_USER = """
+import json, sys
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModel, AutoTokenizer
+
+d, texts = sys.argv[1], json.loads(sys.argv[2])
+model, tok = AutoModel.from_pretrained(d).eval(), AutoTokenizer.from_pretrained(d)
+w, head = load_file(f"{d}/head.safetensors"), json.load(open(f"{d}/er_head.json"))
+out = []
+with torch.no_grad():
+    for t in texts:
+        h = model(**tok(t, return_tensors="pt")).last_hidden_state
+        logits = torch.relu(h[:, 0] @ w["dense.weight"].T + w["dense.bias"]) @ w["out.weight"].T + w["out.bias"]
+        out.append(head["labels"][int(logits.argmax())])
+assert not any(m.startswith(("er_core", "pipelines")) for m in sys.modules), "the export needs er"
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("method", ["reduced", "lora"])
+def test_an_export_loads_without_er_and_predicts_what_er_predicts(tiny_cache, tmp_path, method):
+    import subprocess
+    import sys
+
+    from er_core.predict import MultiTaskPredictor
+    from pipelines.cli import main as er
+
+    url, folder, rec = tiny_cache
+    out = tmp_path / "run"
+    finetune(url, str(folder), str(out), TrainConfig(method=method, epochs=2, lr=1e-3, batch_size=8, seed=3),
+             progress=False, log=lambda r: None)
+    assert er(["export", str(out), "--to", str(tmp_path / "hf")]) == 0
+    exs = load_task(folder).splits["test"]
+    reader = open_cache(url)
+    rows = reader.load([rec.key(example_input(e)) for e in exs])
+    pred = MultiTaskPredictor([str(out)], reader.spec)
+    want = [next(iter(p.values())) for p in pred.predict(exs, [rows.hidden(rows.index[rec.key(example_input(e))]) for e in exs])]
+    got = subprocess.run([sys.executable, "-c", EXPORT_USER, str(tmp_path / "hf"), json.dumps([e.text for e in exs])],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert got.returncode == 0, got.stderr[-2000:]
+    assert json.loads(got.stdout.strip().splitlines()[-1]) == want
+    assert er(["export", str(out), "--to", str(tmp_path / "hf")]) != 0  # never over an existing export
