@@ -27,7 +27,8 @@ from er_core.heads import HEADS, FullModel, RecycledModel, make_head
 from er_core.split import split_encoder
 from er_core.task_data import grouped_order, join_cache, label_map
 from er_core.tasks import example_input
-from er_core.train import apply_lora, make_optimizer
+from er_core.train import adapter_config, make_optimizer
+from peft import get_peft_model
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tasks"
 
@@ -71,7 +72,7 @@ def run(data_dir: Path = DATA, quick: bool = False, task: str = "chemprot", laye
         reduced = RecycledModel(up, make_head("classification", 384, C))
         e3 = copy.deepcopy(rec.encoder).train()
         _, up3 = split_encoder(e3, layer)
-        lora = apply_lora(RecycledModel(up3, make_head("classification", 384, C)), "bert", TrainConfig(method="lora"))
+        lora = get_peft_model(RecycledModel(up3, make_head("classification", 384, C)), adapter_config("bert", TrainConfig(method="lora")))
         return {"full": full, "reduced": reduced, "lora": lora}
 
     ms = models()

@@ -23,6 +23,11 @@ from .split import split_encoder
 META = "er_model.json"
 
 
+# Tuners whose adapters are merged into the weights on load (exact, and faster to run). Others run unmerged:
+# peft 0.21's unload of IA³ and LoHa fails on the head, which peft keeps whole as a "module to save".
+MERGED = ("LORA",)
+
+
 def _tensors(module) -> dict:
     return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
@@ -109,7 +114,7 @@ def load_trained(model_dir: str | Path, encoder=None):
     d = Path(model_dir)
     tokenizer = None
     if encoder is None:
-        encoder, tokenizer = load_encoder(meta["model"]["name"])
+        encoder, tokenizer = load_encoder(meta["model"]["name"], meta["model"].get("revision"))
     head = make_head(meta["task"]["kind"], encoder.config.hidden_size, max(len(meta["task"]["labels"]), 1))
     if meta["method"] == "full":
         encoder.load_state_dict(load_file(d / "encoder.safetensors"))
@@ -124,7 +129,9 @@ def load_trained(model_dir: str | Path, encoder=None):
         else:
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, d / "adapter").merge_and_unload()
+            model = PeftModel.from_pretrained(model, d / "adapter")
+            if model.peft_config["default"].peft_type in MERGED:
+                model = model.merge_and_unload()
     from .split import lower_fingerprint
 
     if lower is not None and lower_fingerprint(lower) != meta["cache"]["lower_fingerprint"]:

@@ -27,6 +27,7 @@ from .embed import is_empty
 from .errors import DataFormatError, ErError
 from .index import key_digests
 from .storage import url_to_fs
+from .tasks import pair_input
 
 __all__ = [
     "CorpusRecord", "CorpusRow", "CorpusSource", "CorpusStats", "KeyClaims",
@@ -139,6 +140,9 @@ def _lines(f, src: CorpusSource, keep_ends: bool = False) -> Iterator[tuple[int,
         yield lineno, line if keep_ends else line.rstrip("\r\n")
 
 
+PAIR_FIELD = "text_pair"  # a record's second text (premise + hypothesis): encoded as a pair, as a classification task does
+
+
 def _inputs(value, field: str, where: str) -> dict:
     if isinstance(value, str):
         return {"text": value}
@@ -167,7 +171,13 @@ def _record_row(record, src: CorpusSource, row: int, text_field: str, id_field: 
         raise DataFormatError(
             f"{where}: missing field {text_field!r} (fields present: {sorted(record)}); pass --text-field if the text is elsewhere"
         )
-    return CorpusRow(row, _inputs(record[text_field], text_field, where), _ident(record, id_field, where))
+    inputs = _inputs(record[text_field], text_field, where)
+    pair = record.get(PAIR_FIELD)
+    if pair is not None and "text" in inputs:
+        if not isinstance(pair, str):
+            raise DataFormatError(f"{where}: field {PAIR_FIELD!r} must be a string, got {type(pair).__name__}")
+        inputs = pair_input(inputs["text"], pair)
+    return CorpusRow(row, inputs, _ident(record, id_field, where))
 
 
 def _read_jsonl(f, src, text_field, id_field):

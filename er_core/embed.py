@@ -15,6 +15,15 @@ from .keys import TokenizerSettings
 class Tokenized:
     input_ids: np.ndarray  # int32, real tokens only (special tokens included)
     truncated: bool
+    type_ids: np.ndarray | None = None  # int8 segment ids, the tokenizer's own; None when all zero (single texts)
+
+
+PAIR_TRUNCATION = "only_second"  # a pair's default: QA keeps the question and cuts the context
+
+
+def pair_truncation(inputs: dict) -> str:
+    """How a text pair is cut to the max length: the input's own `truncation` (part of its key), else only_second."""
+    return inputs.get("truncation", PAIR_TRUNCATION)
 
 
 def is_empty(inputs: dict) -> bool:
@@ -24,33 +33,38 @@ def is_empty(inputs: dict) -> bool:
 
 
 def tokenize(tokenizer, inputs: list[dict], max_length: int, **kw) -> list[Tokenized]:
-    """Tokenize a list of inputs ({'text'}, {'text','text_pair'} or {'words'}), truncating to max_length."""
+    """Tokenize a list of inputs ({'text'}, {'text','text_pair'[,'truncation']} or {'words'}), truncating to
+    max_length. Pairs keep the tokenizer's segment ids, which the embeddings of BERT-like families read."""
     out: list[Tokenized | None] = [None] * len(inputs)
-    groups: dict[str, list[int]] = {}
+    groups: dict[tuple, list[int]] = {}
     for i, inp in enumerate(inputs):
-        kind = "words" if "words" in inp else ("pair" if inp.get("text_pair") is not None else "text")
+        kind = ("words",) if "words" in inp else (("pair", pair_truncation(inp)) if inp.get("text_pair") is not None else ("text",))
         groups.setdefault(kind, []).append(i)
     for kind, idx in groups.items():
-        if kind == "words":
+        if kind[0] == "words":
             args = ([list(inputs[i]["words"]) for i in idx],)
             kw2 = {"is_split_into_words": True}
-        elif kind == "pair":
+        elif kind[0] == "pair":
             args = ([inputs[i]["text"] for i in idx], [inputs[i]["text_pair"] for i in idx])
-            kw2 = {"truncation": "only_second"}  # QA: keep the question, cut the context
+            kw2 = {"truncation": kind[1], "return_token_type_ids": True}
         else:
             args = ([inputs[i]["text"] for i in idx],)
             kw2 = {}
         # Tokenize in full first, so truncation is detected (and counted) rather than silent.
-        full = tokenizer(*args, **{**kw2, "truncation": False}, **kw)["input_ids"]
+        enc = tokenizer(*args, **{**kw2, "truncation": False}, **kw)
+        full, types = enc["input_ids"], enc.get("token_type_ids") if kind[0] == "pair" else None
         long = [j for j, ids in enumerate(full) if len(ids) > max_length]
         if long:
             sub = tuple([a[j] for j in long] for a in args)
-            cut = tokenizer(*sub, max_length=max_length, **{"truncation": True, **kw2}, **kw)["input_ids"]
-            for j, ids in zip(long, cut):
-                full[j] = ids
+            cut = tokenizer(*sub, max_length=max_length, **{"truncation": True, **kw2}, **kw)
+            for n, j in enumerate(long):
+                full[j] = cut["input_ids"][n]
+                if types is not None:
+                    types[j] = cut["token_type_ids"][n]
         long_set = set(long)
         for j, i in enumerate(idx):
-            out[i] = Tokenized(np.asarray(full[j], dtype=np.int32), j in long_set)
+            t = np.asarray(types[j], dtype=np.int8) if types is not None and any(types[j]) else None
+            out[i] = Tokenized(np.asarray(full[j], dtype=np.int32), j in long_set, t)
     return out  # type: ignore[return-value]
 
 
@@ -68,6 +82,17 @@ def length_batches(lengths: list[int] | np.ndarray, max_tokens: int, max_batch: 
     if cur:
         batches.append(np.asarray(cur))
     return batches
+
+
+def pad_types(types: list | None, T: int) -> torch.Tensor | None:
+    """Segment ids of a batch padded with 0 to length T; None when no row has any (the model's default)."""
+    if types is None or all(t is None for t in types):
+        return None
+    out = torch.zeros((len(types), T), dtype=torch.long)
+    for r, t in enumerate(types):
+        if t is not None:
+            out[r, : len(t)] = torch.from_numpy(np.asarray(t, dtype=np.int64))
+    return out
 
 
 def pad_ids(ids: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,15 +120,17 @@ class Embedder:
         self.max_tokens = max_tokens
 
     @torch.inference_mode()
-    def __call__(self, ids: list[np.ndarray]) -> list[np.ndarray]:
+    def __call__(self, ids: list[np.ndarray], types: list | None = None) -> list[np.ndarray]:
+        """States of each id sequence; `types`: each one's segment ids (Tokenized.type_ids) or None."""
         if any(len(x) == 0 for x in ids):
             raise ErError("cannot embed an example with zero tokens")
         out: list[np.ndarray | None] = [None] * len(ids)
         for batch in length_batches([len(x) for x in ids], self.max_tokens):
             input_ids, mask = pad_ids([ids[i] for i in batch], self.pad_id)
+            tt = pad_types(None if types is None else [types[i] for i in batch], input_ids.shape[1])
             input_ids, mask = input_ids.to(self.device), mask.to(self.device)
             with torch.autocast(self.device.split(":")[0], dtype=self.autocast, enabled=self.autocast is not None):
-                h = self.lower(input_ids, mask)
+                h = self.lower(input_ids, mask, None if tt is None else tt.to(self.device))
             h = h.float().cpu().numpy()
             for r, i in enumerate(batch):
                 out[i] = h[r, : len(ids[i])]

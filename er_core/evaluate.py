@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import deque
+
 import numpy as np
 import torch
 
@@ -24,18 +26,32 @@ def decode(kind: str, item: Item, logits: np.ndarray, labels) -> object:
             prev = w
         return tags
     if kind == "qa":
-        start, end = logits[:, 0], logits[:, 1]
-        ctx = [t for t, o in enumerate(item.offsets) if o is not None and t < len(logits)]
-        if not ctx:
+        ok = np.array([o is not None for o in item.offsets[: len(logits)]], dtype=bool)
+        _, s, e = best_span(logits[: len(ok), 0], logits[: len(ok), 1], ok)
+        if s < 0:
             return ""
-        best, span = -np.inf, (ctx[0], ctx[0])
-        for s in ctx:  # best start/end pair with end >= start, answers at most 30 tokens
-            for e in ctx:
-                if s <= e < s + 30 and start[s] + end[e] > best:
-                    best, span = start[s] + end[e], (s, e)
-        a, b = item.offsets[span[0]][0], item.offsets[span[1]][1]
-        return item.example.text_pair[a:b]
+        return item.example.text_pair[item.offsets[s][0]: item.offsets[e][1]]
     raise ValueError(kind)
+
+
+MAX_ANSWER_TOKENS = 30
+
+
+def best_span(start: np.ndarray, end: np.ndarray, ok: np.ndarray, max_len: int = MAX_ANSWER_TOKENS) -> tuple[float, int, int]:
+    """(score, s, e) with the highest start[s] + end[e] over s <= e < s + max_len, both allowed by `ok`
+    (context tokens); (-inf, -1, -1) if none. Exact, O(n): for each end, the best start in its window
+    comes from a deque of starts with decreasing scores (a sliding-window maximum)."""
+    best, window = (-np.inf, -1, -1), deque()
+    for e in range(len(ok)):
+        if ok[e]:
+            while window and start[window[-1]] < start[e]:  # ties keep the earlier start
+                window.pop()
+            window.append(e)
+        while window and window[0] <= e - max_len:
+            window.popleft()
+        if ok[e] and window and start[window[0]] + end[e] > best[0]:
+            best = (float(start[window[0]] + end[e]), window[0], e)
+    return best
 
 
 def score(kind: str, items: list[Item], preds: list) -> dict:
@@ -77,4 +93,6 @@ def call(model, batch: dict) -> torch.Tensor:
     """Run a model on a batch already on its device."""
     if "hidden_states" in batch:
         return model(batch["hidden_states"], batch["attention_mask"])
+    if "token_type_ids" in batch:  # a text pair, for families whose embeddings read segments
+        return model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
     return model(batch["input_ids"], batch["attention_mask"])

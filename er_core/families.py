@@ -10,9 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from torch import nn
-from transformers.masking_utils import create_bidirectional_mask
+from transformers.masking_utils import create_bidirectional_mask, create_bidirectional_sliding_window_mask
 from transformers.models.deberta_v2.modeling_deberta_v2 import DebertaV2Encoder
+from transformers.models.mpnet.modeling_mpnet import MPNetEncoder
 
 from er_core.errors import UnsupportedModelError
 
@@ -62,17 +64,64 @@ def _deberta_shared(model: nn.Module) -> DebertaRel:
     return DebertaRel(model.encoder)
 
 
+class MPNetRel(nn.Module):
+    """MPNet's relative-position bias, which every layer reads: the encoder's own table and method."""
+
+    compute_position_bias = MPNetEncoder.compute_position_bias
+    relative_position_bucket = staticmethod(MPNetEncoder.relative_position_bucket)
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.relative_attention_bias = encoder.relative_attention_bias
+
+
+def _mpnet_inputs(config, shared, hidden, attention_mask) -> dict:
+    return {**_bidirectional_inputs(config, shared, hidden, attention_mask), "position_bias": shared.compute_position_bias(hidden)}
+
+
+def _mpnet_shared(model: nn.Module) -> MPNetRel:
+    return MPNetRel(model.encoder)
+
+
+class ModernBertRotary(nn.Module):
+    """ModernBERT's rotary embeddings (no weights), read by every layer with its own attention type."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.rotary_emb = model.rotary_emb
+
+
+def _modernbert_inputs(config, shared, hidden, attention_mask) -> dict:
+    # The model's own padded path: a full mask for global layers, a sliding-window one for local layers,
+    # and rotary embeddings per layer type, from positions 0..T-1 (rows are right padded, as in the cache).
+    kw = {"config": config, "inputs_embeds": hidden, "attention_mask": attention_mask}
+    masks = {"full_attention": create_bidirectional_mask(**kw), "sliding_attention": create_bidirectional_sliding_window_mask(**kw)}
+    pos = torch.arange(hidden.shape[1], device=hidden.device)[None]
+    return {BY_LAYER_TYPE: {t: {"attention_mask": masks[t], "position_embeddings": shared.rotary_emb(hidden, pos, t)}
+                            for t in set(config.layer_types)}}
+
+
+def _modernbert_shared(model: nn.Module) -> ModernBertRotary:
+    return ModernBertRotary(model)
+
+
+BY_LAYER_TYPE = "by_layer_type"  # layer_inputs key: kwargs per `layer.attention_type` instead of one set for all
+
+
 # Functions in rows are module-level (no lambdas) so split parts stay picklable for Ray.
 @dataclass(frozen=True)
 class Family:
     embeddings: str  # attribute path of the embeddings module
     layers: str  # attribute path of the nn.ModuleList of layers
     embed_kwargs: tuple[str, ...]  # what the embeddings are called with, of input_ids/token_type_ids/mask
-    lora_targets: tuple[str, ...]  # Linear names peft's LoRA targets by default
+    lora_targets: tuple[str, ...]  # Linear names peft's LoRA (and LoHa, LoKr, ...) targets by default
+    ia3_targets: tuple[str, ...] = ()  # IA³: keys, values and the FFN's second Linear, as peft's own IA³ tables
+    ffn_targets: tuple[str, ...] = ()  # IA³'s feedforward_modules: of ia3_targets, those scaled on their input
     layer_inputs: Callable = _bidirectional_inputs  # (config, shared, hidden, mask2d) -> layer kwargs
     post_embed: tuple[str, ...] = ()  # model-level modules applied to the embeddings' output, if present
     shared: Callable[[nn.Module], nn.Module] | None = None  # model -> module every layer reads
     after_layer0: str | None = None  # module run as m(embeddings_out, layer0_out, mask2d), if not None
+    final: str | None = None  # model-level module applied after the last layer (it goes with the upper part)
     num_layers_attr: str = "num_hidden_layers"
     hidden_size_attr: str = "hidden_size"
 
@@ -82,6 +131,8 @@ _BERT_LIKE = Family(
     layers="encoder.layer",
     embed_kwargs=("input_ids", "token_type_ids"),
     lora_targets=("query", "value"),
+    ia3_targets=("key", "value", "output.dense"),
+    ffn_targets=("output.dense",),
 )
 
 FAMILIES: dict[str, Family] = {
@@ -94,6 +145,8 @@ FAMILIES: dict[str, Family] = {
         layers="encoder.layer",
         embed_kwargs=("input_ids", "token_type_ids"),
         lora_targets=("query", "value"),
+        ia3_targets=("key", "value", "output.dense"),
+        ffn_targets=("output.dense",),
         post_embed=("embeddings_project",),
     ),
     # DistilBERT has no token types.
@@ -102,6 +155,8 @@ FAMILIES: dict[str, Family] = {
         layers="transformer.layer",
         embed_kwargs=("input_ids",),
         lora_targets=("q_lin", "v_lin"),
+        ia3_targets=("k_lin", "v_lin", "lin2"),
+        ffn_targets=("lin2",),
         num_layers_attr="n_layers",
         hidden_size_attr="dim",
     ),
@@ -112,9 +167,35 @@ FAMILIES: dict[str, Family] = {
         layers="encoder.layer",
         embed_kwargs=("input_ids", "token_type_ids", "mask"),
         lora_targets=("query_proj", "value_proj"),
+        ia3_targets=("key_proj", "value_proj", "output.dense"),
+        ffn_targets=("output.dense",),
         layer_inputs=_deberta_inputs,
         shared=_deberta_shared,
         after_layer0="encoder.conv",
+    ),
+    # MPNet (all-mpnet-base-v2): no token types; every layer reads one relative-position bias.
+    "mpnet": Family(
+        embeddings="embeddings",
+        layers="encoder.layer",
+        embed_kwargs=("input_ids",),
+        lora_targets=("q", "v"),
+        ia3_targets=("k", "v", "output.dense"),
+        ffn_targets=("output.dense",),
+        layer_inputs=_mpnet_inputs,
+        shared=_mpnet_shared,
+    ),
+    # ModernBERT: alternating global / sliding-window layers with rotary positions, and a norm after the last layer.
+    # Split on transformers' padded path (attention masks, no unpadding), which is what the model itself runs.
+    "modernbert": Family(
+        embeddings="embeddings",
+        layers="layers",
+        embed_kwargs=("input_ids",),
+        lora_targets=("Wqkv",),
+        ia3_targets=("Wqkv", "mlp.Wo"),
+        ffn_targets=("mlp.Wo",),
+        layer_inputs=_modernbert_inputs,
+        shared=_modernbert_shared,
+        final="final_norm",
     ),
 }
 
@@ -133,13 +214,17 @@ def family_for(config) -> Family:
     return FAMILIES[model_type]
 
 
-def lora_target_modules(model_type: str) -> list[str]:
+def family_by_type(model_type: str) -> Family:
     if model_type not in FAMILIES:
         raise UnsupportedModelError(
-            f"model_type {model_type!r} has no LoRA targets; supported model types are "
+            f"model_type {model_type!r} has no split recipe or adapter targets; supported model types are "
             f"{', '.join(supported_model_types())}."
         )
-    return list(FAMILIES[model_type].lora_targets)
+    return FAMILIES[model_type]
+
+
+def lora_target_modules(model_type: str) -> list[str]:
+    return list(family_by_type(model_type).lora_targets)
 
 
 def num_layers(config) -> int:

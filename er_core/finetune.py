@@ -20,13 +20,15 @@ from .cache import open_cache
 from .devices import model_device
 from .errors import CacheMismatchError
 from .evaluate import evaluate
+from .index import key_digests
+from .keys import example_key
 from .metrics import majority_baseline, primary_metric
 from .models import load_encoder
 from .outputs import OutputDir
 from .storage import is_local
 from .split import lower_fingerprint, split_encoder
 from .task_data import SplitData, iter_batches, join_cache, label_map, require_complete
-from .tasks import ensure_dev, load_task
+from .tasks import ensure_dev, example_input, load_task
 from .train import FitResult, TrainConfig, build_model, fit, load_state, save_state, seed_everything
 
 log_ = logging.getLogger("er.train")
@@ -52,7 +54,7 @@ def prepare_task(task_dir: str, cfg: TrainConfig, limit=None, text_field="text",
 
 def load_checked_encoder(spec, where: str):
     """The cache's model as loaded here, refused unless its lower layers are the ones the cache was built with."""
-    encoder, tokenizer = load_encoder(spec.model_name)
+    encoder, tokenizer = load_encoder(spec.model_name, spec.model_revision)
     lower, _ = split_encoder(encoder, spec.layer)
     if lower_fingerprint(lower) != spec.lower_fingerprint:
         raise CacheMismatchError(f"model {spec.model_name!r} as loaded here differs from the one cache {where} was built with")
@@ -68,6 +70,8 @@ def setup_data(cache_url: str, task_dir: str, cfg: TrainConfig, storage_options=
     task, dev_source = prepare_task(task_dir, cfg, limit, text_field, storage_options)
     labels = label_map(task) if task.kind != "qa" else None
     source_reader = None if cfg.method == "full" else reader
+    if source_reader is not None:  # one index lookup for every split's keys: nearby buckets merge into few requests
+        reader.index.lookup(key_digests(example_key(example_input(e), spec.tokenizer) for exs in task.splits.values() for e in exs))
     data = {}
     for split in splits or task.splits:
         if split not in task.splits:
@@ -121,7 +125,7 @@ def run_meta(p: Prepared, cfg: TrainConfig) -> dict:
     return {
         "method": cfg.method,
         "task": {"name": p.task.name, "kind": p.task.kind, "labels": p.task.labels},
-        "model": {"name": p.spec.model_name, "model_type": p.spec.model_type},
+        "model": {"name": p.spec.model_name, "model_type": p.spec.model_type, "revision": p.spec.model_revision},
         "cache": cache_meta(p.spec),
         "train_config": cfg.to_dict(),
     }

@@ -83,6 +83,7 @@ class FullModel(nn.Module):
         super().__init__()
         self.encoder, self.head = encoder, head
 
-    def forward(self, input_ids, attention_mask):
-        h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}  # pairs; absent = the model's zeros
+        h = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
         return self.head(h, attention_mask)

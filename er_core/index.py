@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from bisect import bisect_right
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -162,14 +163,15 @@ class _Segment:
             raise CacheCorruptError(f"{self.where} fails its checksum (bucket table); refusing to read it (`er cache repair`)")
         r = RECORD.itemsize
         got = self.fetch([(bounds[b][0] * r, bounds[b][1] * r) for b in buckets.tolist() if bounds[b][1] > bounds[b][0]])
+        at = [a for a, _ in got]
         out = {}
         for b, (s, e, crc) in bounds.items():
-            if s == e:
-                data = b""
-            else:
-                data = next((d[s * r - at: e * r - at] for at, d in got if at <= s * r and e * r <= at + len(d)), None)
-                if data is None:
+            data = b""
+            if s < e:
+                j = bisect_right(at, s * r) - 1  # the fetched range that would hold the bucket
+                if j < 0 or e * r > at[j] + len(got[j][1]):
                     continue  # a bucket whose table entry came along but whose entries were not fetched
+                data = got[j][1][s * r - at[j]: e * r - at[j]]
             if _crc(s, e, data) != crc:
                 raise CacheCorruptError(f"{self.where} fails its checksum (bucket {b}); refusing to read it (`er cache repair`)")
             out[b] = np.frombuffer(data, RECORD)

@@ -41,10 +41,14 @@ class CacheSpec:
     hidden_size: int
     tokenizer: TokenizerSettings
     codec: str = "fp16"
+    model_revision: str | None = None  # the Hub commit or tag the model was loaded at (--model-revision); reused later
 
     def diff(self, other: "CacheSpec", check_codec: bool = True) -> list[str]:
         """Human-readable differences that make `other` unusable against this cache."""
         out = []
+        if self.model_revision and other.model_revision and self.model_revision != other.model_revision:
+            out.append(f"model revision: cache was built with {self.model_name!r} at revision {self.model_revision!r}, "
+                       f"requested revision {other.model_revision!r}")
         if self.layer != other.layer:
             out.append(f"layer k: cache has {self.layer}, requested {other.layer}")
         if self.lower_fingerprint != other.lower_fingerprint:

@@ -25,18 +25,19 @@ def resolve_model(name_or_path: str) -> str:
     return name_or_path
 
 
-def load_encoder(name_or_path: str = DEFAULT_MODEL):
-    """Return `(model, tokenizer)` in eval mode, fp32."""
+def load_encoder(name_or_path: str = DEFAULT_MODEL, revision: str | None = None):
+    """Return `(model, tokenizer)` in eval mode, fp32. `revision`: a Hub commit, branch or tag (local folders ignore it)."""
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     path = resolve_model(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    pin = {"revision": revision} if revision else {}
+    tokenizer = AutoTokenizer.from_pretrained(path, **pin)
     hf_logging.set_verbosity_error()  # the unused pooler weights would print a load report
     try:
         # er never uses the pooler; BERT-style classes accept dropping it.
-        model = AutoModel.from_pretrained(path, add_pooling_layer=False)
+        model = AutoModel.from_pretrained(path, add_pooling_layer=False, **pin)
     except TypeError:
-        model = AutoModel.from_pretrained(path)
+        model = AutoModel.from_pretrained(path, **pin)
     model.eval()
     return model, tokenizer

@@ -52,7 +52,7 @@ class MultiTaskPredictor:
         miss = [i for i, h in enumerate(hidden) if h is None]
         if miss:
             base = self.items([examples[i] for i in miss], "classification")
-            for i, h in zip(miss, self.embed([it.input_ids for it in base])):
+            for i, h in zip(miss, self.embed([it.input_ids for it in base], [it.type_ids for it in base])):
                 hidden[i] = h
         out: list[dict] = [{} for _ in examples]
         by_kind: dict[str, list[Item]] = {}
@@ -65,7 +65,7 @@ class MultiTaskPredictor:
                 chunk = list(range(s, min(s + self.batch_size, len(items))))
                 its = [items[i] for i in chunk]
                 if meta["method"] == "full":
-                    batch = collate(kind, [it.input_ids for it in its], None, None, self.pad_id)
+                    batch = collate(kind, [it.input_ids for it in its], None, None, self.pad_id, [it.type_ids for it in its])
                 else:
                     batch = collate(kind, [it.input_ids for it in its], None, [hidden[i] for i in chunk], self.pad_id)
                 logits = forward(model, batch).float().cpu().numpy()

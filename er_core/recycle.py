@@ -32,13 +32,15 @@ class Recycler:
     lower: torch.nn.Module
 
     @classmethod
-    def load(cls, model: str = DEFAULT_MODEL, layer="0.5", codec: str = DEFAULT_CODEC, max_length: int | None = None) -> "Recycler":
+    def load(cls, model: str = DEFAULT_MODEL, layer="0.5", codec: str = DEFAULT_CODEC, max_length: int | None = None,
+             revision: str | None = None) -> "Recycler":
         get_codec(codec)
-        encoder, tokenizer = load_encoder(model)
-        return cls.from_encoder(encoder, tokenizer, model, layer, codec, max_length)
+        encoder, tokenizer = load_encoder(model, revision)
+        return cls.from_encoder(encoder, tokenizer, model, layer, codec, max_length, revision)
 
     @classmethod
-    def from_encoder(cls, encoder, tokenizer, name: str, layer, codec=DEFAULT_CODEC, max_length=None) -> "Recycler":
+    def from_encoder(cls, encoder, tokenizer, name: str, layer, codec=DEFAULT_CODEC, max_length=None,
+                     revision: str | None = None) -> "Recycler":
         k = resolve_layer(layer, num_layers(encoder.config))
         lower, _ = split_encoder(encoder, k)
         spec = CacheSpec(
@@ -50,6 +52,7 @@ class Recycler:
             hidden_size=encoder.config.hidden_size,
             tokenizer=tokenizer_settings(tokenizer, name, max_length),
             codec=codec,
+            model_revision=revision,
         )
         return cls(spec, encoder, tokenizer, lower)
 
@@ -98,7 +101,7 @@ def ingest_local(
 
         def run():
             toks = recycler.tokenize([inp for _, inp in buf])
-            states = embed([t.input_ids for t in toks])
+            states = embed([t.input_ids for t in toks], [t.type_ids for t in toks])
             for (key, _), t, h in zip(buf, toks, states):
                 writer.add(key, t.input_ids, h, t.truncated)
             buf.clear()
@@ -138,7 +141,7 @@ def ensure_cached(url: str, inputs: list[dict], storage_options: dict | None = N
 
     reader = open_cache(url, storage_options=storage_options)
     s = reader.spec
-    rec = Recycler.load(s.model_name, s.layer, s.codec, s.tokenizer.max_length)
+    rec = Recycler.load(s.model_name, s.layer, s.codec, s.tokenizer.max_length, s.model_revision)
     usable = [i for i in inputs if not is_empty(i)]
     have = reader.contains(rec.key(i) for i in usable)  # through the key index
     missing = [i for i in usable if rec.key(i) not in have]

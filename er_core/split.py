@@ -14,15 +14,16 @@ import torch
 from torch import nn
 
 from er_core.errors import ErError
-from er_core.families import FAMILIES, Family, family_for, get_path, num_layers
+from er_core.families import BY_LAYER_TYPE, FAMILIES, Family, family_for, get_path, num_layers
 
 _FINGERPRINT_VERSION = b"er-lower-v1"
 
 
 def _run_layers(layers, hidden, layer_kwargs, after_layer0, mask2d):
     first = hidden
+    by_type = layer_kwargs.get(BY_LAYER_TYPE)
     for i, layer in enumerate(layers):
-        out = layer(hidden, **layer_kwargs)
+        out = layer(hidden, **(by_type[layer.attention_type] if by_type else layer_kwargs))
         hidden = out[0] if isinstance(out, tuple) else out  # DeBERTa layers return (states, attn)
         if i == 0 and after_layer0 is not None:
             hidden = after_layer0(first, hidden, mask2d)
@@ -76,7 +77,8 @@ class Lower(_Part):
 
 
 class Upper(_Part):
-    """`upper(hidden_states, attention_mask)` -> the model's last_hidden_state; identity when k == L."""
+    """`upper(hidden_states, attention_mask)` -> the model's last_hidden_state; at k == L only the family's
+    `final` module (e.g. ModernBERT's last norm), else the identity."""
 
     def __init__(self, model: nn.Module, model_type: str, k: int):
         super().__init__(model, model_type, k)
@@ -85,6 +87,7 @@ class Upper(_Part):
         self.shared = fam.shared(model) if fam.shared is not None and len(self.layers) else None
         conv = get_path(model, fam.after_layer0) if fam.after_layer0 else None
         self.after_layer0 = conv if k == 0 and len(self.layers) else None
+        self.final = get_path(model, fam.final) if fam.final else None
         # Names of parameters the lower also uses (DeBERTa's rel_embeddings and their LayerNorm);
         # freeze these when training, or the cached lower states no longer match the weights.
         self.shared_with_lower: tuple[str, ...] = ()
@@ -92,7 +95,8 @@ class Upper(_Part):
     def forward(self, hidden_states, attention_mask=None):
         if attention_mask is None:
             attention_mask = torch.ones(hidden_states.shape[:2], dtype=torch.long, device=hidden_states.device)
-        return self._layers_forward(hidden_states, attention_mask)
+        hidden = self._layers_forward(hidden_states, attention_mask)
+        return self.final(hidden) if self.final is not None else hidden
 
 
 def resolve_layer(k, num_layers: int) -> int:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .embed import tokenize
+from .embed import pad_types, tokenize
 from .errors import CacheMismatchError, ErError
 from .heads import IGNORE
 from .keys import TokenizerSettings, example_key
@@ -26,6 +26,7 @@ class Item:
     example: Example
     word_ids: list | None = None  # ner: word index per token
     offsets: list | None = None  # qa: char span per context token, None elsewhere
+    type_ids: np.ndarray | None = None  # segment ids of a pair (the full model's input; the cache needs none)
 
 
 @dataclass
@@ -84,7 +85,7 @@ def encode_examples(kind: str, examples: list[Example], tokenizer, settings: Tok
     for ex, inp, tok in zip(examples, inputs, toks):
         word_ids, offsets = align(kind, ex, tokenizer, settings.max_length)
         target = _target(kind, ex, labels, f"{split} example {ex.id}", word_ids, offsets) if with_targets else None
-        items.append(Item(example_key(inp, settings), tok.input_ids, target, ex, word_ids, offsets))
+        items.append(Item(example_key(inp, settings), tok.input_ids, target, ex, word_ids, offsets, tok.type_ids))
     return items
 
 
@@ -140,8 +141,9 @@ def grouped_order(lengths: np.ndarray, batch_size: int, shuffle: bool, seed: int
     return batches
 
 
-def collate(kind: str, ids: list[np.ndarray], targets: list | None, hidden: list[np.ndarray] | None, pad_id: int) -> dict:
-    """Pad one batch. `hidden` given: cache-fed batch; else: token ids for the full model."""
+def collate(kind: str, ids: list[np.ndarray], targets: list | None, hidden: list[np.ndarray] | None, pad_id: int,
+            types: list | None = None) -> dict:
+    """Pad one batch. `hidden` given: cache-fed batch; else: token ids (and `types`, segment ids) for the full model."""
     B, T = len(ids), max(len(x) for x in ids)
     mask = torch.zeros(B, T, dtype=torch.long)
     batch: dict = {}
@@ -156,6 +158,9 @@ def collate(kind: str, ids: list[np.ndarray], targets: list | None, hidden: list
         for r, x in enumerate(ids):
             input_ids[r, : len(x)] = torch.from_numpy(np.asarray(x, dtype=np.int64))
         batch["input_ids"] = input_ids
+        tt = pad_types(types, T)
+        if tt is not None:
+            batch["token_type_ids"] = tt
     for r, x in enumerate(ids):
         mask[r, : len(x)] = 1
     batch["attention_mask"] = mask
@@ -181,4 +186,5 @@ def iter_batches(data: SplitData, batch_size: int, source: str, pad_id: int, shu
         hidden = None
         if source == "cache":
             hidden = [data.rows.hidden(data.rows.index[it.key]) for it in its]
-        yield order, collate(data.kind, [it.input_ids for it in its], [it.target for it in its], hidden, pad_id)
+        yield order, collate(data.kind, [it.input_ids for it in its], [it.target for it in its], hidden, pad_id,
+                             [it.type_ids for it in its] if hidden is None else None)

@@ -48,11 +48,12 @@ class Example:
 
     id: str  # "split:index" for JSONL/CoNLL, the qa id for SQuAD; stable across reads
     text: str | None = None  # classification: the text; QA: the question
-    text_pair: str | None = None  # QA: the context
+    text_pair: str | None = None  # QA: the context; classification: the second text of a pair
     words: tuple[str, ...] | None = None  # NER: pre-split words
     label: str | None = None  # classification label
     tags: tuple[str, ...] | None = None  # NER: one BIO tag per word
     answers: tuple[tuple[str, int], ...] | None = None  # QA: (answer text, char start in context)
+    truncation: str | None = None  # how a pair is cut; None: only_second for QA, longest_first for pairs to classify
 
 
 @dataclass
@@ -75,10 +76,11 @@ def _split_of(path: Path) -> str:
 
 
 def read_jsonl_classification(
-    path, text_field: str = "text", label_field: str = "label", split: str | None = None
+    path, text_field: str = "text", label_field: str = "label", split: str | None = None, pair_field: str = "text_pair"
 ) -> list[Example]:
-    """One JSON object a line. Blank lines are skipped; empty or whitespace-only text is an error
-    (it would tokenize to nothing but special tokens and silently train on noise)."""
+    """One JSON object a line; `pair_field`, when a row has it, holds a second text (a sentence pair, as in NLI).
+    Blank lines are skipped; empty or whitespace-only text is an error (it would tokenize to nothing but special
+    tokens and silently train on noise)."""
     path = Path(path)
     split = split or _split_of(path)
     out: list[Example] = []
@@ -109,7 +111,10 @@ def read_jsonl_classification(
                 raise DataFormatError(
                     f"{where}: field {label_field!r} must be a string or integer, got {label!r}"
                 )
-            out.append(Example(id=f"{split}:{len(out)}", text=text, label=str(label)))
+            pair = row.get(pair_field)
+            if pair is not None and (not isinstance(pair, str) or not pair.strip()):
+                raise DataFormatError(f"{where}: field {pair_field!r} must be a non-empty string, got {pair!r}")
+            out.append(Example(id=f"{split}:{len(out)}", text=text, text_pair=pair, label=str(label)))
     return out
 
 
@@ -327,8 +332,19 @@ def example_input(ex: Example) -> dict:
     if ex.text is None:
         raise ErError(f"example {ex.id} has neither text nor words")
     if ex.text_pair is not None:
-        return {"text": ex.text, "text_pair": ex.text_pair}
+        cut = ex.truncation or ("only_second" if ex.answers is not None else "longest_first")
+        if cut == "longest_first":  # a sentence pair to classify (NLI)
+            return pair_input(ex.text, ex.text_pair)
+        if cut != "only_second":
+            raise ErError(f"example {ex.id}: pair truncation {cut!r} is neither only_second (QA) nor longest_first")
+        return {"text": ex.text, "text_pair": ex.text_pair}  # QA: the question kept whole, the context cut
     return {"text": ex.text}
+
+
+def pair_input(text: str, text_pair: str) -> dict:
+    """A sentence pair to classify: the longer text is cut first, as transformers' text-classification example does.
+    The strategy is part of the input, so of its cache key."""
+    return {"text": text, "text_pair": text_pair, "truncation": "longest_first"}
 
 
 # ---------------------------------------------------------------- labels

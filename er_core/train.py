@@ -20,8 +20,8 @@ from . import devices
 from .errors import ErError
 from .evaluate import call
 from .heads import HEADS, FullModel, RecycledModel, make_head
+from .families import family_by_type
 from .split import split_encoder
-from .families import lora_target_modules
 
 METHODS = ("full", "reduced", "lora")
 
@@ -40,6 +40,8 @@ class TrainConfig:
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha"})
     lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout"})
     precision: str = field(default="fp32", metadata={"help": "fp32 | bf16 (autocast in training; for GPUs with bf16)"})
+    peft_config: dict | None = field(default=None, metadata={
+        "help": "method lora: any peft tuner's config (a dict with peft_type: LORA, IA3, LOHA, ...); None: LoRA of lora_*"})
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -54,6 +56,15 @@ class TrainConfig:
             raise ErError(f"precision {self.precision!r} is not one of {devices.PRECISIONS}")
         if self.lr <= 0 or self.lora_r < 1:
             raise ErError(f"lr ({self.lr}) must be > 0 and lora_r ({self.lora_r}) >= 1")
+        if self.peft_config is not None:
+            if self.method != "lora":
+                raise ErError(f"a peft config trains adapters: use method lora (adapters, LoRA by default), not {self.method!r}")
+            from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+            kind = str(self.peft_config.get("peft_type", "")).upper()
+            if kind not in PEFT_TYPE_TO_CONFIG_MAPPING:
+                raise ErError(f"peft config: peft_type {self.peft_config.get('peft_type')!r} is not one of "
+                              f"{', '.join(sorted(map(str, PEFT_TYPE_TO_CONFIG_MAPPING)))}")
 
     @property
     def source(self) -> str:
@@ -83,21 +94,59 @@ def build_model(encoder, layer: int, kind: str, num_labels: int, cfg: TrainConfi
             p.requires_grad_(False)  # DeBERTa's relative embeddings also feed the cached lower part
     model = RecycledModel(upper, head)
     if cfg.method == "lora":
-        model = apply_lora(model, encoder.config.model_type, cfg)
+        from peft import get_peft_model
+
+        model = get_peft_model(model, adapter_config(encoder.config.model_type, cfg))
     return model
 
 
-def apply_lora(model: RecycledModel, model_type: str, cfg: TrainConfig):
-    from peft import LoraConfig, get_peft_model
+# Fields of a saved adapter_config.json that describe where it was saved, not how to build it.
+_SAVED_ONLY = ("base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version", "task_type")
 
-    lora = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=lora_target_modules(model_type),
-        modules_to_save=["head"],
-    )
-    return get_peft_model(model, lora)
+
+def read_peft_config(path: str) -> dict:
+    """A peft config from a JSON or YAML file, or a folder holding peft's own adapter_config.json."""
+    import json
+    import os
+
+    import yaml
+
+    file = os.path.join(path, "adapter_config.json") if os.path.isdir(path) else path
+    try:
+        with open(file, encoding="utf-8") as f:
+            d = yaml.safe_load(f)  # JSON is YAML
+    except OSError as e:
+        raise ErError(f"--peft-config {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ErError(f"--peft-config {path}: not JSON or YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(d, dict) or "peft_type" not in d:
+        raise ErError(f"--peft-config {path}: expected a mapping with peft_type (LORA, IA3, LOHA, ...), got {json.dumps(d)[:80]}")
+    return d
+
+
+def adapter_config(model_type: str, cfg: TrainConfig):
+    """The peft config of the adapters on the upper layers: cfg.peft_config (any tuner), else LoRA from cfg.lora_*.
+
+    Target modules a config leaves out come from the family table (IA³: keys, values and the FFN, with its
+    feedforward modules); the head is always trained whole (modules_to_save)."""
+    from peft import LoraConfig, get_peft_config
+
+    fam = family_by_type(model_type)
+    if cfg.peft_config is None:
+        return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=list(fam.lora_targets), modules_to_save=["head"])
+    d = {k: v for k, v in cfg.peft_config.items() if k not in _SAVED_ONLY}
+    d["peft_type"] = str(d["peft_type"]).upper()
+    if not d.get("target_modules"):
+        ia3 = d["peft_type"] == "IA3"
+        d["target_modules"] = list(fam.ia3_targets if ia3 else fam.lora_targets)
+        if ia3 and not d.get("feedforward_modules"):
+            d["feedforward_modules"] = list(fam.ffn_targets)
+    d["modules_to_save"] = sorted({*(d.get("modules_to_save") or ()), "head"})
+    try:
+        return get_peft_config(d)
+    except (TypeError, ValueError) as e:
+        raise ErError(f"peft config ({d['peft_type']}): {e}") from None
 
 
 def make_optimizer(model, cfg: TrainConfig, total_steps: int):

@@ -66,14 +66,17 @@ def _ray_args(p):
 
 def _train_args(p):
     p.add_argument("--method", choices=["reduced", "lora", "full"], default="reduced",
-                   help="reduced: fine-tune layers k..L from the cache; lora: LoRA adapters on layers k..L from the cache; "
-                        "full: the whole model from raw text (baseline)")
+                   help="reduced: fine-tune layers k..L from the cache; lora: peft adapters on layers k..L from the cache "
+                        "(LoRA, or the tuner of --peft-config); full: the whole model from raw text (baseline)")
     p.add_argument("--epochs", type=int, default=3, help="maximum epochs (early stopping on dev)")
     p.add_argument("--lr", type=float, help="peak learning rate (default 5e-5; 5e-4 for lora)")
     p.add_argument("--batch-size", type=int, default=32, help="examples per step per worker")
     p.add_argument("--patience", type=int, default=2, help="epochs without dev improvement before stopping")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
+    p.add_argument("--peft-config", metavar="FILE", help="with --method lora: any peft tuner (LoRA, IA3, LoHa, LoKr, ...) "
+                   "from a JSON/YAML file or a folder holding peft's adapter_config.json, e.g. {\"peft_type\": \"IA3\"}; "
+                   "target modules left out come from er's family table")
     p.add_argument("--limit", type=int, help="use only the first N examples of each split (quick runs)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="bf16: train under bf16 autocast (weights and optimizer stay fp32); for GPUs with bf16")
@@ -82,8 +85,11 @@ def _train_args(p):
 def train_config(args):
     from er_core import TrainConfig
 
+    from er_core.train import read_peft_config
+
+    peft = read_peft_config(args.peft_config) if getattr(args, "peft_config", None) else None
     return TrainConfig(method=args.method, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                       patience=args.patience, seed=args.seed, lora_r=args.lora_r, precision=args.precision)
+                       patience=args.patience, seed=args.seed, lora_r=args.lora_r, precision=args.precision, peft_config=peft)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "a task folder ingests its train/dev/test files")
     p.add_argument("--cache", required=True, help="cache URL: a local folder or s3://bucket/prefix")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"HF model id or local folder (default {DEFAULT_MODEL}, bundled)")
+    p.add_argument("--model-revision", metavar="REV", help="Hub commit, branch or tag to load the model at; recorded in "
+                   "the cache and reused by every later command (default: the cache's, else the Hub's latest)")
     p.add_argument("--layer", default="0.5", help="cut layer k: an int 0..L or a fraction of depth (default 0.5)")
     p.add_argument("--codec", choices=sorted(CODECS), default=DEFAULT_CODEC, help="storage precision of the states")
     p.add_argument("--text-field", default="text", help="field holding the text in JSONL/Parquet/CSV corpora")
@@ -173,6 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repair", action="store_true", help="with verify: repair what it finds")
     p.add_argument("--json", action="store_true", help="print JSON")
     _storage_args(p)
+
+    p = sub.add_parser("export", help="write a trained model as one standard Hugging Face model folder (no er needed)",
+                       description="Join the lower and the trained upper layers (LoRA merged) into one encoder, saved with "
+                       "save_pretrained, plus the task head: load it with AutoModel.from_pretrained(DIR) and apply "
+                       "head.safetensors as DIR/er_head.json says.")
+    p.add_argument("model_dir", help="a trained model folder (`er train --out`)")
+    p.add_argument("--to", required=True, help="a new folder for the export")
 
     p = sub.add_parser("demo", help="ingest a task folder, train on it from the cache, print metrics and speed")
     p.add_argument("task", nargs="?", default=None, help="task folder (default ../shared/data/tasks/chemprot)")
@@ -306,6 +321,15 @@ def cmd_cleanup(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from er_core.export import export_model
+
+    rep = export_model(args.model_dir, args.to)
+    print(f"exported {rep['method']} {rep['kind']} model {args.model_dir} to {rep['to']}: AutoModel.from_pretrained"
+          f"({rep['to']!r}) plus head.safetensors, applied as er_head.json says")
+    return 0
+
+
 def main(argv=None) -> int:
     from pipelines import ray_sessions
 
@@ -317,6 +341,8 @@ def main(argv=None) -> int:
         ray_sessions.reap()  # Ray processes left by an er that was killed
         if args.cmd == "cache":
             return cmd_cache(args)
+        if args.cmd == "export":
+            return cmd_export(args)
         if args.cmd == "ingest":
             from pipelines.ingest import main as run
         elif args.cmd == "train":

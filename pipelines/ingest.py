@@ -93,7 +93,7 @@ class EmbedShards:
                         + (f" in fp32 (--dtype {dtype} applies on GPU only)" if dtype != "fp32" else ""))
         if self.device == "cpu" and threads:
             torch.set_num_threads(max(1, min(int(threads), os.cpu_count() or 1)))
-        rec = Recycler.load(model, layer, codec, max_length)
+        rec = Recycler.load(model, layer, codec, max_length, spec.model_revision)
         spec.check(rec.spec, f"for {model!r} on this worker", check_codec=True)  # same weights on every node
         self.rec = replace(rec, encoder=None)  # keep the lower part only
         autocast = getattr(torch, _AUTOCAST[dtype]) if self.device != "cpu" and dtype in _AUTOCAST else None
@@ -103,13 +103,13 @@ class EmbedShards:
         self.actor = ray.get_runtime_context().get_actor_id()[:8]
         self.node = ray.get_runtime_context().get_node_id()
 
-    def _states(self, ids):
+    def _states(self, ids, types):
         # Forward passes of `batch_size` texts of similar length (the Embedder also caps tokens per pass).
         order = np.argsort([len(x) for x in ids], kind="stable")
         out = [None] * len(ids)
         for s in range(0, len(order), self.batch_size):
             part = order[s: s + self.batch_size]
-            for i, h in zip(part, self.embed([ids[i] for i in part])):
+            for i, h in zip(part, self.embed([ids[i] for i in part], [types[i] for i in part])):
                 out[i] = h
         return out
 
@@ -123,7 +123,8 @@ class EmbedShards:
         if mask.any():
             toks = self.rec.tokenize([json.loads(s) for s in batch["input"][mask]])
             ids = [t.input_ids for t in toks]
-            table = encode_table(keys[mask], ids, self._states(ids), [t.truncated for t in toks], self.rec.spec.codec)
+            table = encode_table(keys[mask], ids, self._states(ids, [t.type_ids for t in toks]), [t.truncated for t in toks],
+                                 self.rec.spec.codec)
             w = write_shard(self.cache, f"part-{self.run_id}-{uuid.uuid4().hex[:12]}.parquet", table, self.storage_options)
             info, digests, lengths = w.info, w.digests.tobytes(), w.lengths.tobytes()
         row = {k: np.array([getattr(info, k)]) for k in _INFO_FIELDS}
@@ -195,6 +196,7 @@ class IngestConfig:
     """Everything `er ingest` takes besides corpus and cache; each field is the CLI flag of the same name."""
 
     model: str = DEFAULT_MODEL  # HF id or local folder
+    model_revision: str | None = None  # Hub commit or tag; default: the one the cache recorded, if any
     layer: object = "0.5"  # cut layer k: int, or fraction of depth
     codec: str = DEFAULT_CODEC
     text_field: str = "text"
@@ -226,20 +228,30 @@ class IngestConfig:
             raise ErError(f"commit_seconds must be > 0, got {self.commit_seconds!r}")
 
 
+def recorded_revision(cache: str, storage_options=None) -> str | None:
+    """The model revision an existing cache was built at (None for a new cache, or one built without)."""
+    from er_core.cache import _load_manifest
+    from er_core.storage import url_to_fs
+
+    m = _load_manifest(*url_to_fs(cache, storage_options))
+    return m.spec.model_revision if m else None
+
+
 def run(corpus: list[str], cache: str, config: IngestConfig | None = None, **kw) -> Report:
     """Add every example of `corpus` not yet cached to the cache at `cache`; return the manifest and a summary."""
     cfg = config or IngestConfig(**kw)
     reject_secrets(cfg.storage_options)  # they travel in Ray task and actor arguments
     t0 = time.perf_counter()
     sources = find_sources(corpus, cfg.storage_options)
+    revision = cfg.model_revision or recorded_revision(cache, cfg.storage_options)
     if cfg.local:  # one pass; ingest_local refuses an empty corpus itself
-        return _run_local(sources, cache, Recycler.load(cfg.model, cfg.layer, cfg.codec, cfg.max_length), cfg, t0)
+        return _run_local(sources, cache, Recycler.load(cfg.model, cfg.layer, cfg.codec, cfg.max_length, revision), cfg, t0)
     # Bad or empty input fails here, before the cache is touched (no folder, lock or manifest).
     stats = scan(sources, cfg.text_field, cfg.id_field, cfg.storage_options, cfg.limit)
     if not stats.usable:
         raise ErError(f"nothing to ingest into {cache}: " + (f"all {stats.rows} rows of the corpus have an empty "
                       f"{cfg.text_field!r}" if stats.rows else "the corpus has no rows") + "; nothing was written")
-    rec = Recycler.load(cfg.model, cfg.layer, cfg.codec, cfg.max_length)
+    rec = Recycler.load(cfg.model, cfg.layer, cfg.codec, cfg.max_length, revision)
     pool = _plan(cache, cfg)
     writer = CacheWriter(cache, rec.spec, cfg.storage_options)  # fails fast if another run holds the lock
     try:

@@ -70,6 +70,8 @@ class Predictor:
         examples, hidden = [], []
         for ident, key, inputs in zip(batch["id"], keys, batch["input"]):
             d = json.loads(inputs)
+            if "text_pair" in d:  # the input's own truncation (its key's), which QA inputs leave implicit
+                d["truncation"] = d.get("truncation", "only_second")
             examples.append(Example(id=ident, **{k: (tuple(v) if k == "words" else v) for k, v in d.items()}))
             hit = states.get(key)
             hidden.append(self.reader.decode(*hit) if hit else None)
@@ -119,7 +121,7 @@ def predict(cache_url: str, model_dirs: list[str], corpus: list[str], out: str, 
         if record and stats["cache_misses"]:
             from er_core import Recycler, ingest_local
 
-            rec = Recycler.load(spec.model_name, spec.layer, spec.codec, spec.tokenizer.max_length)
+            rec = Recycler.load(spec.model_name, spec.layer, spec.codec, spec.tokenizer.max_length, spec.model_revision)
             with open(misses_file) as f:
                 ingest_local((json.loads(line) for line in f), cache_url, rec, storage_options=storage_options, progress=False)
     return {**stats, "out": out}

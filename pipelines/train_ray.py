@@ -64,7 +64,8 @@ def _train_batches(shard, spec, kind, batch_size, seed, epoch, pad_id):
         for order in grouped_order(lengths, batch_size, shuffle=True, seed=seed, epoch=epoch):
             targets = [_from_target_list(kind, chunk["target"][i]) for i in order]
             if "input_ids" in chunk:
-                yield collate(kind, [chunk["input_ids"][i] for i in order], targets, None, pad_id)
+                types = [t if len(t) else None for t in (chunk["type_ids"][i] for i in order)]
+                yield collate(kind, [chunk["input_ids"][i] for i in order], targets, None, pad_id, types)
                 continue
             hidden = [codec.decode(chunk["hidden"][i], chunk["scale"][i], (int(lengths[i]), spec.hidden_size)) for i in order]
             ids = [np.zeros(int(lengths[i]), np.int64) for i in order]  # only lengths matter for cache-fed batches
@@ -161,8 +162,8 @@ def train_dataset(reader: CacheReader, p: Prepared, cfg: TrainConfig, storage_op
     kind = p.task.kind
     items = encode_split(p.task, "train", p.tokenizer, p.spec.tokenizer, p.labels)
     if cfg.method == "full":  # the baseline: token ids from the text, no cached states
-        rows = [{"input_ids": it.input_ids.tolist(), "length": len(it.input_ids), "target": _target_list(kind, it.target)}
-                for it in items]
+        rows = [{"input_ids": it.input_ids.tolist(), "length": len(it.input_ids), "target": _target_list(kind, it.target),
+                 "type_ids": [] if it.type_ids is None else it.type_ids.tolist()} for it in items]
         return ray.data.from_items(rows), len(rows)
     locs = reader.locate([it.key for it in items])
     at = {k: i for i, k in enumerate(locs.column("key").to_pylist())}

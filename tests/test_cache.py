@@ -463,3 +463,22 @@ def test_a_reader_fetches_each_index_bucket_once(tmp_path, rec, monkeypatch):
         got = small.locate(part)
         assert sorted(got.column("key").to_pylist()) == sorted(part)
         assert got.to_pylist() == open_cache(url).locate(part).to_pylist()
+
+
+def test_model_revision_is_recorded_reused_and_a_different_one_refused(tmp_path, tiny_bert):
+    from er_core import TrainConfig, finetune
+    from pipelines.ingest import IngestConfig, run
+    from tests.conftest import write_tiny_task
+
+    task = write_tiny_task(tmp_path / "task", sizes=(("train", 24), ("dev", 8), ("test", 8)))
+    url = str(tmp_path / "c")
+    cfg = dict(model=tiny_bert, layer=2, codec="fp32", local=True, progress=False)
+    run([str(task)], url, IngestConfig(model_revision="v1", **cfg))
+    assert open_cache(url).spec.model_revision == "v1"
+    with pytest.raises(CacheMismatchError, match="at revision 'v1', requested revision 'v2'"):
+        run([str(task)], url, IngestConfig(model_revision="v2", **cfg))
+    (task / "more.jsonl").write_text('{"text": "a new text", "label": "x"}\n')
+    run([str(task / "more.jsonl")], url, IngestConfig(**cfg))  # no --model-revision: the cache's own
+    assert open_cache(url).spec.model_revision == "v1" and open_cache(url).manifest.totals["rows"] == 41
+    finetune(url, str(task), str(tmp_path / "out"), TrainConfig(epochs=1, batch_size=8), progress=False, log=lambda r: None)
+    assert json.loads((tmp_path / "out" / "er_model.json").read_text())["model"]["revision"] == "v1"

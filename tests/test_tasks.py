@@ -206,3 +206,26 @@ def test_label_map():
     assert LabelMap(["O", "B-X"], unknown="O").encode("B-Z") == 0
     with pytest.raises(LabelError, match="out of range"):
         lm.decode(3)
+
+
+def test_span_decoding_equals_brute_force_on_random_logits():
+    import numpy as np
+
+    from er_core.evaluate import best_span
+
+    def brute(start, end, ok, max_len):
+        best = (-np.inf, -1, -1)
+        for s in range(len(ok)):
+            for e in range(s, min(len(ok), s + max_len)):
+                if ok[s] and ok[e] and start[s] + end[e] > best[0]:
+                    best = (float(start[s] + end[e]), s, e)
+        return best
+
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        n = int(rng.integers(1, 120))
+        start, end = rng.standard_normal(n), rng.standard_normal(n)
+        ok = rng.random(n) < rng.uniform(0.05, 1)
+        max_len = int(rng.integers(1, 40))
+        assert best_span(start, end, ok, max_len) == brute(start, end, ok, max_len), trial
+    assert best_span(np.zeros(3), np.zeros(3), np.zeros(3, bool)) == (-np.inf, -1, -1)

@@ -179,3 +179,92 @@ def test_task_without_dev_holds_out_part_of_train_and_says_so(tiny_cache, tmp_pa
     assert m["dev_source"] == note and note in caplog.text
     assert json.loads((tmp_path / "o" / "metrics.json").read_text())["dev_source"] == note
     assert "dev" in m and "dev_micro_f1" in m["history"][0]  # early stopping watched the held-out slice
+
+
+@pytest.mark.parametrize("peft_config", [{"peft_type": "LORA", "r": 4, "lora_alpha": 8},
+                                         {"peft_type": "IA3"},
+                                         {"peft_type": "LOHA", "r": 4, "alpha": 8}], ids=lambda d: d["peft_type"])
+def test_any_peft_tuner_trains_saves_and_reloads_with_peft(tiny_cache, tmp_path, peft_config):
+    import json
+
+    from peft import PeftModel
+
+    url, folder, rec = tiny_cache
+    cfg = TrainConfig(method="lora", epochs=2, lr=3e-3, batch_size=8, seed=3, peft_config=peft_config)
+    out = tmp_path / "out"
+    m = finetune(url, str(folder), str(out), cfg, progress=False, log=lambda r: None)
+    saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert saved["peft_type"] == peft_config["peft_type"] and "head" in saved["modules_to_save"]
+    if peft_config["peft_type"] == "IA3":  # targets from er's family table
+        assert set(saved["target_modules"]) == {"key", "value", "output.dense"} and saved["feedforward_modules"] == ["output.dense"]
+    meta, lower, model, tok = load_trained(out)  # PeftModel.from_pretrained, then merged where peft can
+    assert isinstance(model, PeftModel) == (peft_config["peft_type"] != "LORA")
+    reader = open_cache(url)
+    task = load_task(folder)
+    data = join_cache(task, "test", tok, reader.spec.tokenizer, label_map(task), reader=reader)
+    from er_core.evaluate import score
+
+    assert score("classification", data.items, predict(model, data, "cache", label_map(task))) == m["test"]
+
+
+def test_peft_config_is_read_from_yaml_or_an_adapter_folder_and_checked(tmp_path):
+    from er_core import ErError
+    from er_core.train import read_peft_config
+
+    (tmp_path / "ia3.yaml").write_text("peft_type: IA3\n")
+    assert read_peft_config(str(tmp_path / "ia3.yaml")) == {"peft_type": "IA3"}
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "saved" / "adapter_config.json").write_text('{"peft_type": "LOHA", "r": 2, "base_model_name_or_path": null}')
+    assert read_peft_config(str(tmp_path / "saved"))["peft_type"] == "LOHA"
+    with pytest.raises(ErError, match="peft_type"):
+        TrainConfig(method="lora", peft_config={"peft_type": "NOPE"})
+    with pytest.raises(ErError, match="use method lora"):
+        TrainConfig(method="reduced", peft_config={"peft_type": "IA3"})
+    (tmp_path / "bad.yaml").write_text("- a list\n")
+    with pytest.raises(ErError, match="expected a mapping with peft_type"):
+        read_peft_config(str(tmp_path / "bad.yaml"))
+
+
+EXPORT_USER = """
+import json, sys
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModel, AutoTokenizer
+
+d, texts = sys.argv[1], json.loads(sys.argv[2])
+model, tok = AutoModel.from_pretrained(d).eval(), AutoTokenizer.from_pretrained(d)
+w, head = load_file(f"{d}/head.safetensors"), json.load(open(f"{d}/er_head.json"))
+out = []
+with torch.no_grad():
+    for t in texts:
+        h = model(**tok(t, return_tensors="pt")).last_hidden_state
+        logits = torch.relu(h[:, 0] @ w["dense.weight"].T + w["dense.bias"]) @ w["out.weight"].T + w["out.bias"]
+        out.append(head["labels"][int(logits.argmax())])
+assert not any(m.startswith(("er_core", "pipelines")) for m in sys.modules), "the export needs er"
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("method", ["reduced", "lora"])
+def test_an_export_loads_without_er_and_predicts_what_er_predicts(tiny_cache, tmp_path, method):
+    import subprocess
+    import sys
+
+    from er_core.predict import MultiTaskPredictor
+    from pipelines.cli import main as er
+
+    url, folder, rec = tiny_cache
+    out = tmp_path / "run"
+    finetune(url, str(folder), str(out), TrainConfig(method=method, epochs=2, lr=1e-3, batch_size=8, seed=3),
+             progress=False, log=lambda r: None)
+    assert er(["export", str(out), "--to", str(tmp_path / "hf")]) == 0
+    exs = load_task(folder).splits["test"]
+    reader = open_cache(url)
+    rows = reader.load([rec.key(example_input(e)) for e in exs])
+    pred = MultiTaskPredictor([str(out)], reader.spec)
+    want = [next(iter(p.values())) for p in pred.predict(exs, [rows.hidden(rows.index[rec.key(example_input(e))]) for e in exs])]
+    got = subprocess.run([sys.executable, "-c", EXPORT_USER, str(tmp_path / "hf"), json.dumps([e.text for e in exs])],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert got.returncode == 0, got.stderr[-2000:]
+    assert json.loads(got.stdout.strip().splitlines()[-1]) == want
+    assert er(["export", str(out), "--to", str(tmp_path / "hf")]) != 0  # never over an existing export

@@ -11,6 +11,8 @@ from transformers import (
     DebertaV2Config,
     DistilBertConfig,
     ElectraConfig,
+    ModernBertConfig,
+    MPNetConfig,
     PretrainedConfig,
     RobertaConfig,
     XLMRobertaConfig,
@@ -50,6 +52,10 @@ TINY_CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
                                           conv_act="gelu", position_biased_input=True),
     # DeBERTa-v3 style: relative positions only, no conv.
     "deberta-v3": lambda: DebertaV2Config(**_DEBERTA, pos_att_type=["p2c", "c2p"], position_biased_input=False),
+    "mpnet": lambda: MPNetConfig(**_COMMON, pad_token_id=1),
+    # Global attention every 2nd layer, a 4-token window elsewhere: the padded batches (up to 9 tokens) feel both.
+    "modernbert": lambda: ModernBertConfig(**{**_COMMON, "initializer_range": 0.2}, global_attn_every_n_layers=2,
+                                           local_attention=4, pad_token_id=0),
 }
 
 
