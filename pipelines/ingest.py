@@ -19,10 +19,10 @@ node sees), since actors write shards themselves; local corpus files are read on
 
 from __future__ import annotations
 
-import _thread
 import json
 import logging
 import os
+import signal
 import threading
 import time
 import uuid
@@ -151,27 +151,46 @@ def _unwrap(e: BaseException) -> BaseException:
 
 
 class _Heartbeat:
-    """Refreshes the writer lock while shards are slow to come, so other hosts never see it as stale.
+    """Refreshes the writer lock while shards are slow to come, so other hosts never see it as stale, and watches
+    the Ray nodes the run started with.
 
-    If another writer took the lock, it interrupts the driver (which may be waiting on Ray), and the
-    `with` block ends in LockLostError; the writer then commits nothing more.
+    If another writer took the lock, or a node was lost (its actors' work and the blocks in its object store with
+    them, which Ray Data's streaming execution can wait on forever), it interrupts the driver (which may be waiting
+    on Ray), and the `with` block ends in that error; the writer then commits nothing more, and what it committed
+    stays: a re-run computes only what is missing.
     """
 
-    def __init__(self, writer: CacheWriter, every: float = 60.0):
-        self.writer, self.every, self.stop = writer, every, threading.Event()
+    def __init__(self, writer: CacheWriter, every: float = 60.0, watch_nodes: bool = True, node_every: float = 2.0):
+        self.writer, self.every, self.node_every, self.stop = writer, every, node_every, threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
-        self.lost: LockLostError | None = None
+        self.lost: ErError | None = None
+        self.nodes = _alive_nodes() if watch_nodes else None
 
     def _run(self):
-        while not self.stop.wait(self.every):
+        beat = time.monotonic()
+        while not self.stop.wait(self.node_every if self.nodes else self.every):
+            if self.nodes:
+                gone = [ip for nid, ip in self.nodes.items() if nid not in _alive_nodes()]
+                if gone:
+                    return self._interrupt(ErError(
+                        f"Ray node {', '.join(gone)} was lost mid-ingest; the shards committed so far are kept (generation "
+                        f"{self.writer.manifest.generation}): re-run the same command to complete the cache, it computes "
+                        f"only what is missing"))
+            if time.monotonic() - beat < self.every:
+                continue
+            beat = time.monotonic()
             try:
                 self.writer.lock.heartbeat()
             except LockLostError as e:
-                self.lost = e
-                _thread.interrupt_main()
-                return
+                return self._interrupt(e)
             except OSError as e:  # transient storage error: the next beat retries
                 log.warning("lock heartbeat failed: %s", e)
+
+    def _interrupt(self, e: ErError) -> None:
+        self.lost = e
+        # A real SIGINT to the main thread: it wakes a driver blocked in a wait (Ray Data's output queue), which
+        # _thread.interrupt_main() would only flag for the next Python bytecode, never reached.
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
     def __enter__(self):
         self.thread.start()
@@ -186,6 +205,13 @@ class _Heartbeat:
                 raise
         if self.lost is not None:
             raise self.lost
+
+
+def _alive_nodes() -> dict[str, str]:
+    """Node id -> IP of the Ray nodes alive now."""
+    import ray
+
+    return {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
 
 
 # ---------------------------------------------------------------- driver
