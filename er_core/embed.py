@@ -16,6 +16,7 @@ class Tokenized:
     input_ids: np.ndarray  # int32, real tokens only (special tokens included)
     truncated: bool
     type_ids: np.ndarray | None = None  # int8 segment ids, the tokenizer's own; None when all zero (single texts)
+    offsets: list | None = None  # QA windows with offsets asked for: each token's char span in the context, None elsewhere
 
 
 PAIR_TRUNCATION = "only_second"  # a pair's default: QA keeps the question and cuts the context
@@ -56,7 +57,13 @@ def tokenize(tokenizer, inputs: list[dict], max_length: int, **kw) -> list[Token
         long = [j for j, ids in enumerate(full) if len(ids) > max_length]
         if long:
             sub = tuple([a[j] for j in long] for a in args)
-            cut = tokenizer(*sub, max_length=max_length, **{"truncation": True, **kw2}, **kw)
+            try:
+                cut = tokenizer(*sub, max_length=max_length, **{"truncation": True, **kw2}, **kw)
+            except Exception as e:  # only_second with a first text past the max length: nothing left to cut
+                if "Truncation error" not in str(e):
+                    raise
+                raise ErError(f"a text pair's first text (QA: the question) leaves no room for the second at max length "
+                              f"{max_length}; raise --max-length") from None
             for n, j in enumerate(long):
                 full[j] = cut["input_ids"][n]
                 if types is not None:
@@ -66,6 +73,46 @@ def tokenize(tokenizer, inputs: list[dict], max_length: int, **kw) -> list[Token
             t = np.asarray(types[j], dtype=np.int8) if types is not None and any(types[j]) else None
             out[i] = Tokenized(np.asarray(full[j], dtype=np.int32), j in long_set, t)
     return out  # type: ignore[return-value]
+
+
+def is_strided(inputs: dict) -> bool:
+    """A question + long context read in overlapping windows (one cache row each) rather than cut."""
+    return inputs.get("stride") is not None
+
+
+def tokenize_rows(tokenizer, inputs: list[dict], max_length: int) -> list[tuple[int, int, Tokenized]]:
+    """(input index, window, tokens) for every cache row of `inputs`: one per input, or one per window of a
+    strided QA input (its key: keys.window_key)."""
+    plain = [i for i, inp in enumerate(inputs) if not is_strided(inp)]
+    rows = [(i, 0, t) for i, t in zip(plain, tokenize(tokenizer, [inputs[i] for i in plain], max_length))]
+    for i, inp in enumerate(inputs):
+        if is_strided(inp):
+            rows += [(i, w, t) for w, t in enumerate(windows(tokenizer, inp, max_length))]
+    return sorted(rows, key=lambda r: r[:2])
+
+
+def windows(tokenizer, inputs: dict, max_length: int, offsets: bool = False) -> list[Tokenized]:
+    """The overlapping windows of a question + context, as transformers' run_qa example makes them: the question
+    whole in each, the context in spans of up to max_length tokens overlapping by `stride` tokens (at most half a
+    window's context, so short max lengths still move forward)."""
+    q, c, stride = inputs["text"], inputs["text_pair"], int(inputs["stride"])
+    if not getattr(tokenizer, "is_fast", False):
+        raise ErError("reading long QA contexts in windows needs a fast tokenizer (offsets and overflow)")
+    room = max_length - len(tokenizer(q, add_special_tokens=False)["input_ids"]) - tokenizer.num_special_tokens_to_add(pair=True)
+    if room <= 0:
+        raise ErError(f"QA question {q[:40]!r} leaves no room for its context at max length {max_length}; raise --max-length")
+    stride = min(stride, room // 2)  # windows move forward at least half their context (the tokenizer needs stride < room)
+    enc = tokenizer(q, c, truncation="only_second", max_length=max_length, stride=stride, return_overflowing_tokens=True,
+                    return_token_type_ids=True, return_offsets_mapping=offsets)
+    out = []
+    for j, ids in enumerate(enc["input_ids"]):
+        types = enc["token_type_ids"][j]
+        spans = None
+        if offsets:
+            spans = [tuple(o) if s == 1 else None for o, s in zip(enc["offset_mapping"][j], enc.sequence_ids(j))]
+        out.append(Tokenized(np.asarray(ids, dtype=np.int32), False,
+                             np.asarray(types, dtype=np.int8) if any(types) else None, spans))
+    return out
 
 
 def length_batches(lengths: list[int] | np.ndarray, max_tokens: int, max_batch: int = 256) -> list[np.ndarray]:

@@ -26,12 +26,24 @@ def decode(kind: str, item: Item, logits: np.ndarray, labels) -> object:
             prev = w
         return tags
     if kind == "qa":
-        ok = np.array([o is not None for o in item.offsets[: len(logits)]], dtype=bool)
-        _, s, e = best_span(logits[: len(ok), 0], logits[: len(ok), 1], ok)
-        if s < 0:
-            return ""
-        return item.example.text_pair[item.offsets[s][0]: item.offsets[e][1]]
+        return qa_span(item, logits)[1]
     raise ValueError(kind)
+
+
+def qa_span(item: Item, logits: np.ndarray) -> tuple[float, str]:
+    """(score, answer) of one window: the best span of its context tokens, cut from the full context by offsets."""
+    ok = np.array([o is not None for o in item.offsets[: len(logits)]], dtype=bool)
+    best, s, e = best_span(logits[: len(ok), 0], logits[: len(ok), 1], ok)
+    return (best, "") if s < 0 else (best, item.example.text_pair[item.offsets[s][0]: item.offsets[e][1]])
+
+
+def best_answers(items: list[Item], spans: list[tuple[float, str]]) -> dict[str, str]:
+    """Example id -> the answer of its best-scoring window (run_qa's rule across the windows of a long context)."""
+    best: dict[str, tuple[float, str]] = {}
+    for it, (sc, text) in zip(items, spans):
+        if it.example.id not in best or sc > best[it.example.id][0]:
+            best[it.example.id] = (sc, text)
+    return {k: text for k, (_, text) in best.items()}
 
 
 MAX_ANSWER_TOKENS = 30
@@ -60,12 +72,12 @@ def score(kind: str, items: list[Item], preds: list) -> dict:
     if kind == "ner":
         return ner_metrics([list(it.example.tags) for it in items], preds)
     refs = {it.example.id: [a for a, _ in it.example.answers] for it in items}
-    return qa_metrics({it.example.id: p for it, p in zip(items, preds)}, refs)
+    return qa_metrics(best_answers(items, preds), refs)  # preds: (score, answer) per window
 
 
 @torch.inference_mode()
 def predict(model, data: SplitData, source: str, labels, batch_size: int = 64, pad_id: int = 0) -> list:
-    """Predictions for every item of `data`, in item order."""
+    """Predictions for every item of `data`, in item order; for QA, (score, answer) per window."""
     was_training = model.training
     model.eval()
     preds: list = [None] * len(data.items)
@@ -73,7 +85,10 @@ def predict(model, data: SplitData, source: str, labels, batch_size: int = 64, p
         logits = forward(model, batch).float().cpu().numpy()
         for r, i in enumerate(order):
             n = len(data.items[i].input_ids)
-            preds[i] = decode(data.kind, data.items[i], logits[r] if data.kind == "classification" else logits[r, :n], labels)
+            if data.kind == "qa":  # scored, so the windows of one example can be compared
+                preds[i] = qa_span(data.items[i], logits[r, :n])
+            else:
+                preds[i] = decode(data.kind, data.items[i], logits[r] if data.kind == "classification" else logits[r, :n], labels)
     model.train(was_training)
     return preds
 

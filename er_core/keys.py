@@ -43,3 +43,9 @@ def example_key(inputs: dict, settings: TokenizerSettings) -> str:
         {"in": inputs, "tok": settings.fingerprint, "max": settings.max_length}, sort_keys=True, ensure_ascii=False
     )
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:32]
+
+
+def window_key(inputs: dict, settings: TokenizerSettings, window: int) -> str:
+    """Key of one window of a strided QA input. Window 0's is the input's own key, so "is this input cached?"
+    stays one lookup."""
+    return example_key(inputs if window == 0 else {**inputs, "window": window}, settings)

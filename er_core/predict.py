@@ -12,7 +12,7 @@ import torch
 from .artifacts import check_cache, load_trained
 from .embed import Embedder
 from .errors import ArtifactMismatchError, ErError
-from .evaluate import decode, forward
+from .evaluate import decode, forward, qa_span
 from .manifest import CacheSpec
 from .task_data import Item, collate, encode_examples
 from .tasks import Example, LabelMap
@@ -48,28 +48,40 @@ class MultiTaskPredictor:
 
     @torch.inference_mode()
     def predict(self, examples: list[Example], hidden: list[np.ndarray | None]) -> list[dict]:
-        """One dict per example: {task name: prediction}. `hidden[i]` is the cached state or None (miss)."""
-        miss = [i for i, h in enumerate(hidden) if h is None]
-        if miss:
-            base = self.items([examples[i] for i in miss], "classification")
-            for i, h in zip(miss, self.embed([it.input_ids for it in base], [it.type_ids for it in base])):
-                hidden[i] = h
+        """One dict per example: {task name: prediction}. `hidden[i]`: example i's cached state (its first window's,
+        for a QA context read in windows) or None (a miss). Rows the cache did not give run the lower part first."""
+        kinds = {meta["task"]["kind"] for meta, _, _ in self.tasks.values()}
+        by_kind = {kind: self.items(examples, kind) for kind in sorted(kinds)}
+        some = next(iter(by_kind.values()))
+        owner = np.cumsum([it.window == 0 for it in some]) - 1  # item -> example (windows follow their example)
+        states = {it.key: hidden[o] for it, o in zip(some, owner) if it.window == 0 and hidden[o] is not None}
+        todo = [it for it in some if it.key not in states]
+        for it, h in zip(todo, self.embed([it.input_ids for it in todo], [it.type_ids for it in todo])):
+            states[it.key] = h
         out: list[dict] = [{} for _ in examples]
-        by_kind: dict[str, list[Item]] = {}
         for name, (meta, model, labels) in self.tasks.items():
             kind = meta["task"]["kind"]
-            if kind not in by_kind:
-                by_kind[kind] = self.items(examples, kind)
             items = by_kind[kind]
+            preds = []
             for s in range(0, len(items), self.batch_size):
-                chunk = list(range(s, min(s + self.batch_size, len(items))))
-                its = [items[i] for i in chunk]
+                its = items[s: s + self.batch_size]
                 if meta["method"] == "full":
                     batch = collate(kind, [it.input_ids for it in its], None, None, self.pad_id, [it.type_ids for it in its])
                 else:
-                    batch = collate(kind, [it.input_ids for it in its], None, [hidden[i] for i in chunk], self.pad_id)
+                    batch = collate(kind, [it.input_ids for it in its], None, [states[it.key] for it in its], self.pad_id)
                 logits = forward(model, batch).float().cpu().numpy()
-                for r, i in enumerate(chunk):
-                    n = len(items[i].input_ids)
-                    out[i][name] = decode(kind, items[i], logits[r] if kind == "classification" else logits[r, :n], labels)
+                for r, it in enumerate(its):
+                    n = len(it.input_ids)
+                    row = logits[r] if kind == "classification" else logits[r, :n]
+                    preds.append(qa_span(it, row) if kind == "qa" else decode(kind, it, row, labels))
+            if kind == "qa":  # the best-scoring window's answer
+                best: dict[int, tuple[float, str]] = {}
+                for o, (sc, text) in zip(owner, preds):
+                    if o not in best or sc > best[o][0]:
+                        best[o] = (sc, text)
+                for o, (_, text) in best.items():
+                    out[o][name] = text
+            else:
+                for o, p in zip(owner, preds):
+                    out[o][name] = p
         return out

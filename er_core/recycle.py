@@ -15,10 +15,10 @@ import torch
 from .cache import CacheWriter
 from .corpus import KeyClaims
 from .codecs import DEFAULT_CODEC, get_codec
-from .embed import Embedder, is_empty, tokenize
+from .embed import Embedder, Tokenized, is_empty, tokenize, tokenize_rows
 from .errors import ErError
 from .families import num_layers
-from .keys import example_key, tokenizer_settings
+from .keys import example_key, tokenizer_settings, window_key
 from .manifest import CacheSpec, Manifest
 from .models import DEFAULT_MODEL, load_encoder
 from .split import lower_fingerprint, resolve_layer, split_encoder
@@ -66,6 +66,11 @@ class Recycler:
     def tokenize(self, inputs: list[dict]):
         return tokenize(self.tokenizer, inputs, self.spec.tokenizer.max_length)
 
+    def rows(self, inputs: list[dict]) -> list[tuple[str, Tokenized]]:
+        """(key, tokens) of every cache row of `inputs`: one each, or one per window of a strided QA input."""
+        return [(window_key(inputs[i], self.spec.tokenizer, w), t)
+                for i, w, t in tokenize_rows(self.tokenizer, inputs, self.spec.tokenizer.max_length)]
+
     def embedder(self, device: str = "cpu", autocast=None) -> Embedder:
         return Embedder(self.lower, self.pad_id, device=device, autocast=autocast)
 
@@ -78,6 +83,7 @@ def ingest_local(
     batch_size: int = 256,
     progress: bool = True,
     total: int | None = None,
+    stats: dict | None = None,
 ) -> Manifest:
     """Add every input not yet cached to the cache at `url`, in one process. Empty texts are skipped and counted.
 
@@ -100,9 +106,9 @@ def ingest_local(
         buf: list[tuple[str, dict]] = []
 
         def run():
-            toks = recycler.tokenize([inp for _, inp in buf])
-            states = embed([t.input_ids for t in toks], [t.type_ids for t in toks])
-            for (key, _), t, h in zip(buf, toks, states):
+            rows = recycler.rows([inp for _, inp in buf])
+            states = embed([t.input_ids for _, t in rows], [t.type_ids for _, t in rows])
+            for (key, t), h in zip(rows, states):
                 writer.add(key, t.input_ids, h, t.truncated)
             buf.clear()
 
@@ -122,6 +128,8 @@ def ingest_local(
             run()
         if bar is not None:
             bar.close()
+        if stats is not None:
+            stats.update(seen.stats())  # "claimed": the new inputs (a strided QA input writes a row per window)
     return writer.manifest
 
 

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .embed import pad_types, tokenize
+from .embed import is_strided, pad_types, tokenize, windows
 from .errors import CacheMismatchError, ErError
 from .heads import IGNORE
-from .keys import TokenizerSettings, example_key
+from .keys import TokenizerSettings, example_key, window_key
 from .tasks import Example, LabelMap, Task, example_input
 
 
@@ -27,6 +27,7 @@ class Item:
     word_ids: list | None = None  # ner: word index per token
     offsets: list | None = None  # qa: char span per context token, None elsewhere
     type_ids: np.ndarray | None = None  # segment ids of a pair (the full model's input; the cache needs none)
+    window: int = 0  # QA: which window of a long context (an example has one item per window)
 
 
 @dataclass
@@ -66,25 +67,36 @@ def _target(kind: str, ex: Example, labels: LabelMap | None, where: str, word_id
             prev = w
         return target
     if kind == "qa":
-        if ex.answers:
+        # run_qa's rule: a window whose context does not hold the whole answer points at [CLS]
+        ctx = [t for t, o in enumerate(offsets) if o is not None]
+        if ex.answers and ctx:
             text, start = ex.answers[0]
             end = start + len(text)
-            inside = [t for t, o in enumerate(offsets) if o is not None and o[0] < end and o[1] > start]
-            if inside:
-                return (inside[0], inside[-1])
-        return (0, 0)  # answer cut off by truncation: point at [CLS], as SQuAD training does
+            if offsets[ctx[0]][0] <= start and end <= offsets[ctx[-1]][1]:
+                inside = [t for t in ctx if offsets[t][0] < end and offsets[t][1] > start]
+                if inside:
+                    return (inside[0], inside[-1])
+        return (0, 0)
     raise ErError(f"unknown task kind {kind!r}")
 
 
 def encode_examples(kind: str, examples: list[Example], tokenizer, settings: TokenizerSettings, labels: LabelMap | None,
                     split: str = "", with_targets: bool = True) -> list[Item]:
-    """Tokenize examples, key them, and (with_targets) turn their labels into per-example or per-token targets."""
+    """Tokenize examples, key them, and (with_targets) turn their labels into per-example or per-token targets.
+    A QA example read in windows gives one item per window, in window order."""
     inputs = [example_input(ex) for ex in examples]
-    toks = tokenize(tokenizer, inputs, settings.max_length)
+    plain = iter(tokenize(tokenizer, [inp for inp in inputs if not is_strided(inp)], settings.max_length))
     items = []
-    for ex, inp, tok in zip(examples, inputs, toks):
+    for ex, inp in zip(examples, inputs):
+        where = f"{split} example {ex.id}"
+        if is_strided(inp):
+            for w, tok in enumerate(windows(tokenizer, inp, settings.max_length, offsets=True)):
+                target = _target(kind, ex, labels, where, None, tok.offsets) if with_targets else None
+                items.append(Item(window_key(inp, settings, w), tok.input_ids, target, ex, None, tok.offsets, tok.type_ids, w))
+            continue
+        tok = next(plain)
         word_ids, offsets = align(kind, ex, tokenizer, settings.max_length)
-        target = _target(kind, ex, labels, f"{split} example {ex.id}", word_ids, offsets) if with_targets else None
+        target = _target(kind, ex, labels, where, word_ids, offsets) if with_targets else None
         items.append(Item(example_key(inp, settings), tok.input_ids, target, ex, word_ids, offsets, tok.type_ids))
     return items
 
@@ -100,16 +112,15 @@ def join_cache(task: Task, split: str, tokenizer, settings, labels, reader=None,
         return SplitData(task.kind, items)
     if rows is None:
         rows = reader.load({it.key for it in items})
-    present, missing = [], []
+    lacking = {}  # id -> example: an example is missing when any of its windows is
     for it in items:
         i = rows.index.get(it.key)
         if i is None:
-            missing.append(it.example)
-            continue
-        if not np.array_equal(np.asarray(rows.input_ids[i], dtype=np.int32), it.input_ids):
+            lacking.setdefault(it.example.id, it.example)
+        elif not np.array_equal(np.asarray(rows.input_ids[i], dtype=np.int32), it.input_ids):
             raise CacheMismatchError(f"{split} example {it.example.id}: cached token ids differ from the tokenizer's; the cache was built with other settings")
-        present.append(it)
-    return SplitData(task.kind, present, rows, missing)
+    present = [it for it in items if it.example.id not in lacking]
+    return SplitData(task.kind, present, rows, list(lacking.values()))
 
 
 def require_complete(data: SplitData, split: str, url: str, spec=None) -> None:

@@ -54,6 +54,7 @@ class Example:
     tags: tuple[str, ...] | None = None  # NER: one BIO tag per word
     answers: tuple[tuple[str, int], ...] | None = None  # QA: (answer text, char start in context)
     truncation: str | None = None  # how a pair is cut; None: only_second for QA, longest_first for pairs to classify
+    stride: int | None = None  # QA: read a long context in windows overlapping by this many tokens; None: cut it
 
 
 @dataclass
@@ -170,8 +171,12 @@ def _need(obj, key: str, typ, where: str):
     return val
 
 
-def read_squad(path) -> list[Example]:
-    """SQuAD v1.1 JSON: data -> paragraphs -> (context, qas -> id, question, answers)."""
+DOC_STRIDE = 128  # tokens two windows of a long QA context share, as transformers' run_qa example
+
+
+def read_squad(path, stride: int | None = DOC_STRIDE) -> list[Example]:
+    """SQuAD v1.1 JSON: data -> paragraphs -> (context, qas -> id, question, answers). Contexts longer than the
+    max length are read in windows overlapping by `stride` tokens (None: cut at the max length)."""
     path = Path(path)
     try:
         with open(path, encoding="utf-8") as f:
@@ -203,7 +208,7 @@ def read_squad(path) -> list[Example]:
                             f"{awhere}.answer_start: {start} is outside the context (length {len(context)})"
                         )
                     answers.append((text, start))
-                out.append(Example(id=qid, text=question, text_pair=context, answers=tuple(answers)))
+                out.append(Example(id=qid, text=question, text_pair=context, answers=tuple(answers), stride=stride))
     return out
 
 
@@ -268,13 +273,15 @@ def _labels_from_train(kind: str, train: list[Example]) -> list[str]:
     return []
 
 
-def load_task(folder, text_field: str = "text", label_field: str = "label", limit=None, storage_options=None) -> Task:
+def load_task(folder, text_field: str = "text", label_field: str = "label", limit=None, storage_options=None,
+              doc_stride: int | None = DOC_STRIDE) -> Task:
     """Read a task folder (local, or a URL such as s3://bucket/tasks/name); the format is detected from the files.
 
     `limit` (int, or dict split -> int) keeps the first N examples of each split. Labels are read
     from the FULL train split before limiting, so a slice has the same label ids as the full task.
     Dev/test labels (and NER tags) not seen in training raise LabelError here, not mid-training.
     A remote folder is copied to a temporary local folder first (tasks are small), then removed.
+    `doc_stride`: QA contexts longer than the max length are read in windows overlapping by this many tokens.
     """
     if "://" in str(folder) and not str(folder).startswith("file://"):
         import shutil
@@ -289,7 +296,7 @@ def load_task(folder, text_field: str = "text", label_field: str = "label", limi
         try:
             local = Path(tmp, path.rstrip("/").rsplit("/", 1)[-1])
             fs.get(path.rstrip("/") + "/", str(local) + "/", recursive=True)
-            return load_task(local, text_field, label_field, limit)
+            return load_task(local, text_field, label_field, limit, doc_stride=doc_stride)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     folder = Path(str(folder).removeprefix("file://"))
@@ -300,7 +307,7 @@ def load_task(folder, text_field: str = "text", label_field: str = "label", limi
     readers = {
         "classification": lambda p, s: read_jsonl_classification(p, text_field, label_field, split=s),
         "ner": lambda p, s: read_conll(p, split=s),
-        "qa": lambda p, s: read_squad(p),
+        "qa": lambda p, s: read_squad(p, doc_stride),
     }
     splits = {s: readers[kind](files[s], s) for s in SPLITS if s in files}
     labels = _labels_from_train(kind, splits["train"])
@@ -337,6 +344,8 @@ def example_input(ex: Example) -> dict:
             return pair_input(ex.text, ex.text_pair)
         if cut != "only_second":
             raise ErError(f"example {ex.id}: pair truncation {cut!r} is neither only_second (QA) nor longest_first")
+        if ex.stride is not None:  # QA: the question whole in every window of the context
+            return {"text": ex.text, "text_pair": ex.text_pair, "stride": int(ex.stride)}
         return {"text": ex.text, "text_pair": ex.text_pair}  # QA: the question kept whole, the context cut
     return {"text": ex.text}
 

@@ -121,16 +121,17 @@ class EmbedShards:
         mask = ray.get(self.claims.claim.remote(list(keys), batch_token(batch["src"], batch["row"])))
         info, digests, lengths = ShardInfo(path="", rows=0, tokens=0, bytes=0, sha256=""), b"", b""
         if mask.any():
-            toks = self.rec.tokenize([json.loads(s) for s in batch["input"][mask]])
-            ids = [t.input_ids for t in toks]
-            table = encode_table(keys[mask], ids, self._states(ids, [t.type_ids for t in toks]), [t.truncated for t in toks],
+            rows = self.rec.rows([json.loads(s) for s in batch["input"][mask]])  # a strided QA input: a row per window
+            ids = [t.input_ids for _, t in rows]
+            table = encode_table([k for k, _ in rows], ids,
+                                 self._states(ids, [t.type_ids for _, t in rows]), [t.truncated for _, t in rows],
                                  self.rec.spec.codec)
             w = write_shard(self.cache, f"part-{self.run_id}-{uuid.uuid4().hex[:12]}.parquet", table, self.storage_options)
             info, digests, lengths = w.info, w.digests.tobytes(), w.lengths.tobytes()
         row = {k: np.array([getattr(info, k)]) for k in _INFO_FIELDS}
         row.update(digests=np.array([digests], dtype=object), lengths=np.array([lengths], dtype=object),  # for the index
                    node=np.array([self.node]))
-        row.update(seen=np.array([len(keys)]), seconds=np.array([time.perf_counter() - t0]),
+        row.update(seen=np.array([len(keys)]), inputs=np.array([int(mask.sum()) if info.path else 0]), seconds=np.array([time.perf_counter() - t0]),
                    actor=np.array([self.actor]), device=np.array([self.device]),
                    resources=np.array([json.dumps(self.resources, sort_keys=True)]))
         return row
@@ -295,8 +296,8 @@ def run(corpus: list[str], cache: str, config: IngestConfig | None = None, **kw)
     if totals["seen"] != stats.usable:
         raise ErError(f"read {totals['seen']} examples but the scan found {stats.usable}: did the corpus change during "
                       f"the run? The cache is valid; re-run to complete it")
-    if totals["claimed"] != totals["rows"]:
-        raise ErError(f"{totals['claimed'] - totals['rows']} claimed examples were not written (a worker failed and its "
+    if totals["claimed"] != totals["inputs"]:
+        raise ErError(f"{totals['claimed'] - totals['inputs']} claimed examples were not written (a worker failed and its "
                       f"retry was batched differently); the cache is valid but incomplete: re-run the same command")
     return Report(manifest, _summary(totals, stats.empty, time.perf_counter() - t0, manifest, cache), actors)
 
@@ -363,11 +364,12 @@ def _stream(shards, writer: CacheWriter, cfg: IngestConfig, claims):
     """Consume the shard rows as they come (tiny, never all in memory): register each, commit on the cadence."""
     import ray
 
-    totals = dict(rows=0, tokens=0, bytes=0, truncated=0, seen=0, shards=0, busy=0.0, first=None)
+    totals = dict(rows=0, inputs=0, tokens=0, bytes=0, truncated=0, seen=0, shards=0, busy=0.0, first=None)
     actors, pending, start = {}, 0, time.monotonic()
     last = start
     for r in shards.iter_rows():
         totals["seen"] += int(r["seen"])
+        totals["inputs"] += int(r["inputs"])  # fewer than rows when long QA contexts are read in windows
         totals["busy"] += float(r["seconds"])
         totals["first"] = totals["first"] or time.monotonic() - start
         actors.setdefault(r["actor"], {"actor": r["actor"], "device": r["device"], "node": r["node"],
@@ -413,9 +415,10 @@ def _run_local(sources, cache, rec, cfg: IngestConfig, t0: float) -> Report:
                 counts["empty" if is_empty(r.inputs) else "seen"] += 1
                 yield r.inputs if cfg.id_field is None else {**r.inputs, "_id": r.ident}
 
-    manifest = ingest_local(inputs(), cache, rec, cfg.storage_options, progress=cfg.progress)
+    claims: dict = {}
+    manifest = ingest_local(inputs(), cache, rec, cfg.storage_options, progress=cfg.progress, stats=claims)
     totals = {k: manifest.totals[k] - before[k] for k in ("rows", "tokens", "bytes", "truncated", "shards")}
-    totals["seen"] = counts["seen"]
+    totals.update(seen=counts["seen"], claimed=claims.get("claimed", totals["rows"]))
     summary = _summary(totals, counts["empty"], time.perf_counter() - t0, manifest, cache)
     return Report(manifest, summary, [{"actor": "local", "device": "cpu", "resources": {}}])
 
@@ -425,11 +428,12 @@ def _run_local(sources, cache, rec, cfg: IngestConfig, t0: float) -> Report:
 
 def _summary(t, empty, seconds, manifest, cache) -> dict:
     return {
-        "examples": t["rows"],
+        "examples": t["claimed"],
+        "rows": t["rows"],  # more than examples when QA contexts are read in windows
         "tokens": t["tokens"],
         "truncated": t["truncated"],
         "skipped_empty": empty,
-        "skipped_cached_or_duplicate": t["seen"] - t["rows"],
+        "skipped_cached_or_duplicate": t["seen"] - t["claimed"],
         "shards": t["shards"],
         "bytes": t["bytes"],
         "bytes_per_token": round(t["bytes"] / t["tokens"], 2) if t["tokens"] else 0.0,
@@ -438,7 +442,7 @@ def _summary(t, empty, seconds, manifest, cache) -> dict:
         "busy_seconds": round(t.get("busy", seconds), 2),
         "first_shard_seconds": round(t.get("first") or 0.0, 2),
         "tokens_per_s": round(t["tokens"] / seconds, 1) if seconds else 0.0,
-        "examples_per_s": round(t["rows"] / seconds, 2) if seconds else 0.0,
+        "examples_per_s": round(t["claimed"] / seconds, 2) if seconds else 0.0,
         "cache": cache,
         "generation": manifest.generation,
         "cache_rows": manifest.totals["rows"],
@@ -448,8 +452,9 @@ def _summary(t, empty, seconds, manifest, cache) -> dict:
 def print_summary(rep: Report) -> None:
     s = rep.summary
     devices = Counter((a["device"], json.dumps(a["resources"], sort_keys=True)) for a in rep.actors)
+    windows = f", {s['rows']} rows with the windows of long QA contexts" if s["rows"] != s["examples"] else ""
     print(f"examples written  {s['examples']}  ({s['skipped_cached_or_duplicate']} already cached or duplicate, "
-          f"{s['skipped_empty']} empty skipped)")
+          f"{s['skipped_empty']} empty skipped{windows})")
     print(f"tokens            {s['tokens']}  ({s['truncated']} examples truncated)")
     print(f"bytes written     {s['bytes']}  ({s['bytes_per_token']} bytes/token, {s['shards']} shards)")
     print(f"throughput        {s['tokens_per_s']} tokens/s, {s['examples_per_s']} examples/s  ({s['seconds']} s)")

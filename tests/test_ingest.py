@@ -127,6 +127,21 @@ def test_incremental_runs_over_mixed_formats_equal_one_run(ray_session, rec, tin
     _assert_close(_rows(url), ref)  # no duplicates (checked by _rows), nothing missed
 
 
+def test_long_qa_contexts_are_ingested_as_one_row_per_window_like_the_plain_loop(ray_session, rec, tiny_bert, tmp_path):
+    folder = tmp_path / "qa"
+    folder.mkdir()
+    paras = [{"context": ctx, "qas": [{"id": f"q{i}", "question": "what is it", "answers": [{"text": ctx.split()[0], "answer_start": 0}]}]}
+             for i, ctx in enumerate(_texts(12, seed=4, longest=120))]
+    (folder / "train.json").write_text(json.dumps({"version": "1.1", "data": [{"title": "t", "paragraphs": paras}]}))
+    ref = _reference([str(folder)], rec, str(tmp_path / "ref"))
+    url = str(tmp_path / "cache")
+    first = run([str(folder)], url, model=tiny_bert, shard_rows=8, **FAST)
+    assert first.summary["examples"] == 12 and first.summary["rows"] == len(ref) > 12  # long contexts: several windows
+    _assert_close(_rows(url), ref)
+    again = run([str(folder)], url, model=tiny_bert, shard_rows=8, **FAST)
+    assert (again.summary["examples"], again.summary["rows"], again.summary["skipped_cached_or_duplicate"]) == (0, 0, 12)
+
+
 def test_error_inside_a_read_task_names_file_and_line(ray_session, tiny_bert, tmp_path, monkeypatch):
     # Skip the driver's up-front scan, so the bad row is met by a Ray read task instead.
     import pipelines.ingest as ingest

@@ -63,6 +63,32 @@ def test_pairs_and_qa_are_cached_as_the_model_computes_them(family, tmp_path):
         assert types_used, f"{name}: no pair here had a segment 1, so the test shows nothing"
 
 
+def test_every_window_of_a_long_qa_context_is_cached_as_the_model_computes_it(family, tmp_path):
+    """A context past the max length is cached as the tokenizer's overflowing windows (stride 8), each row equal to
+    the model's own layer k on that window, keyed (example, window) with window 0 under the input's own key."""
+    from er_core.keys import window_key
+
+    name, rec = family
+    inp = example_input(Example("q", text="what binds the receptor", text_pair=LONG, answers=(), stride=8))
+    url, L = str(tmp_path / "c"), rec.spec.tokenizer.max_length
+    ingest_local([inp], url, rec, progress=False)
+    enc = rec.tokenizer(inp["text"], inp["text_pair"], truncation="only_second", max_length=L, stride=8,
+                        return_overflowing_tokens=True)
+    n = len(enc["input_ids"])
+    assert n >= 3 and open_cache(url).manifest.totals["rows"] == n
+    keys = [window_key(inp, rec.spec.tokenizer, w) for w in range(n)]
+    assert keys[0] == rec.key(inp) and len(set(keys)) == n
+    got = open_cache(url).load(keys)
+    accepted = inspect.signature(rec.encoder.forward).parameters
+    for w in range(n):
+        one = {k: torch.tensor([enc[k][w]]) for k in ("input_ids", "attention_mask", "token_type_ids") if k in accepted}
+        with torch.no_grad():
+            want = rec.encoder(**one, output_hidden_states=True).hidden_states[K][0].numpy()
+        i = got.index[keys[w]]
+        assert np.array_equal(np.asarray(got.input_ids[i]), enc["input_ids"][w]), (name, w)
+        np.testing.assert_allclose(got.hidden(i), want, atol=1e-5, rtol=0, err_msg=f"{name}: window {w}")
+
+
 def test_a_pairs_logits_match_between_the_full_model_and_the_recycled_upper(family):
     name, rec = family
     torch.manual_seed(0)
@@ -160,3 +186,14 @@ def test_a_sentence_pair_task_trains_and_predicts_hits_and_misses_alike(tmp_path
     hits = pred.predict(exs, [rows.hidden(rows.index[rec.key(example_input(e))]) for e in exs])
     misses = pred.predict(exs, [None] * len(exs))  # through the lower part, with the pair's segments
     assert hits == misses
+
+
+@pytest.mark.parametrize("stride", [None, 8])
+def test_a_question_that_leaves_no_room_for_its_context_is_refused_in_one_line(tmp_path, stride):
+    from er_core import ErError
+
+    rec = Recycler.load(str(save_tiny("bert", tmp_path / "m")), layer=K, codec="fp32")
+    inp = example_input(Example("q", text=LONG, text_pair="the gene", answers=(), stride=stride))
+    with pytest.raises(ErError, match=r"leaves no room for (its context|the second) at max length 48; raise --max-length"):
+        ingest_local([inp], str(tmp_path / "c"), rec, progress=False)
+    assert not (tmp_path / "c" / "manifest.json").exists()

@@ -184,7 +184,7 @@ def test_squad_round_trip(tmp_path):
     assert q1.id == "q1" and q1.answers == (("Berkeley", 19),)
     text, start = q1.answers[0]
     assert q1.text_pair[start : start + len(text)] == text
-    assert example_input(q1) == {"text": "Where?", "text_pair": SQUAD["data"][0]["paragraphs"][0]["context"]}
+    assert example_input(q1) == {"text": "Where?", "text_pair": SQUAD["data"][0]["paragraphs"][0]["context"], "stride": 128}
 
 
 def test_squad_malformed_names_item(tmp_path):
