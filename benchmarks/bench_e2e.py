@@ -346,7 +346,7 @@ def run(task: Path | None = None, limit: int = 800, epochs: int = 2, repeats: in
         Path(out_json).parent.mkdir(parents=True, exist_ok=True)
         Path(out_json).write_text(json.dumps(result, indent=1))
     if report:
-        from benchmarks.report import write_section
+        from .report import write_section
 
         write_section(SECTION, markdown(result), report=report)
     return result

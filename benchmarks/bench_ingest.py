@@ -29,7 +29,7 @@ PLAIN_BATCHES = (256, 64)  # ingest_local's default, and the Ray side's forward 
 def _corpus(data_dir: Path, out: Path, per_task: int | None) -> int:
     n = 0
     with open(out, "w") as f:
-        for task in ("chemprot", "sci-cite"):
+        for task in sorted(p.name for p in data_dir.iterdir() if (p / "train.jsonl").is_file()):  # classification tasks
             with open(data_dir / task / "train.jsonl") as src:
                 for i, line in enumerate(src):
                     if per_task is not None and i >= per_task:

@@ -176,7 +176,7 @@ def run(n: int = 2000, factor: int = 10, repeats: int = 2, quick: bool = False, 
         Path(out_json).parent.mkdir(parents=True, exist_ok=True)
         Path(out_json).write_text(json.dumps(result, indent=1))
     if report:
-        from benchmarks.report import write_section
+        from .report import write_section
 
         write_section(SECTION, markdown(result), report=report)
     return result

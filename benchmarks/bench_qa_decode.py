@@ -48,7 +48,7 @@ def main(argv=None) -> None:
         rows.append((n, fast, slow))
         print(f"{n} tokens: {fast:.2f} ms (exact O(n)) vs {slow:.1f} ms (all pairs)", flush=True)
     if a.report:
-        from benchmarks.report import write_section
+        from .report import write_section
 
         lines = ["## QA span decoding (`python -m benchmarks.bench_qa_decode`)", "",
                  f"Per example, random logits, every token a context token, answers up to {MAX_ANSWER_TOKENS} tokens; "

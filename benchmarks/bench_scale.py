@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import io_count
+from . import io_count
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "scale.json"
@@ -326,7 +326,7 @@ def run(quick: bool = False, out_json=None, report=None, settle: float = 2.0, re
     if report:
         png = Path(report).with_name("scale.png")
         plot(results, png)
-        from benchmarks.report import write_section
+        from .report import write_section
 
         write_section("scale", section(results, png.name), Path(report))
     return results

@@ -49,8 +49,14 @@ def _decode(rows, enc):
     return [get_codec(rows.codec).decode(h, s, (n, rows.hidden_size)) for h, s, n in enc]
 
 
-def run(data_dir: Path = DATA, quick: bool = False, task: str = "chemprot", layer: int = 3, batch_size: int = 32) -> dict:
+def classification_tasks(data_dir: Path) -> list[str]:
+    """The task folders of `data_dir` holding JSONL classification data, by name (no task is named in code)."""
+    return sorted(p.name for p in Path(data_dir).iterdir() if (p / "train.jsonl").is_file())
+
+
+def run(data_dir: Path = DATA, quick: bool = False, task: str | None = None, layer: int = 3, batch_size: int = 32) -> dict:
     torch.manual_seed(0)
+    task = task or classification_tasks(data_dir)[0]
     n_batches = 4 if quick else 12
     rec = Recycler.load("bundled", layer=layer, codec="fp16", max_length=128)
     L = rec.spec.num_layers

@@ -1,0 +1,46 @@
+"""`er bench` is installed with the project: it runs from any directory, without the repo's top-level `benchmarks/`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import write_tiny_task
+
+ER = Path(sys.executable).parent / "er"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _env(tmp_path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # only what is installed
+    return {**env, "RAY_AUTH_MODE": "disabled", "HOME": os.environ.get("HOME", str(tmp_path))}
+
+
+def test_installed_benchmarks_do_not_come_from_a_top_level_folder(tmp_path):
+    got = subprocess.run([sys.executable, "-c", "import er_bench, importlib.util as u; "
+                          "print(er_bench.__file__); print(u.find_spec('benchmarks') is None)"],
+                         cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=60)
+    assert got.returncode == 0, got.stderr
+    path, no_top_level = got.stdout.split()
+    assert Path(path).parent == REPO / "benchmarks" and no_top_level == "True"
+
+
+@pytest.mark.real
+def test_er_bench_help_and_a_tiny_quick_run_from_outside_the_repo(tmp_path):
+    env = _env(tmp_path)
+    got = subprocess.run([str(ER), "bench", "--help"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert got.returncode == 0 and "--quick" in got.stdout, got.stderr
+    data = tmp_path / "data"
+    write_tiny_task(data / "tiny")
+    report = tmp_path / "REPORT.md"
+    report.write_text("# kept\n\nother section\n")
+    got = subprocess.run([str(ER), "bench", "--quick", "--data", str(data), "--out", str(report)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert got.returncode == 0, got.stderr[-3000:]
+    text = report.read_text()
+    assert text.startswith("# kept") and "<!-- begin er-bench -->" in text and "| train reduced (cache) |" in text
+    assert (tmp_path / "REPORT.json").is_file()
