@@ -71,7 +71,7 @@ def _int8_bytes_per_token(fp16_cache: Path, out: Path) -> float:
     for i, t in enumerate(reader.iter_tables()):
         cols = {c: t.column(c).to_pylist() for c in ("key", "length", "input_ids", "hidden", "scale")}
         hidden = [reader.decode(n, h, s) for n, h, s in zip(cols["length"], cols["hidden"], cols["scale"])]
-        info = write_shard(str(out), f"{i}.parquet", encode_table(cols["key"], cols["input_ids"], hidden, [False] * len(hidden), "int8"))
+        info = write_shard(str(out), f"{i}.parquet", encode_table(cols["key"], cols["input_ids"], hidden, [False] * len(hidden), "int8")).info
         size, tokens = size + info.bytes, tokens + info.tokens
     return round(size / tokens, 2)
 
