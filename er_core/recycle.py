@@ -66,9 +66,11 @@ class Recycler:
     def tokenize(self, inputs: list[dict]):
         return tokenize(self.tokenizer, inputs, self.spec.tokenizer.max_length)
 
-    def rows(self, inputs: list[dict]) -> list[tuple[str, Tokenized]]:
-        """(key, tokens) of every cache row of `inputs`: one each, or one per window of a strided QA input."""
-        return [(window_key(inputs[i], self.spec.tokenizer, w), t)
+    def rows(self, inputs: list[dict], keys: list[str] | None = None) -> list[tuple[str, Tokenized]]:
+        """(key, tokens) of every cache row of `inputs`: one each, or one per window of a strided QA input.
+        `keys`: the inputs' own (e.g. ids from --id-field), which their first rows keep; default `self.key`."""
+        keys = [self.key(x) for x in inputs] if keys is None else list(keys)
+        return [(keys[i] if w == 0 else window_key(inputs[i], self.spec.tokenizer, w), t)
                 for i, w, t in tokenize_rows(self.tokenizer, inputs, self.spec.tokenizer.max_length)]
 
     def embedder(self, device: str = "cpu", autocast=None) -> Embedder:
@@ -106,7 +108,7 @@ def ingest_local(
         buf: list[tuple[str, dict]] = []
 
         def run():
-            rows = recycler.rows([inp for _, inp in buf])
+            rows = recycler.rows([inp for _, inp in buf], [key for key, _ in buf])
             states = embed([t.input_ids for _, t in rows], [t.type_ids for _, t in rows])
             for (key, t), h in zip(rows, states):
                 writer.add(key, t.input_ids, h, t.truncated)

@@ -121,7 +121,8 @@ class EmbedShards:
         mask = ray.get(self.claims.claim.remote(list(keys), batch_token(batch["src"], batch["row"])))
         info, digests, lengths = ShardInfo(path="", rows=0, tokens=0, bytes=0, sha256=""), b"", b""
         if mask.any():
-            rows = self.rec.rows([json.loads(s) for s in batch["input"][mask]])  # a strided QA input: a row per window
+            # the read stage's keys (content hashes, or --id-field ids); a strided QA input adds a row per window
+            rows = self.rec.rows([json.loads(s) for s in batch["input"][mask]], list(keys[mask]))
             ids = [t.input_ids for _, t in rows]
             table = encode_table([k for k, _ in rows], ids,
                                  self._states(ids, [t.type_ids for _, t in rows]), [t.truncated for _, t in rows],

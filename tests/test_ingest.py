@@ -142,6 +142,14 @@ def test_long_qa_contexts_are_ingested_as_one_row_per_window_like_the_plain_loop
     assert (again.summary["examples"], again.summary["rows"], again.summary["skipped_cached_or_duplicate"]) == (0, 0, 12)
 
 
+def test_ray_ingest_keys_rows_by_the_id_field(ray_session, tiny_bert, tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t, "doc": f"d{i}"}) + "\n" for i, t in enumerate(_texts(12))))
+    url = str(tmp_path / "cache")
+    run([str(corpus)], url, model=tiny_bert, id_field="doc", **FAST)
+    assert sorted(_rows(url)) == sorted(f"d{i}" for i in range(12))
+
+
 def test_error_inside_a_read_task_names_file_and_line(ray_session, tiny_bert, tmp_path, monkeypatch):
     # Skip the driver's up-front scan, so the bad row is met by a Ray read task instead.
     import pipelines.ingest as ingest
