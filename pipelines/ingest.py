@@ -163,24 +163,19 @@ class _Heartbeat:
     """
 
     def __init__(self, writer: CacheWriter, every: float = 60.0, watch_nodes: bool = True, node_every: float = 2.0):
-        self.writer, self.every, self.node_every, self.stop = writer, every, node_every, threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.lost: ErError | None = None
-        self.nodes = _alive_nodes() if watch_nodes else None
+        import ray
 
-    def _run(self):
-        beat = time.monotonic()
-        while not self.stop.wait(self.node_every if self.nodes else self.every):
-            if self.nodes:
-                gone = [ip for nid, ip in self.nodes.items() if nid not in _alive_nodes()]
-                if gone:
-                    return self._interrupt(ErError(
-                        f"Ray node {', '.join(gone)} was lost mid-ingest; the shards committed so far are kept (generation "
-                        f"{self.writer.manifest.generation}): re-run the same command to complete the cache, it computes "
-                        f"only what is missing"))
-            if time.monotonic() - beat < self.every:
-                continue
-            beat = time.monotonic()
+        self.writer, self.every, self.node_every, self.stop = writer, every, node_every, threading.Event()
+        self.lost: ErError | None = None
+        self._once = threading.Lock()  # one interrupt, whichever thread sees a loss first
+        self.nodes = _alive_nodes() if watch_nodes and ray.is_initialized() else None
+        # Two threads: a Ray call that hangs must never stall the lock's heartbeat (the lock would go stale).
+        self.threads = [threading.Thread(target=self._beat, daemon=True)]
+        if self.nodes:
+            self.threads.append(threading.Thread(target=self._watch, daemon=True))
+
+    def _beat(self):
+        while not self.stop.wait(self.every):
             try:
                 self.writer.lock.heartbeat()
             except LockLostError as e:
@@ -188,20 +183,34 @@ class _Heartbeat:
             except OSError as e:  # transient storage error: the next beat retries
                 log.warning("lock heartbeat failed: %s", e)
 
+    def _watch(self):
+        while not self.stop.wait(self.node_every):
+            gone = [ip for nid, ip in self.nodes.items() if nid not in _alive_nodes()]
+            if gone:
+                return self._interrupt(ErError(
+                    f"Ray node {', '.join(gone)} was lost mid-ingest; the shards committed so far are kept (generation "
+                    f"{self.writer.manifest.generation}): re-run the same command to complete the cache, it computes "
+                    f"only what is missing"))
+
     def _interrupt(self, e: ErError) -> None:
-        self.lost = e
+        with self._once:
+            if self.lost is not None:  # the other thread interrupted first
+                return
+            self.lost = e
         # A real SIGINT to the main thread: it wakes a driver blocked in a wait (Ray Data's output queue), which
         # _thread.interrupt_main() would only flag for the next Python bytecode, never reached.
         signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
     def __enter__(self):
-        self.thread.start()
+        for t in self.threads:
+            t.start()
         return self
 
     def __exit__(self, *exc):
         try:
             self.stop.set()
-            self.thread.join()
+            for t in self.threads:
+                t.join(timeout=self.node_every + 10)  # a watcher stuck in a Ray call is a daemon: left behind
         except KeyboardInterrupt:  # our own interrupt, delivered here
             if self.lost is None:
                 raise

@@ -229,7 +229,7 @@ def test_ingest_heartbeat_stops_the_run_when_the_lock_is_lost(tmp_path):
     thief = json.dumps({"run_id": "thief", "host": "elsewhere", "pid": 1, "heartbeat": time.time()}).encode()
     t0 = time.monotonic()
     with pytest.raises(LockLostError, match="was taken by run thief"):
-        with _Heartbeat(w, every=0.05):
+        with _Heartbeat(w, every=0.05, watch_nodes=False):  # the lock alone: no Ray here
             put_atomic(fs, f"{root}/_writer.lock", thief)  # another writer took it (unconditionally, for the test)
             while time.monotonic() - t0 < 60:  # the driver, waiting on Ray
                 time.sleep(0.01)
