@@ -207,15 +207,19 @@ class _Heartbeat:
         return self
 
     def __exit__(self, *exc):
-        try:
-            self.stop.set()
-            for t in self.threads:
-                t.join(timeout=self.node_every + 10)  # a watcher stuck in a Ray call is a daemon: left behind
-        except KeyboardInterrupt:  # our own interrupt, delivered here
-            if self.lost is None:
-                raise
+        self.stop.set()
+        interrupted = None
+        for t in self.threads:  # joined even through a SIGINT: a watcher must not call Ray after Ray shuts down
+            while True:
+                try:
+                    t.join(timeout=self.node_every + 10)  # one stuck in a hung Ray call is a daemon: left behind
+                    break
+                except KeyboardInterrupt as e:  # ours, or the user's, delivered mid-join
+                    interrupted = e
         if self.lost is not None:
             raise self.lost
+        if interrupted is not None:
+            raise interrupted
 
 
 def _alive_nodes() -> dict[str, str]:
