@@ -153,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sweep", help="sweep YAML/TOML file (see examples/sweep.yaml)")
     p.add_argument("--max-concurrent", type=int, help="override the sweep's concurrency limit")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier er sweep output in the sweep's output folder")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep: finished trials are kept, "
+                   "unfinished ones continue from their last epoch (the sweep file must be unchanged)")
     _ray_args(p)
 
     p = sub.add_parser("predict", help="batch inference with trained tasks; cached examples run the upper layers only")

@@ -1,15 +1,15 @@
-"""`er sweep SWEEP.yaml`: many tasks x methods x hyper-parameters trained from one cache, concurrently on Ray.
+"""`er sweep SWEEP.yaml`: many tasks x methods x hyper-parameters from one cache, as one Ray Tune experiment.
 
-Phases: load_sweep (parse and validate, every problem reported at once), expand (the trials),
-run_trials (at most `max_concurrent` in flight), write_results and format_table.
+Phases: load_sweep (parse and validate, every problem reported at once), expand (the grid's trials),
+then a `Tuner` over `run_trial`, a function trainable that runs the usual Ray Train path
+(`train_on_ray`) and reports each epoch to Tune through `TuneReportCallback` (Ray Train V2's Tune
+pattern). Tune brings what a sweep needs: sampled search spaces (`search`, `num_samples`), an ASHA
+scheduler on the dev metric per epoch and per task (`asha`), a concurrency limit, `--resume` of an interrupted
+sweep (its state lives in `<output>/tune`), and a failed trial recorded while the others run.
+`full` trials (the baseline: every layer, from raw text) run beside the cached methods.
 
-Each trial is a Ray task that calls `train_on_ray`. It reserves no CPU itself: its TorchTrainer
-workers reserve the trial's resources. It is pinned to this node, so its output folder and any
-relative paths are the driver's. A trial that fails is recorded with its error (the traceback goes
-to `<out_dir>/error.txt`) and the others go on.
-
-Exit status: 0 if every trial succeeded, 1 if any failed (the table and results are still written),
-2 if the sweep file is invalid (from `er`'s error handler).
+Exit status: 0 if every trial succeeded or was stopped early by ASHA, 1 if any failed (the table
+and results are still written), 2 if the sweep file is invalid (from `er`'s error handler).
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ import csv
 import io
 import itertools
 import json
+import os
 import time
 import traceback
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from er_core import ErError, TrainConfig
@@ -28,8 +29,10 @@ from er_core.outputs import OutputDir
 from er_core.storage import is_local, put_atomic, url_to_fs
 from er_core.secrets import find_secrets
 
-METHODS = ("reduced", "lora")  # `full` trains from raw text, not the cache, so it has no place in a sweep
-LORA_ONLY = ("lora_r", "lora_alpha", "lora_dropout")  # varied for lora trials only
+METHODS = ("full", "reduced", "lora")  # full: the baseline, every layer from raw text (the cache names the model)
+LORA_ONLY = ("lora_r", "lora_alpha", "lora_dropout", "peft_config")  # varied for lora trials only
+SAMPLERS = ("choice", "uniform", "loguniform")  # search: {field: {sampler: values}}
+ASHA = {"grace_period": 1, "reduction_factor": 2}  # `asha: true`, or these keys to change
 TRAIN_FIELDS = {f.name: f for f in fields(TrainConfig) if f.name != "method"}
 
 
@@ -51,6 +54,11 @@ class Sweep:
     methods: list[str] = field(default_factory=lambda: ["reduced"], metadata={"help": f"subset of {METHODS}"})
     defaults: dict = field(default_factory=dict, metadata={"help": "TrainConfig fields shared by every trial"})
     grid: dict = field(default_factory=dict, metadata={"help": "TrainConfig field -> list of values (cartesian product)"})
+    search: dict = field(default_factory=dict, metadata={
+        "help": "TrainConfig field -> {choice: [...]} | {uniform: [lo, hi]} | {loguniform: [lo, hi]}, sampled per trial"})
+    num_samples: int = field(default=1, metadata={"help": "trials sampled from `search` per grid point"})
+    asha: dict | bool = field(default=False, metadata={
+        "help": "true or {grace_period, reduction_factor}: stop trials early on the dev metric per epoch"})
     limit: int | dict | None = field(default=None, metadata={"help": "examples per split, int or {split: n}"})
     max_concurrent: int = field(default=2, metadata={"help": "trials in flight at once"})
     workers: int = field(default=1, metadata={"help": "Ray Train workers per trial"})
@@ -137,7 +145,7 @@ def parse_sweep(raw, base: Path | str, check_paths: bool = True, source: str = "
         kw["cache"] = _resolve(kw["cache"], base)
     if isinstance(kw.get("output"), str) and kw["output"]:
         kw["output"] = _resolve(kw["output"], base)
-    for key in ("max_concurrent", "workers"):
+    for key in ("max_concurrent", "workers", "num_samples"):
         if key in kw and not (_is_int(kw[key]) and kw[key] >= 1):
             problems.append(f"{key} must be an integer >= 1, got {kw[key]!r}")
     kw["tasks"] = _check_tasks(kw.get("tasks"), base, check_paths, problems) if "tasks" in kw else []
@@ -146,8 +154,7 @@ def parse_sweep(raw, base: Path | str, check_paths: bool = True, source: str = "
     if "methods" in kw:
         m = kw["methods"]
         if not isinstance(m, list) or not m or any(x not in METHODS for x in m):
-            hint = " ('full' trains from raw text: use `er train --workers 0`)" if isinstance(m, list) and "full" in m else ""
-            problems.append(f"methods must be a non-empty list of {METHODS}, got {m!r}{hint}")
+            problems.append(f"methods must be a non-empty list of {METHODS}, got {m!r}")
     _check_resources(kw.get("resources", {}), problems)
     if "storage_options" in kw and not isinstance(kw["storage_options"], (dict, type(None))):
         problems.append(f"storage_options must be a mapping, got {kw['storage_options']!r}")
@@ -158,8 +165,15 @@ def parse_sweep(raw, base: Path | str, check_paths: bool = True, source: str = "
         kw["defaults"] = _check_train_fields(kw["defaults"], "defaults", problems, lists=False)
     if "grid" in kw:
         kw["grid"] = _check_train_fields(kw["grid"], "grid", problems, lists=True)
+    if "search" in kw:
+        kw["search"] = _check_search(kw["search"], kw.get("grid", {}), problems)
+    if _is_int(kw.get("num_samples", 1)) and kw.get("num_samples", 1) > 1 and not kw.get("search"):
+        problems.append("num_samples > 1 needs a `search` to sample from (vary seeds with grid: {seed: [0, 1, 2]})")
+    if "asha" in kw:
+        kw["asha"] = _check_asha(kw["asha"], problems)
     methods = [m for m in kw.get("methods", ["reduced"]) if m in METHODS] if isinstance(kw.get("methods", []), list) else []
-    _check_combinations(methods, kw.get("defaults", {}), kw.get("grid", {}), problems)
+    _check_combinations(methods, kw.get("defaults", {}), {**kw.get("grid", {}), **_search_edges(kw.get("search", {}))},
+                        problems)
     if problems:
         raise _report(source, problems)
     return Sweep(**kw)
@@ -285,23 +299,88 @@ def _coerce(f, v, where: str, problems: list[str]):
     return v
 
 
+def _check_search(search, grid: dict, problems: list[str]) -> dict:
+    """{field: {sampler: values}}: a known float field for uniform/loguniform (lo < hi, lo > 0 for log); any for choice."""
+    if not isinstance(search, dict):
+        problems.append(f"search must be a mapping of TrainConfig fields to {{sampler: values}}, got {search!r}")
+        return {}
+    out = {}
+    for key, spec in search.items():
+        where = f"search.{key}"
+        if key not in TRAIN_FIELDS or key == "method":
+            problems.append(f"search: unknown training field {key!r}; known fields: {', '.join(TRAIN_FIELDS)}")
+            continue
+        if key in grid:
+            problems.append(f"{where}: {key!r} is in the grid too; vary it in one place")
+            continue
+        if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in SAMPLERS):
+            problems.append(f"{where} must be one of {{choice: [...]}}, {{uniform: [lo, hi]}}, {{loguniform: [lo, hi]}}, got {spec!r}")
+            continue
+        (sampler, values), = spec.items()
+        if sampler == "choice":
+            checked = _check_train_fields({key: values}, "search", problems, lists=True)
+            if key in checked:
+                out[key] = {"choice": checked[key]}
+            continue
+        if "float" not in str(TRAIN_FIELDS[key].type):
+            problems.append(f"{where}: {sampler} samples floats, and {key} is not a float field; use choice")
+            continue
+        bounds = [_coerce(TRAIN_FIELDS[key], v, where, problems) for v in values] if isinstance(values, list) else None
+        if bounds is None or len(bounds) != 2:
+            problems.append(f"{where}.{sampler} must be [low, high], got {values!r}")
+        elif _BAD not in bounds and not (bounds[0] < bounds[1] and (sampler == "uniform" or bounds[0] > 0)):
+            problems.append(f"{where}.{sampler} needs low < high{' and low > 0' if sampler == 'loguniform' else ''}, got {values!r}")
+        elif _BAD not in bounds:
+            out[key] = {sampler: bounds}
+    return out
+
+
+def _search_edges(search: dict) -> dict:
+    """Values that bound each search space, so TrainConfig's checks can run on them like on a grid."""
+    return {k: next(iter(spec.values())) for k, spec in search.items()}
+
+
+def _check_asha(asha, problems: list[str]) -> dict | bool:
+    if asha is False or asha is None:
+        return False
+    if asha is True:
+        return dict(ASHA)
+    if not isinstance(asha, dict) or set(asha) - set(ASHA):
+        problems.append(f"asha must be true or a mapping with {', '.join(ASHA)}, got {asha!r}")
+        return False
+    out = {**ASHA, **asha}
+    if not (_is_int(out["grace_period"]) and out["grace_period"] >= 1):
+        problems.append(f"asha.grace_period must be an integer >= 1 (epochs), got {out['grace_period']!r}")
+    if not (isinstance(out["reduction_factor"], (int, float)) and not isinstance(out["reduction_factor"], bool)
+            and out["reduction_factor"] > 1):
+        problems.append(f"asha.reduction_factor must be a number > 1, got {out['reduction_factor']!r}")
+    return out
+
+
 def _check_combinations(methods: list[str], defaults: dict, grid: dict, problems: list[str]) -> None:
     """TrainConfig's own checks (epochs >= 1, lr > 0, ...) on every method x grid point."""
     for method in methods:
         for values in itertools.product(*grid.values()):
             params = dict(zip(grid, values))
             try:
-                TrainConfig(method=method, **{**defaults, **params})
+                train_config(method, defaults, params)
             except ErError as e:
                 where = ", ".join(f"{k}={v}" for k, v in params.items())
                 problems.append(f"{method} trials{' with ' + where if where else ''}: {e}")
+
+
+def train_config(method: str, defaults: dict, params: dict) -> TrainConfig:
+    """A trial's TrainConfig: LoRA-only fields apply to lora trials only."""
+    merged = {k: v for k, v in {**defaults, **params}.items() if method == "lora" or k not in LORA_ONLY}
+    return TrainConfig(method=method, **merged)
 
 
 # ---------------------------------------------------------------- trials
 
 
 def expand(sweep: Sweep) -> list[Trial]:
-    """Every task x method x grid point; LoRA-only fields vary for lora trials only (no duplicate reduced trials)."""
+    """Every task x method x grid point; LoRA-only fields vary for lora trials only (no duplicate reduced trials).
+    Fields under `search` are sampled per trial by Tune, on top of these."""
     keys = list(sweep.grid)
     trials = []
     for task in sweep.tasks:
@@ -313,97 +392,183 @@ def expand(sweep: Sweep) -> list[Trial]:
                     continue
                 seen.add(tuple(params.items()))
                 name = "-".join([task.name, method] + [f"{k}{v}" for k, v in params.items()])
-                cfg = TrainConfig(method=method, **{**sweep.defaults, **params})
+                cfg = train_config(method, sweep.defaults, params)
                 trials.append(Trial(name, task, method, params, cfg, join(sweep.output, name)))
     return trials
-
-
-def run_trial(sweep: Sweep, trial: Trial) -> dict:
-    """One trial, start to end; never raises, so a failure comes back as a row like any other."""
-    from pipelines.train_ray import train_on_ray
-
-    start = time.time()
-    try:
-        metrics = train_on_ray(sweep.cache, trial.task.path, trial.out_dir, trial.cfg, workers=sweep.workers,
-                               cpus_per_worker=sweep.cpus_per_worker, gpus_per_worker=sweep.gpus_per_worker,
-                               storage_options=sweep.storage_options, limit=_limit(sweep, trial),
-                               storage_path=sweep.storage_path, name=f"er-sweep-{trial.name}")
-        return result_row(trial, start, time.time(), metrics=metrics)
-    except Exception as e:  # any failure, Ray's included, belongs to this trial only
-        fs, path = url_to_fs(trial.out_dir, sweep.storage_options)
-        if is_local(fs):
-            fs.makedirs(path, exist_ok=True)
-        put_atomic(fs, f"{path}/error.txt", traceback.format_exc().encode())
-        return result_row(trial, start, time.time(), error=e)
 
 
 def _limit(sweep: Sweep, trial: Trial):
     return trial.task.limit if trial.task.limit is not None else sweep.limit
 
 
-def run_trials(sweep: Sweep, trials: list[Trial], max_concurrent: int, address=None, log=print) -> list[dict]:
-    """Keep at most max_concurrent trials in flight; rows come back in trial order, results written as they land."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+def run_trial(config: dict, sweep: Sweep) -> None:
+    """Tune's function trainable: one trial on Ray Train, its epochs reported to Tune as they end.
+
+    A trial whose folder is already complete (it finished before the driver died) reports its
+    metrics again instead of training; one left incomplete continues from its last epoch."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from er_core.outputs import read_status
+    from pipelines.train_ray import train_on_ray
+
+    trial = {t.name: t for t in expand(sweep)}[config["trial"]]
+    sampled = {k: v for k, v in config.get("search", {}).items() if trial.method == "lora" or k not in LORA_ONLY}
+    cfg = train_config(trial.method, sweep.defaults, {**trial.params, **sampled})
+    out_dir = trial.out_dir + (f"-{tune.get_context().get_trial_id()}" if sweep.search else "")
+    status = read_status(out_dir, sweep.storage_options) or {}
+    done = _read_metrics(out_dir, sweep.storage_options)
+    if done is not None:  # the scheduler and the metric check need what an epoch reports
+        from er_core.metrics import primary_metric
+
+        dev = done.get("dev", {}).get(primary_metric(done["kind"]))
+        tune.report({"epoch": len(done.get("history", [])), "dev_score": dev if dev is not None else float("nan"), "final": 1.0})
+        return
+    try:
+        train_on_ray(sweep.cache, trial.task.path, out_dir, cfg, workers=sweep.workers, cpus_per_worker=sweep.cpus_per_worker,
+                     gpus_per_worker=sweep.gpus_per_worker, storage_options=sweep.storage_options,
+                     limit=_limit(sweep, trial), storage_path=sweep.storage_path, name=f"er-sweep-{trial.name}",
+                     resume=status.get("status") in ("running", "failed") and "request" in status,
+                     callbacks=[TuneReportCallback()])
+    except Exception:
+        fs, path = url_to_fs(out_dir, sweep.storage_options)
+        if fs.exists(path):
+            put_atomic(fs, f"{path}/error.txt", traceback.format_exc().encode())
+        raise
+
+
+def _progress(total: int):
+    """A Tune callback printing one line per trial start and end, in place of Tune's own tables."""
+    from ray.tune import Callback
+
+    class Progress(Callback):
+        def on_trial_start(self, iteration, trials, trial, **info):
+            print(f"[{_done(trials)}/{total}] start {trial.config['trial']}", flush=True)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            r = trial.last_result or {}
+            metric = f": dev {r['dev_score']:.4f} after epoch {r.get('epoch')}" if "dev_score" in r else ""
+            print(f"[{_done(trials)}/{total}] done {trial.config['trial']}{metric}", flush=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            print(f"[{_done(trials)}/{total}] FAILED {trial.config['trial']}", flush=True)
+
+    return Progress()
+
+
+def _done(trials) -> int:
+    return sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+
+
+def run_trials(sweep: Sweep, trials: list[Trial], max_concurrent: int, resume: bool = False, address=None):
+    """The Tune experiment under `<output>/tune`: started, or restored with --resume. Returns its ResultGrid."""
+    from ray import tune
 
     from pipelines.ray_env import ensure_ray
+    from pipelines.train_ray import ray_storage
 
     ensure_ray(address)
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    # max_retries=0: a trial that crashed its process is reported, not silently run again.
-    remote = ray.remote(num_cpus=0, max_retries=0, scheduling_strategy=here)(run_trial)
-    queue, pending, rows = list(enumerate(trials)), {}, [None] * len(trials)
-    try:
-        while queue or pending:
-            while queue and len(pending) < max_concurrent:
-                i, t = queue.pop(0)
-                pending[remote.remote(sweep, t)] = (i, t, time.time())
-                log(f"[{i + 1}/{len(trials)}] start {t.name}")
-            [ref], _ = ray.wait(list(pending), num_returns=1)
-            i, t, submitted = pending.pop(ref)
-            try:
-                rows[i] = ray.get(ref)
-            except Exception as e:  # the trial's worker process died (killed, out of memory)
-                rows[i] = result_row(t, submitted, time.time(), error=e)
-            log(f"[{i + 1}/{len(trials)}] {_summary(rows[i])}")
-            write_results([r for r in rows if r is not None], sweep.output, sweep.storage_options)
-    except KeyboardInterrupt:
-        for ref in pending:
-            ray.cancel(ref, force=True, recursive=True)
-        raise
-    return rows
+    # Tune's older reporter is silent at verbose=0 (the newer one prints its banner anyway); er prints its own lines.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    storage = ray_storage(sweep.output, sweep.storage_options)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep), {"CPU": 0.01})  # its Train workers hold the CPUs
+    if resume:
+        experiment, fs = join(storage["storage_path"], "tune"), storage.get("storage_filesystem")
+        if not tune.Tuner.can_restore(experiment, storage_filesystem=fs):
+            raise ErError(f"cannot resume: {join(sweep.output, 'tune')} holds no Tune experiment state; "
+                          f"run the sweep without --resume")
+        tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=False,
+                                   restart_errored=False, storage_filesystem=fs)
+        return tuner.fit()
+    space = {"trial": tune.grid_search([t.name for t in trials])}
+    if sweep.search:
+        space["search"] = {k: getattr(tune, sampler)(*v) if sampler != "choice" else tune.choice(v)
+                           for k, spec in sweep.search.items() for sampler, v in spec.items()}
+    scheduler = None
+    if sweep.asha:
+        from pipelines.asha import PerTaskASHA
+
+        # stop_last_trials=False: a trial at its last epoch has yet to save its model.
+        scheduler = PerTaskASHA({t.name: t.task.name for t in trials}, time_attr="epoch", stop_last_trials=False,
+                                max_t=max(t.cfg.epochs for t in trials), **sweep.asha)
+    tuner = tune.Tuner(
+        trainable, param_space=space,
+        tune_config=tune.TuneConfig(metric="dev_score", mode="max", scheduler=scheduler, num_samples=sweep.num_samples,
+                                    max_concurrent_trials=max_concurrent,
+                                    trial_name_creator=lambda t: t.config["trial"],
+                                    trial_dirname_creator=lambda t: f"{t.config['trial']}-{t.trial_id}"),
+        run_config=tune.RunConfig(name="tune", **storage, verbose=0, callbacks=[_progress(len(trials) * sweep.num_samples)],
+                                  failure_config=tune.FailureConfig(max_failures=0)),
+    )
+    return tuner.fit()
 
 
 # ---------------------------------------------------------------- results
 
 COLUMNS = ["trial", "task", "kind", "method", "params", "status", "metric", "dev", "test_micro_f1", "test_macro_f1",
-           "test_f1", "best_epoch", "train_seconds", "train_examples_per_second", "start", "end", "out_dir", "error"]
+           "test_f1", "best_epoch", "epochs_run", "train_seconds", "train_examples_per_second", "out_dir", "error"]
 
 
-def result_row(trial: Trial, start: float, end: float, metrics: dict | None = None, error: BaseException | None = None) -> dict:
-    row = dict.fromkeys(COLUMNS)
-    row.update(trial=trial.name, task=trial.task.name, method=trial.method, params=dict(trial.params),
-               start=round(start, 3), end=round(end, 3), out_dir=trial.out_dir)
-    if error is not None:
-        msg = str(error).strip() or type(error).__name__
-        row.update(status="failed", error=f"{type(error).__name__}: {msg}"[:2000])
-        return row
+def result_rows(sweep: Sweep, trials: list[Trial], grid) -> list[dict]:
+    """One row per Tune trial, in the sweep's order: ok (metrics.json written), stopped (by ASHA), or failed."""
     from er_core.metrics import primary_metric
 
-    primary = primary_metric(metrics["kind"])
-    test = metrics.get("test", {})
-    row.update(status="ok", kind=metrics["kind"], metric=primary, dev=metrics.get("dev", {}).get(primary),
-               best_epoch=metrics["best_epoch"], train_seconds=metrics["train_seconds"],
-               train_examples_per_second=metrics["train_examples_per_second"],
-               **{f"test_{k}": test.get(k) for k in ("micro_f1", "macro_f1", "f1")})
-    return row
+    by_name = {t.name: t for t in trials}
+    rows = []
+    for result in grid:
+        trial = by_name[result.config["trial"]]
+        sampled = {k: v for k, v in result.config.get("search", {}).items() if trial.method == "lora" or k not in LORA_ONLY}
+        last = result.metrics or {}
+        out_dir = trial.out_dir + (f"-{last.get('trial_id') or _trial_id(result)}" if sweep.search else "")
+        row = dict.fromkeys(COLUMNS)
+        row.update(trial=trial.name, task=trial.task.name, method=trial.method, params={**trial.params, **sampled},
+                   out_dir=out_dir, epochs_run=last.get("epoch"))
+        metrics = _read_metrics(out_dir, sweep.storage_options)
+        if result.error is not None:
+            msg = str(result.error).strip() or type(result.error).__name__
+            row.update(status="failed", error=f"{type(result.error).__name__}: {msg}"[-2000:])
+        elif metrics is None:
+            row.update(status="stopped", dev=last.get("dev_score"))
+        else:
+            primary = primary_metric(metrics["kind"])
+            test = metrics.get("test", {})
+            row.update(status="ok", kind=metrics["kind"], metric=primary, dev=metrics.get("dev", {}).get(primary),
+                       best_epoch=metrics["best_epoch"], epochs_run=len(metrics.get("history", [])) or row["epochs_run"],
+                       train_seconds=metrics["train_seconds"], train_examples_per_second=metrics["train_examples_per_second"],
+                       **{f"test_{k}": test.get(k) for k in ("micro_f1", "macro_f1", "f1")})
+        rows.append(row)
+    order = {t.name: i for i, t in enumerate(trials)}
+    return sorted(rows, key=lambda r: order[r["trial"]])
 
 
-def _summary(row: dict) -> str:
-    took = f"{row['end'] - row['start']:.0f}s"
-    if row["status"] != "ok":
-        return f"FAILED {row['trial']} after {took}: {row['error'].splitlines()[0][:300]}"
-    return f"done {row['trial']} in {took}: test {row['metric']}={_fmt(row['test_' + row['metric']])}"
+def _trial_id(result) -> str:
+    return Path(result.path).name.rsplit("-", 1)[-1]
+
+
+def _read_metrics(out_dir: str, storage_options) -> dict | None:
+    from er_core.outputs import read_status
+
+    if (read_status(out_dir, storage_options) or {}).get("status") != "complete":
+        return None
+    fs, path = url_to_fs(out_dir, storage_options)
+    return json.loads(fs.cat_file(f"{path}/metrics.json"))
+
+
+def _remove_stopped(url: str, storage_options) -> None:
+    """Remove a stopped trial's folder. Its process may still be winding down (writing its marker) as Tune
+    returns, so remove until the folder stays gone."""
+    fs, path = url_to_fs(url, storage_options)
+    for _ in range(20):
+        try:
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+        except FileNotFoundError:  # a file vanished under the walk: the trial's last write
+            pass
+        time.sleep(0.5)
+        if not fs.exists(path):
+            time.sleep(1.0)
+            if not fs.exists(path):
+                return
 
 
 def write_results(rows: list[dict], output: str, storage_options: dict | None = None) -> None:
@@ -419,21 +584,22 @@ def write_results(rows: list[dict], output: str, storage_options: dict | None = 
 
 
 def _fmt(v, digits: int = 4) -> str:
-    return "-" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+    return "-" if v is None else f"{v:.{digits}g}" if isinstance(v, float) and abs(v) < 1e-3 else \
+        f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
 def format_table(rows: list[dict]) -> str:
     """Per task (in sweep order), one line per trial: method, params, dev/test primary metric, train time, examples/s."""
-    head = ["task", "method", "params", "status", "metric", "dev", "test", "best_ep", "train_s", "ex/s", "wall_s"]
+    head = ["task", "method", "params", "status", "metric", "dev", "test", "best_ep", "epochs", "train_s", "ex/s"]
     body = []
     for r in rows:
         test = r.get(f"test_{r['metric']}") if r["metric"] else None
-        body.append([r["task"], r["method"], " ".join(f"{k}={v}" for k, v in r["params"].items()) or "-", r["status"],
-                     r["metric"] or "-", _fmt(r["dev"]), _fmt(test), _fmt(r["best_epoch"]), _fmt(r["train_seconds"], 1),
-                     _fmt(r["train_examples_per_second"], 1), f"{r['end'] - r['start']:.1f}"])
+        body.append([r["task"], r["method"], " ".join(f"{k}={_fmt(v, 3)}" for k, v in r["params"].items()) or "-", r["status"],
+                     r["metric"] or "-", _fmt(r["dev"]), _fmt(test), _fmt(r["best_epoch"]), _fmt(r["epochs_run"]),
+                     _fmt(r["train_seconds"], 1), _fmt(r["train_examples_per_second"], 1)])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip() for line in [head, *body]]
-    failed = [f"  {r['trial']}: {r['error']}" for r in rows if r["status"] != "ok"]
+    failed = [f"  {r['trial']}: {r['error']}" for r in rows if r["status"] == "failed"]
     return "\n".join(lines + (["failed trials:"] + failed if failed else []))
 
 
@@ -446,15 +612,31 @@ def main(args) -> int:
         raise ErError(f"--max-concurrent must be >= 1, got {max_concurrent}")
     open_cache(sweep.cache, storage_options=sweep.storage_options)  # fail once here, not once per trial
     trials = expand(sweep)
-    out = OutputDir.claim(sweep.output, "sweep", overwrite=args.overwrite, flag="output:", storage_options=sweep.storage_options)
-    out.add("results.csv", "results.json", *(t.name for t in trials))
-    print(f"== er sweep {args.sweep}: {len(trials)} trials, at most {max_concurrent} at once, cache {sweep.cache}")
+    request = {"sweep": json.loads(json.dumps(asdict(sweep), default=str))}
+    out = OutputDir.claim(sweep.output, "sweep", overwrite=args.overwrite, resume=args.resume, request=request, flag="output:",
+                          storage_options=sweep.storage_options)
+    if args.resume and out.request.get("sweep") != request["sweep"]:
+        raise ErError(f"cannot resume: {args.sweep} changed since the sweep in {sweep.output} started; "
+                      f"restore the file, or start again with --overwrite")
+    if not sweep.search:
+        out.add(*(t.name for t in trials))
+    out.add("results.csv", "results.json", "tune")
+    print(f"== er sweep {args.sweep}: {len(trials) * sweep.num_samples} trials, at most {max_concurrent} at once, "
+          f"cache {sweep.cache}{' (resumed)' if args.resume else ''}")
     try:
-        rows = run_trials(sweep, trials, max_concurrent, address=args.address)
+        grid = run_trials(sweep, trials, max_concurrent, resume=args.resume, address=args.address)
+        rows = result_rows(sweep, trials, grid)
+        for r in rows:  # an early-stopped trial leaves only its epoch checkpoints: no model, so nothing to keep
+            if r["status"] == "stopped":
+                _remove_stopped(r.pop("out_dir"), sweep.storage_options)
+                r["out_dir"] = None
+        if sweep.search:
+            out.add(*(Path(r["out_dir"]).name for r in rows if r["out_dir"]))
+        write_results(rows, sweep.output, sweep.storage_options)
     except BaseException as e:
         out.fail(f"{type(e).__name__}: {e}")
         raise
     out.finish()
     print(format_table(rows))
     print(f"wrote {join(sweep.output, 'results.csv')} and results.json")
-    return 1 if any(r["status"] != "ok" for r in rows) else 0
+    return 1 if any(r["status"] == "failed" for r in rows) else 0

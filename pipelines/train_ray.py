@@ -114,8 +114,12 @@ def train_loop_per_worker(config: dict) -> None:
         m = evaluate(core, dev, cfg.source, p.labels, pad_id=p.pad_id) if rank == 0 and dev is not None and dev.items else {}
         return broadcast_from_rank_zero(m) if world > 1 else m
 
+    last = {}
+
     def on_epoch(row, state):
         scalars = {k: v for k, v in row.items() if isinstance(v, (int, float))}
+        scalars["dev_score"] = row.get(f"dev_{primary_metric(kind)}", -row["train_loss"])  # what a Tune scheduler ranks by
+        last.update(scalars)
         if rank != 0:
             ray.train.report(scalars)
             return
@@ -130,11 +134,12 @@ def train_loop_per_worker(config: dict) -> None:
         if config["in_process"]:  # Ray Train's local mode reports the folder itself: the driver moves it, then removes it
             d = tempfile.mkdtemp(prefix="er-final-")
             save_artifact(d, p, cfg, core, metrics)
-            ray.train.report({"final": 1.0}, checkpoint=ray.train.Checkpoint.from_directory(d))
+            ray.train.report({**last, "final": 1.0}, checkpoint=ray.train.Checkpoint.from_directory(d))
             return
         with tempfile.TemporaryDirectory() as d:  # copied into Ray Train's storage by report
             save_artifact(d, p, cfg, core, metrics)
-            ray.train.report({"final": 1.0}, checkpoint=ray.train.Checkpoint.from_directory(d))
+            # The last epoch's scalars again: a Tune trial's final result must still carry its metric.
+            ray.train.report({**last, "final": 1.0}, checkpoint=ray.train.Checkpoint.from_directory(d))
     else:
         ray.train.report({"final": 1.0})
 
@@ -190,11 +195,38 @@ def train_dataset(reader: CacheReader, p: Prepared, cfg: TrainConfig, storage_op
     return ds, len(items)
 
 
+def _fit_keeping_sigint(trainer):
+    """trainer.fit(), then the SIGINT handler as it was: Ray Train installs its own (abort the run) and leaves it,
+    so a later Ctrl-C, or an ingest heartbeat's interrupt, in the same process would no longer raise KeyboardInterrupt."""
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        return trainer.fit()
+    finally:
+        if main and handler is not None:
+            signal.signal(signal.SIGINT, handler)
+
+
+def ray_storage(url: str, storage_options=None) -> dict:
+    """RunConfig's storage arguments for a folder or URL: er's own filesystem for URLs (endpoint, timeouts),
+    so Ray Train and Tune write where er reads."""
+    if "://" not in url:
+        return {"storage_path": url}
+    import pyarrow.fs as pafs
+
+    fs, path = url_to_fs(url, storage_options)
+    return {"storage_path": path, "storage_filesystem": pafs.PyFileSystem(pafs.FSSpecHandler(fs))}
+
+
 def train_on_ray(cache_url: str, task_dir: str, out_dir: str, cfg: TrainConfig, workers: int = 1, cpus_per_worker: float = 1.0,
                  gpus_per_worker: float = 0.0, storage_options=None, limit=None, address=None, storage_path=None,
                  name: str | None = None, ingest_missing: bool = False, overwrite: bool = False, resume: bool = False,
-                 max_failures: int = 3) -> dict:
-    """Run one training on Ray Train; the artefact and metrics.json end up in `out_dir`."""
+                 max_failures: int = 3, callbacks=None) -> dict:
+    """Run one training on Ray Train; the artefact and metrics.json end up in `out_dir`.
+    `callbacks`: Ray Train callbacks, e.g. Tune's TuneReportCallback when a sweep trial runs it."""
     from pipelines.ray_env import absolute
 
     reject_secrets(storage_options)  # they travel in train_loop_config and actor arguments
@@ -206,7 +238,7 @@ def train_on_ray(cache_url: str, task_dir: str, out_dir: str, cfg: TrainConfig, 
                           storage_options=storage_options)
     try:
         metrics = _fit_on_ray(out, cache_url, task_dir, cfg, workers, cpus_per_worker, gpus_per_worker, storage_options,
-                              limit, address, storage_path, name, ingest_missing, max_failures)
+                              limit, address, storage_path, name, ingest_missing, max_failures, callbacks)
     except BaseException as e:
         out.fail(f"{type(e).__name__}: {e}")
         raise
@@ -214,7 +246,7 @@ def train_on_ray(cache_url: str, task_dir: str, out_dir: str, cfg: TrainConfig, 
 
 
 def _fit_on_ray(out: OutputDir, cache_url, task_dir, cfg, workers, cpus_per_worker, gpus_per_worker, storage_options, limit,
-                address, storage_path, name, ingest_missing, max_failures) -> dict:
+                address, storage_path, name, ingest_missing, max_failures, callbacks) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -236,12 +268,7 @@ def _fit_on_ray(out: OutputDir, cache_url, task_dir, cfg, workers, cpus_per_work
     cluster = Cluster.current(local=(address or os.environ.get("RAY_ADDRESS") or "local") == "local")
     check_shared(cache_url, cluster, "cache")
     check_shared(checkpoints, cluster, "checkpoint folder (under --out; or give --storage-path s3://...)")
-    storage = {"storage_path": checkpoints}
-    if "://" in checkpoints:  # er's own filesystem (endpoint, timeouts), so Ray Train writes where er reads
-        import pyarrow.fs as pafs
-
-        fs, path = url_to_fs(checkpoints, storage_options)
-        storage = {"storage_path": path, "storage_filesystem": pafs.PyFileSystem(pafs.FSSpecHandler(fs))}
+    storage = ray_storage(checkpoints, storage_options)
     reader = open_cache(cache_url, storage_options=storage_options)  # opened once for the whole run
     p = setup_data(cache_url, task_dir, cfg, storage_options, limit, splits=("dev", "test"), reader=reader)
     ds, n_train = train_dataset(reader, p, cfg, storage_options)
@@ -258,9 +285,9 @@ def _fit_on_ray(out: OutputDir, cache_url, task_dir, cfg, workers, cpus_per_work
         # Checkpoints every node can reach: under OUT on one machine, a shared storage_path (s3://) on a cluster.
         # The same (storage_path, name) later resumes the run.
         run_config=RunConfig(name=name or "run", **storage, failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1), callbacks=callbacks),
     )
-    result = trainer.fit()
+    result = _fit_keeping_sigint(trainer)
     if result.checkpoint is None:
         raise ErError(f"training of {p.task.name} finished without a checkpoint: {result.error}")
     staged = out.stage()

@@ -53,3 +53,12 @@ def ray_tmp():
         for p in session_processes(session):
             p.kill()
     shutil.rmtree(folder, ignore_errors=True)
+
+
+def session_processes(ray, marker: str) -> list:
+    """Worker processes of this Ray session whose command line holds `marker` (e.g. RayTrainWorker), and no
+    one else's: another Ray may run on the machine (a second test run, a user's own)."""
+    import psutil
+
+    raylet = psutil.Process(ray._private.worker._global_node.all_processes["raylet"][0].process.pid)
+    return [p for p in raylet.children(recursive=True) if marker in " ".join(p.cmdline())]

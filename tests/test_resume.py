@@ -13,7 +13,6 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 from safetensors.torch import load_file
 
@@ -22,6 +21,7 @@ from er_core.outputs import read_status
 from er_core.recycle import Recycler
 from er_core.tasks import example_input
 from tests.conftest import write_tiny_task
+from tests.conftest_ray import session_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 finetune_mod = importlib.import_module("er_core.finetune")  # the package exports a function of the same name
@@ -103,14 +103,6 @@ def _first_checkpoint(out: Path, timeout: float = 300) -> None:
     raise AssertionError(f"no registered epoch checkpoint under {out} after {timeout} s")
 
 
-def _train_workers() -> list[psutil.Process]:
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        if any("RayTrainWorker" in part for part in (p.info["cmdline"] or [])):
-            found.append(p)
-    return found
-
-
 def _check_resumed_history(metrics: dict, epochs: int) -> None:
     assert [r["epoch"] for r in metrics["history"]] == list(range(1, epochs + 1)), metrics["history"]
     assert metrics["resumed"] and metrics["resumed"][0]["after_epoch"] >= 1
@@ -134,7 +126,7 @@ def test_killed_train_worker_resumes_from_last_epoch(ray_session, slow_cache, tm
     t = threading.Thread(target=run)
     t.start()
     _first_checkpoint(out)
-    victims = _train_workers()
+    victims = session_processes(ray_session, "RayTrainWorker")
     assert len(victims) == 1, victims
     victims[0].send_signal(signal.SIGKILL)  # mid epoch 2
     t.join(timeout=600)

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +19,7 @@ import yaml
 from er_core import ErError
 from pipelines.cli import main as er
 from pipelines.sweep import expand, load_sweep
+from tests.conftest_ray import session_processes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,16 +32,21 @@ def _write(path: Path, sweep: dict) -> Path:
 def test_every_problem_is_reported_at_once(tmp_path):
     bad = _write(tmp_path / "bad.yaml", {
         "cache": "c", "outptu": "o", "tasks": [str(tmp_path / "nope"), {"path": str(tmp_path), "lim": 3}],
-        "methods": ["reduced", "full"], "defaults": {"epochs": "two", "foo": 1}, "grid": {"lora_r": 4, "lr": ["x"]},
+        "methods": ["reduced", "fulll"], "defaults": {"epochs": "two", "foo": 1}, "grid": {"lora_r": 4, "lr": ["x"]},
         "max_concurrent": 0, "resources": {"cpus_per_worker": 0}, "limit": {"train": -1},
+        "search": {"warmup_ratio": {"loguniform": [0.1, 0.01]}, "seed": {"uniform": [0, 3]}, "patience": [1, 2]},
+        "asha": {"grace_period": 0}, "num_samples": 0,
     })
     with pytest.raises(ErError) as e:
         load_sweep(bad)
     msg = str(e.value)
     expected = ["unknown key 'outptu'", "missing required key 'output'", "nope not found", "unknown key(s) ['lim']",
-                "'full' trains from raw text", "defaults.epochs must be an integer", "unknown training field 'foo'",
-                "grid.lora_r must be a non-empty list", "grid.lr must be a number", "max_concurrent must be an integer >= 1",
-                "cpus_per_worker must be a number > 0", "limit['train'] must be an integer >= 0"]
+                "methods must be a non-empty list of ('full', 'reduced', 'lora')", "defaults.epochs must be an integer",
+                "unknown training field 'foo'", "grid.lora_r must be a non-empty list", "grid.lr must be a number",
+                "max_concurrent must be an integer >= 1", "cpus_per_worker must be a number > 0",
+                "limit['train'] must be an integer >= 0", "search.warmup_ratio.loguniform needs low < high",
+                "search.seed: uniform samples floats", "search.patience must be one of", "asha.grace_period must be",
+                "num_samples must be an integer >= 1"]
     assert all(x in msg for x in expected), msg
     assert f"has {len(expected)} problem(s)" in msg
 
@@ -77,7 +89,7 @@ def test_shipped_example_validates():
     data = REPO.parent / "shared" / "data" / "tasks"
     sweep = load_sweep(example, check_paths=data.is_dir())  # task folders are checked where the data is present
     assert sweep.tasks[0].path == str(data.resolve() / "chemprot")
-    assert len(expand(sweep)) == 9
+    assert len(expand(sweep)) == 12 and sweep.asha
 
 
 def _relabelled(folder: Path, dest: Path) -> Path:
@@ -90,33 +102,133 @@ def _relabelled(folder: Path, dest: Path) -> Path:
     return dest
 
 
+def _sweep_file(tmp_path, url, tasks, **extra) -> Path:
+    sweep = {"cache": url, "output": "runs", "tasks": [str(t) for t in tasks], "methods": ["reduced"], "max_concurrent": 2,
+             "defaults": {"epochs": 1, "batch_size": 32, "lr": 3.0e-3}, "resources": {"cpus_per_worker": 0.5}}
+    return _write(tmp_path / "sweep.yaml", {**sweep, **extra})
+
+
+def _rows(tmp_path) -> list[dict]:
+    return json.loads((tmp_path / "runs" / "results.json").read_text())
+
+
 @pytest.mark.ray
-def test_sweep_runs_trials_concurrently_and_survives_a_failure(ray_session, tiny_cache, tmp_path, capsys):
+def test_full_reduced_and_lora_trials_sampled_by_tune_write_one_row_each(ray_session, tiny_cache, tmp_path, capsys):
     url, folder, _ = tiny_cache
-    broken = tmp_path / "broken"  # one train example the cache never saw: its trial must fail, alone
+    path = _sweep_file(tmp_path, url, [folder], methods=["full", "reduced", "lora"],
+                       search={"lr": {"loguniform": ["1e-3", "3e-3"]}})
+    assert er(["sweep", str(path)]) == 0
+    rows = _rows(tmp_path)
+    assert [(r["method"], r["status"]) for r in rows] == [("full", "ok"), ("reduced", "ok"), ("lora", "ok")]
+    for r in rows:
+        assert 1e-3 <= r["params"]["lr"] <= 3e-3  # sampled from the search space, one value per trial
+        metrics = json.loads(Path(r["out_dir"], "metrics.json").read_text())
+        config = json.loads(Path(r["out_dir"], "er_model.json").read_text())["train_config"]
+        assert config["lr"] == r["params"]["lr"] and config["method"] == r["method"]
+        assert r["test_micro_f1"] == metrics["test"]["micro_f1"] and r["train_seconds"] > 0
+    assert len({r["params"]["lr"] for r in rows}) == 3
+    assert (tmp_path / "runs" / "tune").is_dir()  # Tune's experiment state, for --resume
+    with open(tmp_path / "runs" / "results.csv") as f:
+        assert [r["method"] for r in csv.DictReader(f)] == ["full", "reduced", "lora"]
+    out = capsys.readouterr().out
+    assert "start tiny-full" in out and "done tiny-lora" in out
+
+
+def _until(check, timeout: float = 300, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.2)
+    raise AssertionError(f"no {what} after {timeout} s")
+
+
+@pytest.mark.ray
+def test_a_killed_or_failing_trial_is_reported_failed_and_the_others_finish(ray_session, tiny_cache, tmp_path, capsys):
+    url, folder, _ = tiny_cache
+    broken = tmp_path / "broken"  # one train example the cache never saw: its trials fail, alone
     shutil.copytree(folder, broken)
     with open(broken / "train.jsonl", "a") as f:
         f.write(json.dumps({"text": "a sentence never ingested", "label": "inhibitor"}) + "\n")
-    shutil.copytree(folder, tmp_path / "tiny")
-    tasks = [str(broken), str(tmp_path / "tiny"), str(_relabelled(folder, tmp_path / "length"))]
-    path = _write(tmp_path / "sweep.yaml", {
-        "cache": url, "output": "runs", "tasks": tasks, "methods": ["reduced"], "max_concurrent": 2,
-        "defaults": {"epochs": 1, "batch_size": 32, "lr": 3.0e-3}, "resources": {"cpus_per_worker": 0.5},
-    })
-    assert er(["sweep", str(path)]) == 1  # a failed trial makes the exit status non-zero ...
-    rows = json.loads((tmp_path / "runs" / "results.json").read_text())
-    assert [r["task"] for r in rows] == ["broken", "tiny", "length"]
-    failed, *ok = rows
-    assert failed["status"] == "failed" and "not in the cache" in failed["error"]
-    assert (Path(failed["out_dir"]) / "error.txt").exists()
-    assert all(r["status"] == "ok" and r["test_micro_f1"] is not None and r["train_seconds"] > 0 for r in ok)  # ... the rest ran
-    assert all(Path(r["out_dir"], "metrics.json").exists() for r in ok)
-    (a, b) = ok
-    assert max(a["start"], b["start"]) < min(a["end"], b["end"]), "the two good trials did not overlap"
-    with open(tmp_path / "runs" / "results.csv") as f:
-        assert [r["status"] for r in csv.DictReader(f)] == ["failed", "ok", "ok"]
+    path = _sweep_file(tmp_path, url, [folder, broken], max_concurrent=1,
+                       defaults={"epochs": 2, "batch_size": 8, "lr": 3.0e-3}, grid={"seed": [0, 1]})
+    result = {}
+    driver = threading.Thread(target=lambda: result.update(code=er(["sweep", str(path)])))
+    driver.start()
+    first_epoch = tmp_path / "runs" / "tiny-reduced-seed0" / "checkpoints"
+    victim = _until(lambda: first_epoch.is_dir() and session_processes(ray_session, "ImplicitFunc"), what="running trial")
+    assert len(victim) == 1, victim
+    victim[0].kill()  # the trial's own process, mid training
+    driver.join(timeout=600)
+    assert result.get("code") == 1  # a failed trial makes the exit status non-zero ...
+    rows = _rows(tmp_path)
+    assert [(r["trial"], r["status"]) for r in rows] == [  # ... the rest ran
+        ("tiny-reduced-seed0", "failed"), ("tiny-reduced-seed1", "ok"), ("broken-reduced-seed0", "failed"),
+        ("broken-reduced-seed1", "failed")]
+    killed, ok, *broken = rows
+    assert "died" in killed["error"].lower() or "unexpected" in killed["error"].lower(), killed["error"]
+    assert Path(ok["out_dir"], "metrics.json").exists() and ok["test_micro_f1"] is not None
+    for r in broken:
+        assert "not in the cache" in r["error"] and Path(r["out_dir"], "error.txt").exists()
     out = capsys.readouterr().out
-    assert "start tiny-reduced" in out and "FAILED broken-reduced" in out and "failed trials:" in out
+    assert "FAILED broken-reduced-seed0" in out and "failed trials:" in out
+
+
+@pytest.mark.ray
+def test_asha_stops_a_clear_loser_early(ray_session, tiny_cache, tmp_path):
+    url, folder, _ = tiny_cache
+    # The good trial runs first (one at a time), so the loser meets its record at the first rung.
+    path = _sweep_file(tmp_path, url, [folder], max_concurrent=1, asha=True,
+                       defaults={"epochs": 4, "batch_size": 16, "patience": 4}, grid={"lr": ["3e-3", "1e-9"]})
+    assert er(["sweep", str(path)]) == 0
+    good, loser = _rows(tmp_path)
+    assert good["status"] == "ok" and good["epochs_run"] == 4, good
+    assert loser["status"] == "stopped" and loser["epochs_run"] < 4 and loser["dev"] < good["dev"], loser
+    assert loser["out_dir"] is None and not (tmp_path / "runs" / "tiny-reduced-lr1e-09").exists()
+
+
+def test_asha_ranks_trials_against_their_own_task_only():
+    from types import SimpleNamespace
+
+    from pipelines.asha import PerTaskASHA
+
+    asha = PerTaskASHA({"a-good": "a", "a-bad": "a", "b-low": "b"}, time_attr="epoch", max_t=4, grace_period=1,
+                       reduction_factor=2, stop_last_trials=False)
+    asha.set_search_properties("dev_score", "max")
+    trials = {name: SimpleNamespace(trial_id=name, config={"trial": name}) for name in ("a-good", "a-bad", "b-low")}
+    for t in trials.values():
+        asha.on_trial_add(None, t)
+    act = {name: asha.on_trial_result(None, trials[name], {"epoch": 1, "dev_score": score})
+           for name, score in (("a-good", 0.9), ("b-low", 0.3), ("a-bad", 0.5))}
+    # b-low is worse than both of task a, but meets no other trial of task b
+    assert act == {"a-good": "CONTINUE", "b-low": "CONTINUE", "a-bad": "STOP"}
+
+
+def test_resume_after_kill_9_of_the_driver_keeps_finished_trials(tiny_cache, tmp_path, ray_tmp):
+    url, folder, _ = tiny_cache
+    path = _sweep_file(tmp_path, url, [folder], max_concurrent=1, defaults={"epochs": 2, "batch_size": 8, "lr": 3.0e-3},
+                       grid={"seed": [0, 1, 2]})
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": str(ray_tmp)}
+    argv = [sys.executable, "-m", "pipelines.cli", "sweep", str(path)]
+    driver = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    first = tmp_path / "runs" / "tiny-reduced-seed0" / "metrics.json"
+    try:
+        _until(lambda: first.exists() and (tmp_path / "runs" / "tiny-reduced-seed1").exists(), what="second trial")
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    finished = first.stat().st_mtime_ns
+    assert not (tmp_path / "runs" / "results.json").exists()
+    done = subprocess.run(argv[:-1] + ["--resume", str(path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "(resumed)" in done.stdout
+    rows = _rows(tmp_path)
+    assert [(r["params"]["seed"], r["status"]) for r in rows] == [(0, "ok"), (1, "ok"), (2, "ok")]
+    assert first.stat().st_mtime_ns == finished  # the finished trial was not trained again
 
 
 @pytest.mark.real

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 
 import pytest
 
@@ -28,12 +29,15 @@ TOLERANCE, FLOOR = 0.125, 0.7
 def test_two_workers_learn_like_one(ray_session, tiny_cache, tmp_path):
     url, folder, _ = tiny_cache
     runs = {}
+    sigint = signal.getsignal(signal.SIGINT)
     for workers in (1, 2):
         out = tmp_path / f"w{workers}"
         argv = ["train", "--cache", url, "--task", str(folder), "--out", str(out), "--workers", str(workers),
                 "--cpus-per-worker", "0.5", *TRAIN]
         assert er(argv) == 0
         runs[workers] = json.loads((out / "metrics.json").read_text())
+    # Ray Train leaves its own SIGINT handler behind; er puts the old one back (Ctrl-C and the ingest heartbeat need it)
+    assert signal.getsignal(signal.SIGINT) is sigint
     one, two = runs[1]["test"]["micro_f1"], runs[2]["test"]["micro_f1"]
     assert runs[2]["workers"] == 2 and runs[2]["train_examples_per_second"] > 0
     assert min(one, two) >= FLOOR and abs(one - two) <= TOLERANCE, (one, two)
