@@ -15,6 +15,7 @@ EPILOG = """examples:
   er ingest corpus.jsonl --cache s3://bucket/cache --layer 0.5  # stream a corpus through layers 0..k-1
   er train --cache ./cache --task data/chemprot --method lora --out runs/chemprot
   er sweep sweep.yaml                                          # many tasks x methods, concurrently
+  er advise --cache ./cache --task data/chemprot               # which k to cache at: short probes per k
   er predict --cache ./cache --model-dir runs/chemprot --corpus new.jsonl --out preds.jsonl
   er cache info ./cache"""
 
@@ -173,6 +174,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="benchmarks/REPORT.md", help="report file (markdown; a .json is written beside it)")
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     p.add_argument("--data", default=None, help="task data folder (default ../shared/data/tasks)")
+
+    p = sub.add_parser("advise", help="probe several k on a task and recommend the layer to cache a corpus at",
+                       description="Trains one short probe per k (a train slice, dev only, never test), each from a cache "
+                       "at that layer: the given cache for its own k (the task's missing examples are added to it), probe "
+                       "caches of the task's slice under OUT/caches for the others (a cache holds one layer). Prints dev "
+                       "metric and cost per k, recommends the largest k (fewest layers trained per task) within "
+                       "--tolerance points of the best, and writes OUT/advice.json.")
+    p.add_argument("--cache", required=True, help="a cache of the model to advise on (its k is probed too)")
+    p.add_argument("--task", required=True, help="task folder to probe with (its train and dev splits)")
+    p.add_argument("--layers", type=int, nargs="+", help="k values to probe (default 0, L/4, L/2, 3L/4 and the cache's k)")
+    p.add_argument("--method", choices=["reduced", "lora"], default="reduced", help="what later tasks will train")
+    p.add_argument("--budget", type=_count, default=1000, help="train examples per probe (default 1000)")
+    p.add_argument("--dev", type=_count, default=500, help="dev examples per probe (default 500)")
+    p.add_argument("--epochs", type=int, default=2, help="epochs per probe (default 2)")
+    p.add_argument("--lr", type=float, help="learning rate (default: the method's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tolerance", type=float, default=1.0, help="points of dev metric a cheaper k may lose (default 1)")
+    p.add_argument("--out", default="er-advice", help="a new or empty folder: advice.json and the probe caches")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier er advise output at --out")
 
     p = sub.add_parser("cache", help="inspect, verify, repair or upgrade a cache")
     p.add_argument("action", choices=["info", "verify", "repair", "upgrade"], help="info: print the manifest; verify: "
@@ -355,6 +375,8 @@ def main(argv=None) -> int:
             from pipelines.predict import main as run
         elif args.cmd == "bench":
             from pipelines.bench import main as run
+        elif args.cmd == "advise":
+            from pipelines.advise import main as run
         else:
             from pipelines.demo import main as run
         return run(args) or 0

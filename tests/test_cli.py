@@ -6,7 +6,7 @@ import pytest
 
 from pipelines.cli import build_parser, main
 
-SUBCOMMANDS = ["ingest", "train", "sweep", "predict", "bench", "cache", "demo", "cleanup"]
+SUBCOMMANDS = ["ingest", "train", "sweep", "predict", "bench", "advise", "cache", "demo", "cleanup"]
 
 
 def test_top_level_help_lists_every_subcommand(capsys):

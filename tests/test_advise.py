@@ -1,0 +1,46 @@
+"""`er advise`: short probes at several k from caches at those layers, and the cheapest k within tolerance of the best."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from er_core.advise import recommend
+from pipelines.cli import main as er
+
+
+def test_the_largest_k_within_tolerance_of_the_best_is_recommended():
+    rows = [{"layer": 0, "dev": 0.900}, {"layer": 2, "dev": 0.905}, {"layer": 3, "dev": 0.896}, {"layer": 4, "dev": 0.880}]
+    assert recommend(rows, tolerance=1.0)["layer"] == 3  # 0.9 points behind the best (k=2): within 1
+    assert recommend(rows, tolerance=0.5)["layer"] == 2
+    assert recommend(rows, tolerance=3.0)["layer"] == 4
+
+
+@pytest.mark.real
+def test_advise_on_a_bundled_task_probes_every_k_and_follows_its_rule(data_dir, tmp_path, capsys):
+    from er_core import Recycler, ingest_local, load_task
+    from er_core.tasks import example_input
+
+    def labels(d):  # the classification task with the fewest labels learns most in a short probe
+        return len({json.loads(line)["label"] for line in (d / "train.jsonl").read_text().splitlines()[:2000]})
+
+    task_dir = min((d for d in sorted(data_dir.iterdir()) if (d / "train.jsonl").exists()), key=labels)
+    cache = str(tmp_path / "cache")
+    seed = load_task(task_dir, limit={"train": 8, "dev": 0, "test": 0})  # a cache at k=3 holding a few of its examples
+    ingest_local([example_input(e) for e in seed.splits["train"]], cache, Recycler.load("bundled", layer=3, max_length=96),
+                 progress=False)
+    out = tmp_path / "advice"
+    assert er(["advise", "--cache", cache, "--task", str(task_dir), "--budget", "300", "--dev", "100", "--epochs", "2",
+               "--lr", "3e-4", "--out", str(out)]) == 0
+    advice = json.loads((out / "advice.json").read_text())
+    table = {r["layer"]: r for r in advice["table"]}
+    assert sorted(table) == [0, 2, 3, 4]  # 0, L/4, L/2, 3L/4 of MiniLM's 6 layers
+    assert table[3]["cache"] == cache and table[3]["ingested"] > 0  # the task's missing examples went into the cache
+    assert all(table[k]["cache"] == str(out / "caches" / f"k{k}") for k in (0, 2, 4))
+    assert all(0 <= r["dev"] <= 1 and r["train_seconds"] > 0 and r["trained_layers"] == 6 - r["layer"] for r in table.values())
+    best = max(r["dev"] for r in table.values())
+    assert advice["recommended"] == max(k for k, r in table.items() if 100 * (best - r["dev"]) <= 1.0 + 1e-9)
+    assert f"--layer {advice['recommended']}" in advice["command"]
+    printed = capsys.readouterr().out
+    assert f"recommended k={advice['recommended']}" in printed and "<- recommended" in printed
