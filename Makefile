@@ -36,6 +36,7 @@ demo: install
 	RAY_AUTH_MODE=disabled $(BIN)/er demo $(DEMO_TASK) --overwrite
 
 bench: install
+	$(BIN)/pip install -q -e '.[bench]'   # matplotlib, for the plots
 	RAY_AUTH_MODE=disabled $(BIN)/er bench --out benchmarks/REPORT.md
 
 # A local multi-node cluster (cluster/local-start.sh): the nodes run from this venv, so its ray and er.

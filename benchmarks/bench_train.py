@@ -147,6 +147,27 @@ def run(data_dir: Path = DATA, quick: bool = False, task: str | None = None, lay
     return res
 
 
+def plot(res: dict, folder: Path) -> list[str]:
+    """speed_vs_ideal.png: measured speed-ups of training and inference beside the ideal L/(L-k)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    names = ["train reduced", "train lora", "inference (cache hit)"]
+    got = [res["train_ratio"]["reduced"], res["train_ratio"]["lora"], res["infer_ratio"]]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(names, got, color="tab:blue", label="measured, vs full")
+    ax.axhline(res["ideal_ratio"], color="tab:red", linestyle="--", label=f"ideal L/(L-k) = {res['ideal_ratio']:.2f}")
+    ax.set_ylabel("speed-up over the full model")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(Path(folder) / "speed_vs_ideal.png", dpi=100)
+    return ["speed_vs_ideal.png"]
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")

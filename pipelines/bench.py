@@ -1,7 +1,9 @@
 """`er bench`: run the benchmarks side by side and write their figures to a report.
 
-Every figure is a ratio measured in one run on this machine: Ray ingestion vs a plain loop,
-and recycled training/inference vs the full model, each beside its ideal.
+Every figure is measured in one run on this machine: Ray ingestion vs a plain loop, recycled
+training/inference vs the full model beside its ideal, and the fidelity of recycling (accuracy of
+full, reduced and lora over seeds, accuracy vs k, codecs, break-even), with PNG plots when
+matplotlib is installed (`pip install -e '.[bench]'`). `--quick`: tiny slices, minutes.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def _report(results: dict) -> str:
 
 
 def main(args) -> int:
-    from er_bench import bench_ingest, bench_train
+    from er_bench import bench_fidelity, bench_ingest, bench_train
     from er_bench.report import write_section
 
     data = Path(args.data) if args.data else bench_train.DATA
@@ -47,8 +49,12 @@ def main(args) -> int:
     results: dict = {"quick": bool(args.quick)}
     results["ingest"] = bench_ingest.run(data, None, quick=args.quick)
     results["train"] = bench_train.run(data, quick=args.quick)
+    results["fidelity"] = bench_fidelity.run(data, quick=args.quick, seeds=(0, 1) if args.quick else (0, 1, 2),
+                                             epochs=1 if args.quick else 3)
     out = Path(args.out)
-    write_section("er-bench", _report(results), out)  # the report's other sections stay
+    plots = bench_train.plot(results["train"], out.parent)
+    write_section("er-bench", _report(results) + "".join(f"\n![{p}]({p})\n" for p in plots), out)  # other sections stay
+    write_section("fidelity", bench_fidelity.report(results["fidelity"], bench_fidelity.plot(results["fidelity"], out.parent)), out)
     out.with_suffix(".json").write_text(json.dumps(results, indent=1))
     print(_report(results))
     print(f"wrote the er-bench section of {out}, and {out.with_suffix('.json')}")

@@ -43,4 +43,5 @@ def test_er_bench_help_and_a_tiny_quick_run_from_outside_the_repo(tmp_path):
     assert got.returncode == 0, got.stderr[-3000:]
     text = report.read_text()
     assert text.startswith("# kept") and "<!-- begin er-bench -->" in text and "| train reduced (cache) |" in text
+    assert "<!-- begin fidelity -->" in text and "| tiny | reduced |" in text and "Accuracy vs k, tiny" in text
     assert (tmp_path / "REPORT.json").is_file()
