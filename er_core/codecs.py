@@ -72,6 +72,26 @@ def _dec_int8(payload, scale, shape):
     return q * np.frombuffer(scale, dtype="<f4").reshape(shape[0], 1)
 
 
+# Decoding into a slot of a padded float32 batch: each row is cast once, in the copy, with no float32 copy of its own.
+def _into_fp32(payload, scale, dst):
+    dst[...] = np.frombuffer(payload, dtype="<f4").reshape(dst.shape)
+
+
+def _into_fp16(payload, scale, dst):
+    dst[...] = np.frombuffer(payload, dtype="<f2").reshape(dst.shape)
+
+
+def _into_bf16(payload, scale, dst):
+    bits = dst.view(np.uint32)
+    bits[...] = np.frombuffer(payload, dtype="<u2").reshape(dst.shape)
+    bits <<= 16
+
+
+def _into_int8(payload, scale, dst):
+    np.multiply(np.frombuffer(payload, dtype=np.int8).reshape(dst.shape), np.frombuffer(scale, dtype="<f4").reshape(-1, 1),
+                out=dst)
+
+
 @dataclass(frozen=True)
 class Codec:
     name: str
@@ -79,6 +99,7 @@ class Codec:
     scale_bytes_per_token: int
     encode: Callable[[np.ndarray], tuple[bytes, bytes | None]]
     decode: Callable[[bytes, bytes | None, tuple[int, int]], np.ndarray]
+    decode_into: Callable[[bytes, bytes | None, np.ndarray], None]  # into a (tokens, hidden) float32 slot
 
     def bytes_per_token(self, hidden_size: int) -> int:
         """Payload bytes one token costs (hidden states only; token ids add 4)."""
@@ -86,10 +107,10 @@ class Codec:
 
 
 CODECS: dict[str, Codec] = {
-    "fp32": Codec("fp32", 4, 0, _enc_fp32, _dec_fp32),
-    "fp16": Codec("fp16", 2, 0, _enc_fp16, _dec_fp16),
-    "bf16": Codec("bf16", 2, 0, _enc_bf16, _dec_bf16),
-    "int8": Codec("int8", 1, 4, _enc_int8, _dec_int8),
+    "fp32": Codec("fp32", 4, 0, _enc_fp32, _dec_fp32, _into_fp32),
+    "fp16": Codec("fp16", 2, 0, _enc_fp16, _dec_fp16, _into_fp16),
+    "bf16": Codec("bf16", 2, 0, _enc_bf16, _dec_bf16, _into_bf16),
+    "int8": Codec("int8", 1, 4, _enc_int8, _dec_int8, _into_int8),
 }
 DEFAULT_CODEC = "fp16"
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .codecs import get_codec
 from .embed import is_strided, pad_types, tokenize, windows
 from .errors import CacheMismatchError, ErError
 from .heads import IGNORE
@@ -152,13 +153,28 @@ def grouped_order(lengths: np.ndarray, batch_size: int, shuffle: bool, seed: int
     return batches
 
 
-def collate(kind: str, ids: list[np.ndarray], targets: list | None, hidden: list[np.ndarray] | None, pad_id: int,
+def padded_states(codec, rows, hidden_size: int) -> torch.Tensor:
+    """Cached rows `(payload, scale, length)` decoded straight into one zero-padded float32 (B, T, H) batch:
+    no float32 copy per row; in pinned memory when a GPU is present, so the move to it is asynchronous."""
+    T = max(n for _, _, n in rows)
+    t = torch.empty((len(rows), T, hidden_size), dtype=torch.float32, pin_memory=torch.cuda.is_available())
+    out = t.numpy()
+    for r, (payload, scale, n) in enumerate(rows):
+        codec.decode_into(payload, scale, out[r, :n])
+        out[r, n:] = 0
+    return t
+
+
+def collate(kind: str, ids: list[np.ndarray], targets: list | None, hidden, pad_id: int,
             types: list | None = None) -> dict:
-    """Pad one batch. `hidden` given: cache-fed batch; else: token ids (and `types`, segment ids) for the full model."""
+    """Pad one batch. `hidden` given (rows of states, or a padded batch from `padded_states`): cache-fed batch;
+    else: token ids (and `types`, segment ids) for the full model."""
     B, T = len(ids), max(len(x) for x in ids)
     mask = torch.zeros(B, T, dtype=torch.long)
     batch: dict = {}
-    if hidden is not None:
+    if isinstance(hidden, torch.Tensor):
+        batch["hidden_states"] = hidden
+    elif hidden is not None:
         H = hidden[0].shape[-1]
         hs = np.zeros((B, T, H), dtype=np.float32)
         for r, h in enumerate(hidden):
@@ -196,6 +212,9 @@ def iter_batches(data: SplitData, batch_size: int, source: str, pad_id: int, shu
         its = [data.items[i] for i in order]
         hidden = None
         if source == "cache":
-            hidden = [data.rows.hidden(data.rows.index[it.key]) for it in its]
+            rows = data.rows
+            at = [rows.index[it.key] for it in its]
+            hidden = padded_states(get_codec(rows.codec), [(rows._hidden[i], rows._scale[i], int(rows.lengths[i])) for i in at],
+                                   rows.hidden_size)
         yield order, collate(data.kind, [it.input_ids for it in its], [it.target for it in its], hidden, pad_id,
                              [it.type_ids for it in its] if hidden is None else None)

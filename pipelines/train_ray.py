@@ -37,7 +37,7 @@ from er_core.finetune import CHECKPOINTS, Prepared, setup_data
 from er_core.outputs import OutputDir
 from er_core.secrets import reject_secrets
 from er_core.storage import is_local, read_bytes, url_to_fs
-from er_core.task_data import collate, encode_split, grouped_order, missing_message
+from er_core.task_data import collate, encode_split, grouped_order, missing_message, padded_states
 from pipelines import cache_rows
 
 
@@ -67,7 +67,8 @@ def _train_batches(shard, spec, kind, batch_size, seed, epoch, pad_id):
                 types = [t if len(t) else None for t in (chunk["type_ids"][i] for i in order)]
                 yield collate(kind, [chunk["input_ids"][i] for i in order], targets, None, pad_id, types)
                 continue
-            hidden = [codec.decode(chunk["hidden"][i], chunk["scale"][i], (int(lengths[i]), spec.hidden_size)) for i in order]
+            hidden = padded_states(codec, [(chunk["hidden"][i], chunk["scale"][i], int(lengths[i])) for i in order],
+                                   spec.hidden_size)
             ids = [np.zeros(int(lengths[i]), np.int64) for i in order]  # only lengths matter for cache-fed batches
             yield collate(kind, ids, targets, hidden, pad_id)
 

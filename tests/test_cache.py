@@ -41,6 +41,19 @@ def _rows(n=20, seed=0, lo=1, hi=30):
 
 
 @pytest.mark.parametrize("codec", sorted(CODECS))
+def test_rows_decoded_into_a_padded_batch_equal_the_row_decoder(codec):
+    from er_core.task_data import collate, padded_states
+
+    c = CODECS[codec]
+    rows = [(c.encode(h), len(h)) for _, _, h in _rows(n=6)]
+    stored = [(payload, scale, n) for (payload, scale), n in rows]
+    batch = padded_states(c, stored, H)
+    one_by_one = collate("classification", [np.zeros(n) for _, _, n in stored], None,
+                         [c.decode(p, s, (n, H)) for p, s, n in stored], 0)["hidden_states"]
+    assert batch.dtype == torch.float32 and torch.equal(batch, one_by_one)  # the same values, zeros in the padding
+
+
+@pytest.mark.parametrize("codec", sorted(CODECS))
 def test_round_trip_within_stated_bound(tmp_path, rec, codec):
     rows = _rows()
     with CacheWriter(str(tmp_path / "c"), _spec(rec, codec=codec), shard_rows=7) as w:
