@@ -442,12 +442,20 @@ def _progress(total: int):
     from ray.tune import Callback
 
     class Progress(Callback):
+        def __init__(self):
+            self.best = {}  # trial id -> best dev score so far
+
         def on_trial_start(self, iteration, trials, trial, **info):
             print(f"[{_done(trials)}/{total}] start {trial.config['trial']}", flush=True)
 
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if "dev_score" in result:
+                self.best[trial.trial_id] = max(result["dev_score"], self.best.get(trial.trial_id, float("-inf")))
+
         def on_trial_complete(self, iteration, trials, trial, **info):
             r = trial.last_result or {}
-            metric = f": dev {r['dev_score']:.4f} after epoch {r.get('epoch')}" if "dev_score" in r else ""
+            best = self.best.get(trial.trial_id)
+            metric = f": best dev {best:.4f}, {r.get('epoch')} epoch(s) run" if best is not None else ""
             print(f"[{_done(trials)}/{total}] done {trial.config['trial']}{metric}", flush=True)
 
         def on_trial_error(self, iteration, trials, trial, **info):
