@@ -11,7 +11,7 @@ import torch
 
 from .artifacts import check_cache, load_trained
 from .embed import Embedder
-from .errors import ArtifactMismatchError, ErError
+from .errors import ErError
 from .evaluate import decode, forward, qa_span
 from .manifest import CacheSpec
 from .task_data import Item, collate, encode_examples
@@ -38,10 +38,10 @@ class MultiTaskPredictor:
             if self.lower is None and lower is not None:
                 self.lower, self.tokenizer = lower, tok
             self.tokenizer = self.tokenizer or tok
-        if self.lower is None:
-            raise ArtifactMismatchError("only `full` models given: they do not use the cache; predict with them from text")
         self.pad_id = self.tokenizer.pad_token_id or 0
-        self.embed = Embedder(self.lower, self.pad_id, device=device)
+        # Only `full` models (the baseline): every example runs from text, and the cache is not read.
+        self.uses_cache = self.lower is not None
+        self.embed = Embedder(self.lower, self.pad_id, device=device) if self.uses_cache else None
 
     def items(self, examples: list[Example], kind: str) -> list[Item]:
         return encode_examples(kind, examples, self.tokenizer, self.spec.tokenizer, None, with_targets=False)
@@ -55,8 +55,8 @@ class MultiTaskPredictor:
         some = next(iter(by_kind.values()))
         owner = np.cumsum([it.window == 0 for it in some]) - 1  # item -> example (windows follow their example)
         states = {it.key: hidden[o] for it, o in zip(some, owner) if it.window == 0 and hidden[o] is not None}
-        todo = [it for it in some if it.key not in states]
-        for it, h in zip(todo, self.embed([it.input_ids for it in todo], [it.type_ids for it in todo])):
+        todo = [it for it in some if it.key not in states] if self.uses_cache else []
+        for it, h in zip(todo, self.embed([it.input_ids for it in todo], [it.type_ids for it in todo]) if todo else []):
             states[it.key] = h
         out: list[dict] = [{} for _ in examples]
         for name, (meta, model, labels) in self.tasks.items():

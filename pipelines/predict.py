@@ -65,8 +65,10 @@ class Predictor:
 
     def __call__(self, batch: dict) -> dict:
         keys = list(batch["key"])
-        got = self.reader.read_located(self.reader.locate(keys), ["length", "hidden", "scale"])
-        states = {k: (n, h, s) for k, n, h, s in zip(*(got.column(c).to_pylist() for c in ("key", "length", "hidden", "scale")))}
+        states = {}
+        if self.p.uses_cache:  # only `full` models: nothing to read
+            got = self.reader.read_located(self.reader.locate(keys), ["length", "hidden", "scale"])
+            states = {k: (n, h, s) for k, n, h, s in zip(*(got.column(c).to_pylist() for c in ("key", "length", "hidden", "scale")))}
         examples, hidden = [], []
         for ident, key, inputs in zip(batch["id"], keys, batch["input"]):
             d = json.loads(inputs)

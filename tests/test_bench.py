@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -45,3 +46,25 @@ def test_er_bench_help_and_a_tiny_quick_run_from_outside_the_repo(tmp_path):
     assert text.startswith("# kept") and "<!-- begin er-bench -->" in text and "| train reduced (cache) |" in text
     assert "<!-- begin fidelity -->" in text and "| tiny | reduced |" in text and "Accuracy vs k, tiny" in text
     assert (tmp_path / "REPORT.json").is_file()
+
+
+@pytest.mark.real
+def test_bench_gpu_tiny_runs_every_stage_on_cpu(tmp_path):
+    """The GPU benchmark's code paths, on CPU with a tiny shape: every stage runs and reports its fields (not its speed)."""
+    from er_core.models import bundled_model_path
+
+    task = write_tiny_task(tmp_path / "task", sizes=(("train", 96), ("dev", 48), ("test", 48)))
+    out = tmp_path / "gpu"
+    got = subprocess.run([sys.executable, "-m", "er_bench.bench_gpu", "--task", str(task), "--tokenizer",
+                          str(bundled_model_path()), "--out", str(out), "--tiny"], cwd=tmp_path, env=_env(tmp_path),
+                         capture_output=True, text=True, timeout=1200)
+    assert got.returncode == 0, got.stderr[-3000:]
+    res = json.loads((out / "gpu.json").read_text())
+    assert res["device"] == "cpu" and res["shape"] == "tiny"
+    assert [s["rc"] for s in res["steps"]] == [0] * 9, res["steps"]  # 2 ingests + task ingest + 2 trains + 4 predicts
+    assert res["ceiling"]["examples_per_s"] > 0
+    for section, keys in (("ingest", ("steady_per_s", "fixed_s")), ("predict", ("hit_ratio",))):
+        assert all(k in res[section] for k in keys), res[section]
+    assert {"loop_ratio", "plain_loop", "reduced", "full"} <= set(res["train"])
+    assert res["train"]["reduced"]["fixed_s"] is not None and res["train"]["plain_loop"]["steps_per_s"] > 0
+    assert "| ceiling: lower 1 layers" in (out / "gpu.md").read_text()

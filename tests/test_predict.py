@@ -76,3 +76,26 @@ def test_predict_refuses_model_trained_on_other_cache(ray_session, tiny_cache, t
     assert er(["predict", "--cache", other, "--model-dir", str(model_dir), "--corpus", str(folder), "--out", str(tmp_path / "p.jsonl")]) != 0
     assert "trained on another cache" in capsys.readouterr().err
     assert not (tmp_path / "p.jsonl").exists()
+
+
+def test_a_full_model_predicts_from_text_what_it_scores(ray_session, tiny_cache, tmp_path):
+    """The `full` baseline predicts too (every example from text, the cache unread): its test predictions score as
+    its metrics.json says."""
+    from er_core.evaluate import score
+    from er_core.tasks import LabelMap
+
+    url, folder, _ = tiny_cache
+    model_dir = tmp_path / "full"
+    metrics = finetune(url, str(folder), str(model_dir), TrainConfig(method="full", epochs=1, lr=1e-3, batch_size=16),
+                       progress=False, log=lambda r: None)
+    test = tmp_path / "test"
+    test.mkdir()
+    (test / "test.jsonl").write_text((folder / "test.jsonl").read_text())
+    out = tmp_path / "preds.jsonl"
+    assert er(["predict", "--cache", url, "--model-dir", str(model_dir), "--corpus", str(test), "--out", str(out)]) == 0
+    rows = {f"test:{int(r['id'].rsplit(':', 1)[1]) - 1}": r for r in map(json.loads, out.read_text().splitlines())}  # path:line
+    task = load_task(folder)
+    name, tok = read_meta(model_dir)["task"]["name"], load_encoder(read_meta(model_dir)["model"]["name"])[1]
+    data = join_cache(task, "test", tok, open_cache(url).spec.tokenizer, LabelMap(read_meta(model_dir)["task"]["labels"]))
+    assert len(rows) == len(data.items) and not any(r["cached"] for r in rows.values())
+    assert score("classification", data.items, [rows[it.example.id][name] for it in data.items]) == metrics["test"]
