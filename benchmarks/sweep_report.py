@@ -38,14 +38,15 @@ def section(rows: list[dict], outputs: list[Path], expected: int | None = None) 
     lines = ["## Dev-set sweeps for the defaults (`er sweep benchmarks/sweeps/defaults-dev*.yaml`)", "",
              "Bundled MiniLM at k=3 (L/2), fp16 cache of the three task folders; per task 1000 train / 300 dev examples "
              "(test not read), at most 4 epochs with early stopping (patience 2), batch 16, warmup 6%, seed 0; one trial at a "
-             "time on this machine (2 cores). Dev metric of the best epoch; per-epoch dev in brackets.", "",
+             "time on this machine (2 cores). Dev metric of the best epoch; per-epoch dev in brackets. `train s` is as measured, "
+             "with other work sharing the machine at times: not a speed figure.", "",
              "| task | method | lr | dev | best epoch / run | dev per epoch | train s |", "|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["task"], r["method"], r["lr"])):
         lines.append(f"| {r['task']} | {r['method']} | {r['lr']:g} | {r['metric']} {r['dev']:.4f} | {r['best_epoch']} / "
                      f"{r['epochs_run']} | {r['per_epoch']} | {r['train_seconds']:.0f} |")
     if expected is not None and len(rows) < expected:
-        lines += ["", f"**Incomplete:** {len(rows)} of {expected} trials have finished; `er sweep FILE --resume` continues "
-                  f"the rest. No default is chosen from a partial sweep."]
+        lines += ["", f"**Incomplete:** {len(rows)} of {expected} trials have finished (`er sweep FILE --resume` continues "
+                  f"an interrupted sweep in the same output folder). No default is chosen from a partial sweep."]
     return "\n".join(lines)
 
 

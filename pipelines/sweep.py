@@ -478,6 +478,9 @@ def run_trials(sweep: Sweep, trials: list[Trial], max_concurrent: int, resume: b
     ensure_ray(address)
     # Tune's older reporter is silent at verbose=0 (the newer one prints its banner anyway); er prints its own lines.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Ctrl-C: a KeyboardInterrupt, as in every er command (the sweep is left resumable), not Tune's own handler,
+    # which ends fit() as if the sweep were done and hides the trials not yet started.
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     storage = ray_storage(sweep.output, sweep.storage_options)
     trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep), {"CPU": 0.01})  # its Train workers hold the CPUs
     if resume:

@@ -205,24 +205,34 @@ def test_asha_ranks_trials_against_their_own_task_only():
     assert act == {"a-good": "CONTINUE", "b-low": "CONTINUE", "a-bad": "STOP"}
 
 
-def test_resume_after_kill_9_of_the_driver_keeps_finished_trials(tiny_cache, tmp_path, ray_tmp):
+def test_resume_after_ctrl_c_and_after_kill_9_of_the_driver_keeps_finished_trials(tiny_cache, tmp_path, ray_tmp):
     url, folder, _ = tiny_cache
     path = _sweep_file(tmp_path, url, [folder], max_concurrent=1, defaults={"epochs": 2, "batch_size": 8, "lr": 3.0e-3},
                        grid={"seed": [0, 1, 2]})
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": str(ray_tmp)}
     argv = [sys.executable, "-m", "pipelines.cli", "sweep", str(path)]
-    driver = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
-    first = tmp_path / "runs" / "tiny-reduced-seed0" / "metrics.json"
-    try:
-        _until(lambda: first.exists() and (tmp_path / "runs" / "tiny-reduced-seed1").exists(), what="second trial")
-        os.kill(driver.pid, signal.SIGKILL)
-        driver.wait(timeout=30)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
+    runs = tmp_path / "runs"
+
+    def interrupt(args, until, sig):
+        driver = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  start_new_session=True)
+        try:
+            _until(until, what="the trial to interrupt")
+            os.kill(driver.pid, sig)
+            return driver.wait(timeout=120)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+
+    first, second = runs / "tiny-reduced-seed0" / "metrics.json", runs / "tiny-reduced-seed1" / "metrics.json"
+    # Ctrl-C while the second trial runs: er's usual exit, and the sweep is not marked complete
+    assert interrupt(argv, lambda: first.exists() and (runs / "tiny-reduced-seed1").exists(), signal.SIGINT) == 130
+    assert json.loads((runs / ".er-output.json").read_text())["status"] == "failed"
     finished = first.stat().st_mtime_ns
-    assert not (tmp_path / "runs" / "results.json").exists()
+    # --resume, killed -9 while the third trial runs
+    interrupt(argv[:-1] + ["--resume", str(path)], lambda: second.exists() and (runs / "tiny-reduced-seed2").exists(),
+              signal.SIGKILL)
+    assert not (runs / "results.json").exists()
     done = subprocess.run(argv[:-1] + ["--resume", str(path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "(resumed)" in done.stdout
