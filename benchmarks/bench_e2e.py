@@ -178,7 +178,7 @@ def _profiled_loop(config: dict) -> None:
     import er_core.train
     import pipelines.train_ray
 
-    ft = sys.modules["er_core.finetune"]
+    ft = sys.modules["er_core.finetuning"]
     for obj, attr in ((ft, "load_checked_encoder"), (er_core.train, "build_model"), (er_core.train, "fit"),
                       (er_core.evaluate, "evaluate"), (er_core.train, "save_state"), (ft, "run_metrics"),
                       (ft, "save_artifact"), (ray.train, "report")):

@@ -31,7 +31,7 @@ _EXPORTS = {
     "ShardInfo": "manifest",
     "lora_target_modules": "families",
     "supported_model_types": "families",
-    "finetune": "finetune",
+    "finetune": "finetuning",
     "DEFAULT_MODEL": "models",
     "load_encoder": "models",
     "Recycler": "recycle",

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from .cache import open_cache
 from .errors import ErError
 from .evaluate import evaluate
-from .finetune import cache_task, setup_data
+from .finetuning import cache_task, setup_data
 from .metrics import primary_metric
 from .models import load_encoder
 from .recycle import Recycler, ingest_local

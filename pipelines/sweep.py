@@ -26,7 +26,7 @@ from pathlib import Path
 
 from er_core import ErError, TrainConfig
 from er_core.outputs import OutputDir
-from er_core.storage import is_local, put_atomic, url_to_fs
+from er_core.storage import put_atomic, url_to_fs
 from er_core.secrets import find_secrets
 
 METHODS = ("full", "reduced", "lora")  # full: the baseline, every layer from raw text (the cache names the model)

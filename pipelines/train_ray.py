@@ -33,7 +33,7 @@ import numpy as np
 
 from er_core import ErError, TrainConfig, open_cache
 from er_core.cache import CacheReader
-from er_core.finetune import CHECKPOINTS, Prepared, setup_data
+from er_core.finetuning import CHECKPOINTS, Prepared, setup_data
 from er_core.outputs import OutputDir
 from er_core.secrets import reject_secrets
 from er_core.storage import is_local, read_bytes, url_to_fs
@@ -81,7 +81,7 @@ def train_loop_per_worker(config: dict) -> None:
     from ray.train.collective import broadcast_from_rank_zero
 
     from er_core.evaluate import evaluate
-    from er_core.finetune import load_checked_encoder, run_metrics, save_artifact
+    from er_core.finetuning import load_checked_encoder, run_metrics, save_artifact
     from er_core.metrics import primary_metric
     from er_core.train import build_model, fit, load_state, save_state, seed_everything
 
@@ -254,7 +254,7 @@ def _fit_on_ray(out: OutputDir, cache_url, task_dir, cfg, workers, cpus_per_work
     from pipelines.ray_env import ensure_ray
 
     if ingest_missing and cfg.method != "full":
-        from er_core.finetune import cache_task
+        from er_core.finetuning import cache_task
 
         added = cache_task(cache_url, task_dir, storage_options, limit)
         if added:

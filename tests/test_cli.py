@@ -35,3 +35,14 @@ def test_bad_training_options_are_refused(tmp_path, capsys):
     assert main(["train", "--cache", str(tmp_path), "--task", str(tmp_path), "--out", str(tmp_path / "o"),
                  "--epochs", "0", "--workers", "0"]) == 2
     assert "epochs" in capsys.readouterr().err
+
+
+def test_no_exported_name_of_er_core_is_also_one_of_its_modules():
+    """`from er_core import X` must give the function, not a module of the same name that another import loaded
+    first (the package exports its names lazily, and loading a submodule sets the package attribute)."""
+    from pathlib import Path
+
+    import er_core
+
+    modules = {p.stem for p in Path(er_core.__file__).parent.glob("*.py")}
+    assert not modules & set(er_core._EXPORTS), modules & set(er_core._EXPORTS)

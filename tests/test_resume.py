@@ -24,7 +24,7 @@ from tests.conftest import write_tiny_task
 from tests.conftest_ray import session_processes
 
 ROOT = Path(__file__).resolve().parents[1]
-finetune_mod = importlib.import_module("er_core.finetune")  # the package exports a function of the same name
+finetune_mod = importlib.import_module("er_core.finetuning")
 CFG = dict(epochs=3, lr=1e-3, batch_size=8, seed=5, patience=5)
 
 
