@@ -1,6 +1,7 @@
 """The dev-set sweeps behind the per-method defaults, as a REPORT.md section: dev metric per task x method x lr.
 
-    python -m benchmarks.sweep_report .er-sweep/defaults-dev .er-sweep/defaults-dev-lora
+    python -m benchmarks.sweep_report .er-sweep/defaults-dev .er-sweep/defaults-dev-lora \
+        --rows benchmarks/results/defaults-dev-scicite.json
 
 Reads every complete trial folder of the given sweep outputs (so a sweep still running, or
 interrupted and not yet resumed, reports what it has finished). Dev only: the sweeps read no test.
@@ -34,6 +35,21 @@ def trials(outputs: list[Path]) -> list[dict]:
     return rows
 
 
+def choose(rows: list[dict]) -> dict:
+    """Per method: the lr with the best mean dev over tasks, among the lrs every task of that method ran."""
+    out = {}
+    for method in sorted({r["method"] for r in rows}):
+        mine = [r for r in rows if r["method"] == method]
+        tasks = {r["task"] for r in mine}
+        by_lr = {lr: [r["dev"] for r in mine if r["lr"] == lr] for lr in {r["lr"] for r in mine}}
+        common = {lr: sum(d) / len(d) for lr, d in by_lr.items() if len(d) == len(tasks)}
+        if common:
+            best = max(common, key=common.get)
+            out[method] = {"lr": best, "mean_dev": round(common[best], 4), "tasks": sorted(tasks),
+                           "mean_dev_by_lr": {f"{lr:g}": round(v, 4) for lr, v in sorted(common.items())}}
+    return out
+
+
 def section(rows: list[dict], outputs: list[Path], expected: int | None = None) -> str:
     lines = ["## Dev-set sweeps for the defaults (`er sweep benchmarks/sweeps/defaults-dev*.yaml`)", "",
              "Bundled MiniLM at k=3 (L/2), fp16 cache of the three task folders; per task 1000 train / 300 dev examples "
@@ -44,6 +60,13 @@ def section(rows: list[dict], outputs: list[Path], expected: int | None = None) 
     for r in sorted(rows, key=lambda r: (r["task"], r["method"], r["lr"])):
         lines.append(f"| {r['task']} | {r['method']} | {r['lr']:g} | {r['metric']} {r['dev']:.4f} | {r['best_epoch']} / "
                      f"{r['epochs_run']} | {r['per_epoch']} | {r['train_seconds']:.0f} |")
+    chosen = choose(rows)
+    if chosen:
+        lines += ["", "Mean dev over the tasks, per method and lr (lrs that every task of the method ran):", "",
+                  "| method | tasks | mean dev by lr | best lr |", "|---|---|---|---|"]
+        for method, c in chosen.items():
+            lines.append(f"| {method} | {len(c['tasks'])} | {', '.join(f'{lr}: {v:.4f}' for lr, v in c['mean_dev_by_lr'].items())}"
+                         f" | {c['lr']:g} |")
     if expected is not None and len(rows) < expected:
         lines += ["", f"**Incomplete:** {len(rows)} of {expected} trials have finished (`er sweep FILE --resume` continues "
                   f"an interrupted sweep in the same output folder). No default is chosen from a partial sweep."]
@@ -53,10 +76,11 @@ def section(rows: list[dict], outputs: list[Path], expected: int | None = None) 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("outputs", type=Path, nargs="+", help="sweep output folders")
+    ap.add_argument("--rows", type=Path, nargs="*", default=[], help="JSON files of trials measured earlier ({rows: [...]})")
     ap.add_argument("--expected", type=int, help="trials the sweeps hold in all (marks the section incomplete)")
     ap.add_argument("--out", type=Path, default=REPORT)
     args = ap.parse_args(argv)
-    rows = trials(args.outputs)
+    rows = [r for f in args.rows for r in json.loads(f.read_text())["rows"]] + trials(args.outputs)
     write_section("defaults-dev", section(rows, args.outputs, args.expected), args.out)
     print(section(rows, args.outputs, args.expected))
 
