@@ -26,19 +26,42 @@ from pathlib import Path
 
 from er_core import Recycler, TrainConfig, finetune, ingest_local, load_task
 from er_core.metrics import primary_metric
-from er_core.tasks import example_input
+from er_core.tasks import example_input, task_folders
 
 from .report import write_section
 
 METHODS = ("full", "reduced", "lora")
 HERE = Path(__file__).resolve().parent
+QUICK_LIMIT = {"train": 64, "dev": 32, "test": 32}
+FULL_LIMIT = {"train": 1000, "dev": 300, "test": 500}  # sized for 2 cores: about 2 h for the whole run
 
 
-def task_dirs(data: Path) -> list[Path]:
-    return sorted(p for p in Path(data).iterdir() if any(p.glob("train.*")))
+class RunLog:
+    """Finished measurements, one JSON line each, keyed by everything that determines them (task, method, seed,
+    layer, codec, the whole TrainConfig, slices, model): a rerun keeps what is done, since the full table takes
+    hours on 2 cores, and any change of settings or shipped defaults misses the key and measures anew."""
+
+    def __init__(self, path: Path | None):
+        self.path, self.done = path, {}
+        if path is not None and path.exists():
+            for line in path.read_text().splitlines():
+                row = json.loads(line)
+                self.done[json.dumps(row["key"], sort_keys=True)] = row["result"]
+
+    def measure(self, key: dict, fn, log=print) -> dict:
+        k = json.dumps(key, sort_keys=True)
+        if k in self.done:
+            return self.done[k]
+        result = {**fn(), "when": time.strftime("%Y-%m-%d %H:%M")}
+        self.done[k] = result
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as f:
+                f.write(json.dumps({"key": key, "result": result}) + "\n")
+        return result
 
 
-def _ingest(tasks: dict, url: str, layer: int, codec: str, limit: dict) -> float:
+def _ingest(tasks: dict, url: str, layer: int, codec: str) -> float:
     t0 = time.perf_counter()
     rec = Recycler.load("bundled", layer=layer, codec=codec)
     inputs = [example_input(e) for t in tasks.values() for exs in t.splits.values() for e in exs]
@@ -55,34 +78,54 @@ def _train(cache: str, task_dir: Path, out: Path, cfg: TrainConfig, limit: dict)
             "test_macro_f1": m["test"].get("macro_f1"), "best_epoch": m["best_epoch"], "epochs_run": len(m["history"])}
 
 
-def run(data: Path, quick: bool = False, seeds=(0, 1, 2), limit: dict | None = None, epochs: int = 3, log=print) -> dict:
-    limit = limit or ({"train": 64, "dev": 32, "test": 32} if quick else {"train": 2000, "dev": 500, "test": 1000})
-    dirs = task_dirs(data)
+def run(data: Path, quick: bool = False, seeds=(0, 1, 2), limit: dict | None = None, epochs: int | None = None,
+        log=print, runs: Path | None = None) -> dict:
+    """epochs None: the shipped default of each method. runs: the RunLog file (None: measure everything now)."""
+    limit = limit or (QUICK_LIMIT if quick else FULL_LIMIT)
+    dirs = task_folders(data)
     tasks = {d.name: load_task(d, limit=limit) for d in dirs}
     num_layers = Recycler.load("bundled", layer=0).spec.num_layers
     k = num_layers // 2
     work = Path(tempfile.mkdtemp(prefix="er-fidelity-"))
-    res = {"model": "bundled all-MiniLM-L6-v2", "num_layers": num_layers, "k": k, "limit": limit, "epochs": epochs,
+    done = RunLog(runs)
+    res = {"model": "bundled all-MiniLM-L6-v2", "num_layers": num_layers, "k": k, "limit": limit,
            "seeds": list(seeds), "quick": quick, "when": time.strftime("%Y-%m-%d %H:%M")}
-    cfg = {m: TrainConfig(method=m, epochs=epochs) for m in METHODS}
+    cfg = {m: TrainConfig(method=m, **({} if epochs is None else {"epochs": epochs})) for m in METHODS}
     res["defaults"] = {m: {f: getattr(c, f) for f in ("lr", "epochs", "warmup_ratio", "patience", "batch_size")}
                        for m, c in cfg.items()}
+    base = {"model": res["model"], "limit": limit}
+    caches: dict = {}
 
-    cache = str(work / f"cache-k{k}")
-    res["ingest_seconds"] = round(_ingest(tasks, cache, k, "fp16", limit), 2)
-    log(f"ingested {len(tasks)} task slices at k={k} in {res['ingest_seconds']} s")
+    def cache(layer: int, codec: str, names: tuple) -> str:
+        """A cache of these tasks' slices, ingested on first need; its ingestion time measured once."""
+        url = str(work / f"k{layer}-{codec}-{'-'.join(names)}")
+        if url not in caches:
+            secs = _ingest({n: tasks[n] for n in names}, url, layer, codec)
+            caches[url] = done.measure({**base, "what": "ingest", "layer": layer, "codec": codec, "tasks": list(names)},
+                                       lambda: {"seconds": round(secs, 2)})["seconds"]
+        return url
 
-    runs = []
+    def train(what: str, name: str, d: Path, c: TrainConfig, layer: int, codec: str, names: tuple) -> dict:
+        key = {**base, "what": what, "task": name, "layer": layer, "codec": codec, "config": c.to_dict()}
+        url = cache(layer, codec, names) if c.method != "full" else cache(k, "fp16", names)  # full reads text
+        return done.measure(key, lambda: _train(url, d, work / f"{what}-{name}-{c.method}-{c.seed}-k{layer}-{codec}", c, limit))
+
+    all_names = tuple(tasks)
+    ingest_key = {**base, "what": "ingest", "layer": k, "codec": "fp16", "tasks": list(all_names)}
+    table = []
     for name, d in zip(tasks, dirs):
         for seed in seeds:
             for method in METHODS:
                 c = TrainConfig(**{**cfg[method].to_dict(), "seed": seed})
                 r = {"task": name, "kind": tasks[name].kind, "method": method, "seed": seed,
-                     **_train(cache, d, work / f"{name}-{method}-{seed}", c, limit)}
-                runs.append(r)
+                     **train("table", name, d, c, k, "fp16", all_names)}
+                table.append(r)
                 log(f"{name} {method} seed {seed}: test {r['metric']} {r['test']:.4f} in {r['wall_seconds']} s")
-    res["runs"] = runs
-    res["paired"] = _paired(runs)
+    res["runs"] = table
+    # measured when the table's first run made the cache; ingested here only if no run needed it
+    res["ingest_seconds"] = done.measure(ingest_key, lambda: {"seconds": round(_ingest(tasks, str(work / "timed"), k, "fp16"), 2)})["seconds"]
+    log(f"ingesting {len(tasks)} task slices at k={k}: {res['ingest_seconds']} s")
+    res["paired"] = _paired(table)
 
     probe = {}
     for kind in ("classification", "ner"):
@@ -91,10 +134,8 @@ def run(data: Path, quick: bool = False, seeds=(0, 1, 2), limit: dict | None = N
             continue
         probe[first.name] = []
         for layer in range(num_layers):
-            url = str(work / f"k{layer}-{first.name}")
-            secs = _ingest({first.name: tasks[first.name]}, url, layer, "fp16", limit)
-            r = _train(url, first, work / f"vs-k{layer}-{first.name}", cfg["reduced"], limit)
-            probe[first.name].append({"layer": layer, "ingest_seconds": round(secs, 2), **r})
+            r = train("vs_k", first.name, first, cfg["reduced"], layer, "fp16", (first.name,))
+            probe[first.name].append({"layer": layer, **r})
             log(f"{first.name} k={layer}: test {r['test']:.4f}")
     res["vs_k"] = probe
 
@@ -102,9 +143,7 @@ def run(data: Path, quick: bool = False, seeds=(0, 1, 2), limit: dict | None = N
     res["codecs"] = {}
     if first is not None:
         for codec in ("fp32", "fp16", "int8"):
-            url = str(work / f"{codec}-{first.name}")
-            _ingest({first.name: tasks[first.name]}, url, k, codec, limit)
-            res["codecs"][codec] = {"task": first.name, **_train(url, first, work / f"codec-{codec}", cfg["reduced"], limit)}
+            res["codecs"][codec] = {"task": first.name, **train("codec", first.name, first, cfg["reduced"], k, codec, (first.name,))}
             log(f"{first.name} {codec}: test {res['codecs'][codec]['test']:.4f}")
     res["break_even"] = _break_even(res)
     shutil.rmtree(work, ignore_errors=True)  # caches and models of the runs: the figures are in `res`
@@ -143,15 +182,21 @@ def _break_even(res: dict) -> dict:
             "reduced_seconds": round(walls["reduced"], 2), "wins_from_n": n}
 
 
+def _span(res: dict) -> str:
+    whens = sorted(r["when"] for r in res["runs"] + [r for rs in res["vs_k"].values() for r in rs] + list(res["codecs"].values()))
+    return whens[0] if whens[0] == whens[-1] else f"from {whens[0]} to {whens[-1]}"
+
+
 def report(res: dict, plots: list[str]) -> str:
     lim = ", ".join(f"{k} {v}" for k, v in res["limit"].items())
     d = res["defaults"]
     lines = [f"## Fidelity and cost of recycling (`python -m benchmarks.bench_fidelity`{' --quick' if res['quick'] else ''})", "",
              f"{res['model']}, L={res['num_layers']}, k={res['k']} (L/2), fp16 cache; task slices: {lim}; seeds "
-             f"{res['seeds']}; at most {res['epochs']} epochs with early stopping on dev; the shipped defaults "
-             f"(lr full {d['full']['lr']}, reduced {d['reduced']['lr']}, lora {d['lora']['lr']}; warmup "
-             f"{d['reduced']['warmup_ratio']}, patience {d['reduced']['patience']}). Measured {res['when']} on this machine "
-             f"(2 cores, CPU), one process, one run after another; wall time is `finetune` from its call to metrics.json.", "",
+             f"{res['seeds']}; at most {d['reduced']['epochs']} epochs with early stopping on dev; the shipped defaults "
+             f"(lr full {d['full']['lr']}, reduced {d['reduced']['lr']}, lora {d['lora']['lr']}; batch {d['reduced']['batch_size']}, "
+             f"warmup {d['reduced']['warmup_ratio']}, patience {d['reduced']['patience']}). Measured {_span(res)} on this machine "
+             f"(2 cores, CPU), one process, one run after another (a rerun keeps the runs already in "
+             f"`results/fidelity-runs.jsonl`); wall time is `finetune` from its call to metrics.json.", "",
              "| task | method | test metric (mean ± std) | vs full, points (paired, mean ± std) | macro-F1 | wall s | train ex/s |",
              "|---|---|---|---|---|---|---|"]
     for p in res["paired"]:
@@ -227,8 +272,13 @@ def main(argv=None) -> None:
     ap.add_argument("--data", type=Path, required=True, help="folder of task folders")
     ap.add_argument("--quick", action="store_true", help="tiny slices, 2 seeds, 1 epoch")
     ap.add_argument("--out", type=Path, default=HERE / "REPORT.md")
+    ap.add_argument("--fresh", action="store_true", help="measure everything again, ignoring results/fidelity-runs.jsonl")
     args = ap.parse_args(argv)
-    res = run(args.data, quick=args.quick, seeds=(0, 1) if args.quick else (0, 1, 2), epochs=1 if args.quick else 3)
+    runs = args.out.parent / "results" / ("fidelity-runs-quick.jsonl" if args.quick else "fidelity-runs.jsonl")
+    if args.fresh:
+        runs.unlink(missing_ok=True)
+    res = run(args.data, quick=args.quick, seeds=(0, 1) if args.quick else (0, 1, 2), epochs=1 if args.quick else None,
+              runs=runs)
     (args.out.parent / "results").mkdir(exist_ok=True)
     (args.out.parent / "results" / "fidelity.json").write_text(json.dumps(res, indent=1))
     write_section("fidelity", report(res, plot(res, args.out.parent)), args.out)

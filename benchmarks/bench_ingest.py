@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from er_core.tasks import task_folders
+
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tasks"
 SHAPES = {"1 actor x 2 threads": dict(actors=1, threads=2), "2 actors x 1 thread": dict(actors=2, threads=1)}
 # Ray side: the `er ingest` defaults (512-row shards, length-sorted forward passes of 64 texts).
@@ -29,7 +31,7 @@ PLAIN_BATCHES = (256, 64)  # ingest_local's default, and the Ray side's forward 
 def _corpus(data_dir: Path, out: Path, per_task: int | None) -> int:
     n = 0
     with open(out, "w") as f:
-        for task in sorted(p.name for p in data_dir.iterdir() if (p / "train.jsonl").is_file()):  # classification tasks
+        for task in [p.name for p in task_folders(data_dir, "classification")]:
             with open(data_dir / task / "train.jsonl") as src:
                 for i, line in enumerate(src):
                     if per_task is not None and i >= per_task:

@@ -17,7 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from er_core import Recycler, TrainConfig, ingest_local, load_task, open_cache
@@ -26,7 +25,7 @@ from er_core.evaluate import forward
 from er_core.heads import HEADS, FullModel, RecycledModel, make_head
 from er_core.split import split_encoder
 from er_core.task_data import grouped_order, join_cache, label_map
-from er_core.tasks import example_input
+from er_core.tasks import example_input, task_folders
 from er_core.train import adapter_config, make_optimizer
 from peft import get_peft_model
 
@@ -51,7 +50,7 @@ def _decode(rows, enc):
 
 def classification_tasks(data_dir: Path) -> list[str]:
     """The task folders of `data_dir` holding JSONL classification data, by name (no task is named in code)."""
-    return sorted(p.name for p in Path(data_dir).iterdir() if (p / "train.jsonl").is_file())
+    return [p.name for p in task_folders(data_dir, "classification")]
 
 
 def run(data_dir: Path = DATA, quick: bool = False, task: str | None = None, layer: int = 3, batch_size: int = 32) -> dict:

@@ -16,7 +16,6 @@ import csv
 import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass
 from typing import Iterable, Iterator, NamedTuple
 
@@ -27,7 +26,7 @@ from .embed import is_empty
 from .errors import DataFormatError, ErError
 from .index import key_digests
 from .storage import url_to_fs
-from .tasks import pair_input
+from .tasks import is_task_folder, pair_input
 
 __all__ = [
     "CorpusRecord", "CorpusRow", "CorpusSource", "CorpusStats", "KeyClaims",
@@ -42,7 +41,6 @@ FORMATS = {
     ".txt": "text", ".text": "text",
 }
 _COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".lz4")
-_TASK_TRAIN = re.compile(r"^train(\.jsonl|\.conll|\.json|[-_.].*\.json)$")
 
 
 @dataclass(frozen=True)
@@ -83,15 +81,11 @@ def _format_of(name: str) -> str | None:
     return FORMATS.get(os.path.splitext(base)[1])
 
 
-def _is_task_folder(path: str) -> bool:
-    return os.path.isdir(path) and any(_TASK_TRAIN.match(n) for n in os.listdir(path))
-
-
 def find_sources(paths: Iterable[str], storage_options: dict | None = None) -> list[CorpusSource]:
     """Expand files, folders (recursively) and globs, local or remote, into an ordered source list."""
     out: list[CorpusSource] = []
     for p in paths:
-        if _is_task_folder(p):
+        if is_task_folder(p):
             out.append(CorpusSource(os.path.abspath(p), "task"))
             continue
         fs, root = url_to_fs(p, storage_options)

@@ -8,7 +8,6 @@ import numpy as np
 import torch
 
 from .errors import ErError
-from .keys import TokenizerSettings
 
 
 @dataclass

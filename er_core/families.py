@@ -12,16 +12,18 @@ from typing import Callable
 
 import torch
 from torch import nn
-from transformers.masking_utils import create_bidirectional_mask, create_bidirectional_sliding_window_mask
-from transformers.models.deberta_v2.modeling_deberta_v2 import DebertaV2Encoder
-from transformers.models.mpnet.modeling_mpnet import MPNetEncoder
 
 from er_core.errors import UnsupportedModelError
+
+# transformers' family modules are imported inside the functions that use them: a worker splitting a BERT model
+# never loads DeBERTa's or MPNet's modelling code.
 
 
 def _bidirectional_inputs(config, shared, hidden, attention_mask) -> dict:
     # transformers' own helper, so the mask is in the format the configured attention
     # implementation expects: additive float for eager, bool (or None if no padding) for sdpa.
+    from transformers.masking_utils import create_bidirectional_mask
+
     mask = create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask)
     return {"attention_mask": mask}
 
@@ -30,12 +32,8 @@ class DebertaRel(nn.Module):
     """The parts of a DeBERTa-v2 encoder every layer reads: the 0/1 pair mask and the relative positions.
 
     Holds (shares) the encoder's `rel_embeddings` and, when `norm_rel_ebd` has "layer_norm", its
-    `LayerNorm`; the methods are the encoder's own, so results match the unsplit model exactly.
+    `LayerNorm`; the methods are the encoder's own, called on this module, so results match the unsplit model exactly.
     """
-
-    get_attention_mask = DebertaV2Encoder.get_attention_mask
-    get_rel_pos = DebertaV2Encoder.get_rel_pos
-    get_rel_embedding = DebertaV2Encoder.get_rel_embedding
 
     def __init__(self, encoder: nn.Module):
         super().__init__()
@@ -49,10 +47,12 @@ class DebertaRel(nn.Module):
             self.LayerNorm = encoder.LayerNorm
 
     def layer_inputs(self, hidden, attention_mask) -> dict:
+        from transformers.models.deberta_v2.modeling_deberta_v2 import DebertaV2Encoder as E
+
         return {
-            "attention_mask": self.get_attention_mask(attention_mask),
-            "relative_pos": self.get_rel_pos(hidden),
-            "rel_embeddings": self.get_rel_embedding(),
+            "attention_mask": E.get_attention_mask(self, attention_mask),
+            "relative_pos": E.get_rel_pos(self, hidden),
+            "rel_embeddings": E.get_rel_embedding(self),
         }
 
 
@@ -67,12 +67,20 @@ def _deberta_shared(model: nn.Module) -> DebertaRel:
 class MPNetRel(nn.Module):
     """MPNet's relative-position bias, which every layer reads: the encoder's own table and method."""
 
-    compute_position_bias = MPNetEncoder.compute_position_bias
-    relative_position_bucket = staticmethod(MPNetEncoder.relative_position_bucket)
-
     def __init__(self, encoder: nn.Module):
         super().__init__()
         self.relative_attention_bias = encoder.relative_attention_bias
+
+    @staticmethod
+    def relative_position_bucket(*args, **kw):
+        from transformers.models.mpnet.modeling_mpnet import MPNetEncoder
+
+        return MPNetEncoder.relative_position_bucket(*args, **kw)
+
+    def compute_position_bias(self, hidden):
+        from transformers.models.mpnet.modeling_mpnet import MPNetEncoder
+
+        return MPNetEncoder.compute_position_bias(self, hidden)
 
 
 def _mpnet_inputs(config, shared, hidden, attention_mask) -> dict:
@@ -94,6 +102,8 @@ class ModernBertRotary(nn.Module):
 def _modernbert_inputs(config, shared, hidden, attention_mask) -> dict:
     # The model's own padded path: a full mask for global layers, a sliding-window one for local layers,
     # and rotary embeddings per layer type, from positions 0..T-1 (rows are right padded, as in the cache).
+    from transformers.masking_utils import create_bidirectional_mask, create_bidirectional_sliding_window_mask
+
     kw = {"config": config, "inputs_embeds": hidden, "attention_mask": attention_mask}
     masks = {"full_attention": create_bidirectional_mask(**kw), "sliding_attention": create_bidirectional_sliding_window_mask(**kw)}
     pos = torch.arange(hidden.shape[1], device=hidden.device)[None]

@@ -215,6 +215,18 @@ def read_squad(path, stride: int | None = DOC_STRIDE) -> list[Example]:
 # ---------------------------------------------------------------- task folders
 
 
+def is_task_folder(path) -> bool:
+    """A local folder with a train file of a task format: the one rule `er ingest`, `er train` and benchmarks share."""
+    p = Path(path)
+    return p.is_dir() and any(f.is_file() and f.suffix.lower() in _KIND_BY_EXT and _split_of(f) == "train" for f in p.iterdir())
+
+
+def task_folders(parent, kind: str | None = None) -> list[Path]:
+    """The task folders directly under `parent`, sorted by name; only those of one kind if given."""
+    found = sorted(p for p in Path(parent).iterdir() if is_task_folder(p))
+    return [p for p in found if kind is None or _find_split_files(p)[0] == kind]
+
+
 def _find_split_files(folder: Path) -> tuple[str, dict[str, Path]]:
     """Pick the kind from the file extensions and map each split to its file."""
     by_kind: dict[str, dict[str, Path]] = {}

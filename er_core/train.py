@@ -150,20 +150,15 @@ def adapter_config(model_type: str, cfg: TrainConfig):
 
 
 def make_optimizer(model, cfg: TrainConfig, total_steps: int):
-    """AdamW (no decay on biases and norms) with linear warm-up then linear decay."""
+    """AdamW (no decay on biases and norms) with transformers' linear warm-up then linear decay."""
+    from transformers import get_linear_schedule_with_warmup
+
     decay, no_decay = [], []
     for n, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 else decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    warm = max(1, int(total_steps * cfg.warmup_ratio))
-
-    def schedule(step):
-        if step < warm:
-            return (step + 1) / warm
-        return max(0.0, (total_steps - step) / max(1, total_steps - warm))
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    return opt, get_linear_schedule_with_warmup(opt, max(1, int(total_steps * cfg.warmup_ratio)), total_steps)
 
 
 def loss_step(model, batch: dict, kind: str) -> torch.Tensor:

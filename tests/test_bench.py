@@ -65,6 +65,20 @@ def test_bench_gpu_tiny_runs_every_stage_on_cpu(tmp_path):
     assert res["ceiling"]["examples_per_s"] > 0
     for section, keys in (("ingest", ("steady_per_s", "fixed_s")), ("predict", ("hit_ratio",))):
         assert all(k in res[section] for k in keys), res[section]
+    assert all(set(res["predict"][m]) == {"steady_per_s", "fixed_s"} for m in ("reduced", "full")), res["predict"]
     assert {"loop_ratio", "plain_loop", "reduced", "full"} <= set(res["train"])
     assert res["train"]["reduced"]["fixed_s"] is not None and res["train"]["plain_loop"]["steps_per_s"] > 0
     assert "| ceiling: lower 1 layers" in (out / "gpu.md").read_text()
+
+
+def test_fidelity_run_log_keeps_finished_runs_and_misses_on_any_change_of_settings(tmp_path):
+    from er_bench.bench_fidelity import RunLog
+
+    calls = []
+    path = tmp_path / "runs.jsonl"
+    key = {"task": "t", "config": {"lr": 1e-4, "seed": 0}}
+    first = RunLog(path).measure(key, lambda: calls.append(1) or {"test": 0.5})
+    again = RunLog(path).measure({"config": {"seed": 0, "lr": 1e-4}, "task": "t"}, lambda: calls.append(2) or {"test": 0.9})
+    other = RunLog(path).measure({"task": "t", "config": {"lr": 3e-4, "seed": 0}}, lambda: calls.append(3) or {"test": 0.7})
+    assert calls == [1, 3] and first == again and first["test"] == 0.5 and other["test"] == 0.7
+    assert len(path.read_text().splitlines()) == 2

@@ -219,3 +219,21 @@ def test_peft_lora_on_upper(name):
     with torch.no_grad():
         assert not torch.allclose(peft_upper(mid, mask), before, atol=1e-4)
         assert torch.equal(lower(ids, mask), mid)  # training the upper leaves the lower alone
+
+
+def test_splitting_a_bert_model_loads_no_other_familys_modelling_code():
+    """Workers pay only for their model's family: the table names DeBERTa's and MPNet's code, imported on use."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\n"
+            "from transformers import BertConfig, BertModel\n"
+            "from er_core.split import split_encoder\n"
+            "m = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37))\n"
+            "lower, upper = split_encoder(m, 1)\n"
+            "h = lower(torch.tensor([[101, 7, 102]]), torch.ones(1, 3, dtype=torch.long))\n"
+            "upper(h, torch.ones(1, 3, dtype=torch.long))\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[2:3] in (['deberta_v2'], ['mpnet'], ['deberta'])))")
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert got.returncode == 0, got.stderr[-2000:]
+    assert got.stdout.strip() == "[]"
