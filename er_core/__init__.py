@@ -43,7 +43,7 @@ _EXPORTS = {
     "LabelMap": "tasks",
     "Task": "tasks",
     "load_task": "tasks",
-    "TrainConfig": "train",
+    "TrainConfig": "train_config",
 }
 
 

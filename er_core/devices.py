@@ -10,8 +10,6 @@ import contextlib
 
 import torch
 
-PRECISIONS = ("fp32", "bf16")
-
 
 def model_device(model) -> torch.device:
     p = next(model.parameters(), None)

@@ -18,10 +18,10 @@ import socket
 import threading
 import time
 import uuid
+from dataclasses import dataclass, field
 
-import fsspec
 
-from .errors import CacheLockedError, LockLostError, StorageError
+from .errors import CacheLockedError, ErError, LockLostError, StorageError
 
 log = logging.getLogger("er.storage")
 
@@ -30,6 +30,40 @@ log = logging.getLogger("er.storage")
 S3_CONNECT_TIMEOUT = 3.0  # seconds to open a connection (ER_S3_CONNECT_TIMEOUT, --s3-connect-timeout)
 S3_READ_TIMEOUT = 30.0  # seconds to wait for a reply (ER_S3_READ_TIMEOUT, --s3-read-timeout)
 S3_RETRIES = 2  # retries after the first attempt (ER_S3_RETRIES, --s3-retries)
+
+
+@dataclass
+class StorageConfig:
+    """Where and how S3 is reached; credentials never go here (the standard AWS variables or profile hold them)."""
+
+    endpoint_url: str | None = field(default=None, metadata={"help": "S3 endpoint (default: $AWS_ENDPOINT_URL, else AWS)"})
+    region: str | None = field(default=None, metadata={"help": "S3 region (default: $AWS_REGION / $AWS_DEFAULT_REGION)"})
+    s3_connect_timeout: float | None = field(default=None, metadata={
+        "help": f"seconds to open a connection to S3 (default $ER_S3_CONNECT_TIMEOUT, else {S3_CONNECT_TIMEOUT:g})"})
+    s3_read_timeout: float | None = field(default=None, metadata={
+        "help": f"seconds to wait for an S3 reply (default $ER_S3_READ_TIMEOUT, else {S3_READ_TIMEOUT:g})"})
+    s3_retries: int | None = field(default=None, metadata={
+        "help": f"retries of a failed S3 request after the first attempt (default $ER_S3_RETRIES, else {S3_RETRIES}); "
+                "with the defaults an unreachable endpoint fails within about 15 s"})
+
+    def __post_init__(self):
+        for name in ("s3_connect_timeout", "s3_read_timeout"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ErError(f"{name} must be a number of seconds > 0, got {getattr(self, name)}")
+        if self.s3_retries is not None and self.s3_retries < 0:
+            raise ErError(f"s3_retries must be an integer >= 0, got {self.s3_retries}")
+
+    def options(self) -> dict | None:
+        """fsspec/s3fs storage options; None when nothing is set."""
+        opts: dict = {}
+        if self.endpoint_url:
+            opts.setdefault("client_kwargs", {})["endpoint_url"] = self.endpoint_url
+        if self.region:
+            opts.setdefault("client_kwargs", {})["region_name"] = self.region
+        s3 = {"retries": self.s3_retries, "connect_timeout": self.s3_connect_timeout, "read_timeout": self.s3_read_timeout}
+        if any(v is not None for v in s3.values()):
+            opts["config_kwargs"] = s3_config(**s3)
+        return opts or None
 
 
 def s3_config(retries: int | None = None, connect_timeout: float | None = None, read_timeout: float | None = None) -> dict:
@@ -59,6 +93,8 @@ def url_to_fs(url: str, storage_options: dict | None = None):
             client.setdefault("endpoint_url", os.environ["AWS_ENDPOINT_URL"])
         if client:
             opts["client_kwargs"] = client
+    import fsspec  # on use: the CLI builds its flags from this module's StorageConfig
+
     fs, path = fsspec.core.url_to_fs(url, **opts)
     if s3:
         fs.retries = 1  # s3fs would repeat botocore's whole retry cycle 5 times

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import numpy as np
@@ -18,61 +18,11 @@ import torch
 
 from . import devices
 from .errors import ErError
+from .train_config import TrainConfig
 from .evaluate import call
 from .heads import HEADS, FullModel, RecycledModel, make_head
 from .families import family_by_type
 from .split import split_encoder
-
-METHODS = ("full", "reduced", "lora")
-
-
-@dataclass
-class TrainConfig:
-    method: str = field(default="reduced", metadata={"help": "full | reduced | lora"})
-    epochs: int = field(default=3, metadata={"help": "maximum number of passes over train"})
-    lr: float | None = field(default=None, metadata={"help": "peak learning rate; default 5e-5, or 5e-4 for lora"})
-    batch_size: int = field(default=32, metadata={"help": "examples per optimizer step (per worker)"})
-    warmup_ratio: float = field(default=0.06, metadata={"help": "share of steps with linear warm-up"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
-    patience: int = field(default=2, metadata={"help": "epochs without dev improvement before stopping"})
-    seed: int = field(default=0, metadata={"help": "seed for init, dropout and shuffling"})
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha"})
-    lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout"})
-    precision: str = field(default="fp32", metadata={"help": "fp32 | bf16 (autocast in training; for GPUs with bf16)"})
-    peft_config: dict | None = field(default=None, metadata={
-        "help": "method lora: any peft tuner's config (a dict with peft_type: LORA, IA3, LOHA, ...); None: LoRA of lora_*"})
-
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise ErError(f"method {self.method!r} is not one of {METHODS}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ErError(f"epochs ({self.epochs}) and batch_size ({self.batch_size}) must be at least 1")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ErError(f"warmup_ratio {self.warmup_ratio} must be in [0, 1)")
-        if self.lr is None:
-            self.lr = 5e-4 if self.method == "lora" else 5e-5
-        if self.precision not in devices.PRECISIONS:
-            raise ErError(f"precision {self.precision!r} is not one of {devices.PRECISIONS}")
-        if self.lr <= 0 or self.lora_r < 1:
-            raise ErError(f"lr ({self.lr}) must be > 0 and lora_r ({self.lora_r}) >= 1")
-        if self.peft_config is not None:
-            if self.method != "lora":
-                raise ErError(f"a peft config trains adapters: use method lora (adapters, LoRA by default), not {self.method!r}")
-            from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-
-            kind = str(self.peft_config.get("peft_type", "")).upper()
-            if kind not in PEFT_TYPE_TO_CONFIG_MAPPING:
-                raise ErError(f"peft config: peft_type {self.peft_config.get('peft_type')!r} is not one of "
-                              f"{', '.join(sorted(map(str, PEFT_TYPE_TO_CONFIG_MAPPING)))}")
-
-    @property
-    def source(self) -> str:
-        return "text" if self.method == "full" else "cache"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)

@@ -9,6 +9,9 @@ import sys
 
 from er_core import DEFAULT_CODEC, DEFAULT_MODEL, ErError
 from er_core.codecs import CODECS
+from er_core.storage import StorageConfig
+from er_core.train_config import TrainConfig
+from pipelines.configs import TrainRun, add_flags, storage_options
 
 EPILOG = """examples:
   er demo ../shared/data/tasks/chemprot                       # ingest a task folder, train from the cache, print metrics
@@ -20,12 +23,6 @@ EPILOG = """examples:
   er cache info ./cache"""
 
 
-def _seconds(v: str) -> float:
-    if not float(v) > 0:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {v}")
-    return float(v)
-
-
 def _count(v: str) -> int:
     if not v.isdigit():
         raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {v}")
@@ -33,32 +30,7 @@ def _count(v: str) -> int:
 
 
 def _storage_args(p):
-    from er_core.storage import S3_CONNECT_TIMEOUT, S3_READ_TIMEOUT, S3_RETRIES
-
-    p.add_argument("--endpoint-url", help="S3 endpoint (default: $AWS_ENDPOINT_URL, else AWS)")
-    p.add_argument("--region", help="S3 region (default: $AWS_REGION / $AWS_DEFAULT_REGION)")
-    p.add_argument("--s3-connect-timeout", type=_seconds, metavar="SECONDS",
-                   help=f"seconds to open a connection to S3 (default $ER_S3_CONNECT_TIMEOUT, else {S3_CONNECT_TIMEOUT:g})")
-    p.add_argument("--s3-read-timeout", type=_seconds, metavar="SECONDS",
-                   help=f"seconds to wait for an S3 reply (default $ER_S3_READ_TIMEOUT, else {S3_READ_TIMEOUT:g})")
-    p.add_argument("--s3-retries", type=_count, metavar="N",
-                   help=f"retries of a failed S3 request after the first attempt (default $ER_S3_RETRIES, else "
-                        f"{S3_RETRIES}); with the defaults an unreachable endpoint fails within about 15 s")
-
-
-def storage_options(args) -> dict | None:
-    """fsspec/s3fs options from flags; credentials stay in the standard AWS variables or profile."""
-    from er_core.storage import s3_config
-
-    opts: dict = {}
-    if getattr(args, "endpoint_url", None):
-        opts.setdefault("client_kwargs", {})["endpoint_url"] = args.endpoint_url
-    if getattr(args, "region", None):
-        opts.setdefault("client_kwargs", {})["region_name"] = args.region
-    s3 = {k: getattr(args, f"s3_{k}", None) for k in ("retries", "connect_timeout", "read_timeout")}
-    if any(v is not None for v in s3.values()):
-        opts["config_kwargs"] = s3_config(**s3)
-    return opts or None
+    add_flags(p, StorageConfig, metavars={"s3_connect_timeout": "SECONDS", "s3_read_timeout": "SECONDS", "s3_retries": "N"})
 
 
 def _ray_args(p):
@@ -66,31 +38,12 @@ def _ray_args(p):
 
 
 def _train_args(p):
-    p.add_argument("--method", choices=["reduced", "lora", "full"], default="reduced",
-                   help="reduced: fine-tune layers k..L from the cache; lora: peft adapters on layers k..L from the cache "
-                        "(LoRA, or the tuner of --peft-config); full: the whole model from raw text (baseline)")
-    p.add_argument("--epochs", type=int, default=3, help="maximum epochs (early stopping on dev)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default 5e-5; 5e-4 for lora)")
-    p.add_argument("--batch-size", type=int, default=32, help="examples per step per worker")
-    p.add_argument("--patience", type=int, default=2, help="epochs without dev improvement before stopping")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
-    p.add_argument("--peft-config", metavar="FILE", help="with --method lora: any peft tuner (LoRA, IA3, LoHa, LoKr, ...) "
-                   "from a JSON/YAML file or a folder holding peft's adapter_config.json, e.g. {\"peft_type\": \"IA3\"}; "
-                   "target modules left out come from er's family table")
-    p.add_argument("--limit", type=int, help="use only the first N examples of each split (quick runs)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                   help="bf16: train under bf16 autocast (weights and optimizer stay fp32); for GPUs with bf16")
-
-
-def train_config(args):
-    from er_core import TrainConfig
-
-    from er_core.train import read_peft_config
-
-    peft = read_peft_config(args.peft_config) if getattr(args, "peft_config", None) else None
-    return TrainConfig(method=args.method, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                       patience=args.patience, seed=args.seed, lora_r=args.lora_r, precision=args.precision, peft_config=peft)
+    """Every TrainRun and TrainConfig field as a flag, and --config/--print-config over them."""
+    add_flags(p, TrainRun)
+    add_flags(p, TrainConfig, metavars={"peft_config": "FILE"})
+    p.add_argument("--config", metavar="FILE", help="a YAML/JSON file of these settings by field name (e.g. method: lora, "
+                   "lr: 1.0e-3, cache: ./cache); flags given override it")
+    p.add_argument("--print-config", action="store_true", help="print the resolved settings as YAML and exit")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,23 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one task on the upper layers from the cache (Ray Train)",
                        description="Train one task from the cache. A checkpoint is kept under OUT/checkpoints after "
                        "every epoch: a failed worker restarts from it, and --resume OUT continues a run whose driver died.")
-    p.add_argument("--cache", help="cache URL the task's examples were ingested into")
-    p.add_argument("--task", help="task folder (local or s3://): train/dev/test .jsonl (classification), .conll (NER) or SQuAD .json; "
-                   "without dev, a seeded 10%% of train is held out for early stopping")
-    p.add_argument("--out", help="output folder, new or empty, local or s3://: trained weights, er_model.json, metrics.json")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier er train output in --out (only er's own files)")
     p.add_argument("--resume", metavar="OUT", help="continue the interrupted run in OUT from its last epoch checkpoint "
                    "(its cache, task and settings come from OUT)")
-    p.add_argument("--workers", type=int, default=1, help="data-parallel Ray Train workers (0 = in this process, no Ray)")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs each worker reserves")
-    p.add_argument("--gpus-per-worker", type=float, default=0.0,
-                   help="GPUs each worker reserves (1: its model and batches on that GPU, NCCL between workers)")
-    p.add_argument("--storage-path", metavar="URL", help="where Ray Train keeps the run's checkpoints (default OUT/checkpoints, "
-                   "removed when the run completes); on a multi-node cluster a place every node reaches, e.g. s3://bucket/ckpt")
-    p.add_argument("--max-failures", type=int, default=3,
-                   help="worker failures Ray Train recovers from (from the last epoch checkpoint) before giving up")
-    p.add_argument("--ingest-missing", action="store_true",
-                   help="ingest task examples the cache lacks (with the cache's model and k) instead of failing")
     _train_args(p)
     _ray_args(p)
     _storage_args(p)

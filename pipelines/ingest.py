@@ -480,7 +480,7 @@ def print_summary(rep: Report) -> None:
 
 
 def main(args) -> int:
-    from pipelines.cli import storage_options
+    from pipelines.configs import storage_options
 
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     logging.getLogger("er").setLevel(logging.INFO)  # er's own progress; libraries (botocore, ...) stay quiet

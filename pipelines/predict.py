@@ -198,7 +198,7 @@ def _write(ds, out: str, misses_file: Path | None = None, storage_options=None) 
 
 
 def main(args) -> int:
-    from pipelines.cli import storage_options
+    from pipelines.configs import storage_options
 
     s = predict(args.cache, args.model_dir, args.corpus, args.out, text_field=args.text_field, record=args.record,
                 address=args.address, storage_options=storage_options(args), actors=args.actors, overwrite=args.overwrite)

@@ -29,30 +29,36 @@ def resume_request(out: str) -> dict:
 
 
 def main(args) -> int:
-    from pipelines.cli import storage_options, train_config
+    from pipelines.configs import resolved, train_settings
 
-    opts = storage_options(args)
+    run, cfg, storage = train_settings(args)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(resolved((run, cfg, storage)), sort_keys=False), end="")
+        return 0
+    opts = storage.options()
     if args.resume:
         req = resume_request(args.resume)
-        args.out, args.cache, args.task, args.limit = args.resume, req["cache"], req["task"], req["limit"]
+        out, cache, task, limit = args.resume, req["cache"], req["task"], req["limit"]
         cfg = TrainConfig(**req["cfg"])
         workers = req["workers"]
         ray_kw = {k: req[k] for k in ("cpus_per_worker", "gpus_per_worker", "storage_path", "name", "max_failures") if k in req}
-        print(f"resuming {args.out}: {cfg.method} on {args.task} from {args.cache}, {workers} worker(s)")
+        print(f"resuming {out}: {cfg.method} on {task} from {cache}, {workers} worker(s)")
     else:
-        if not (args.cache and args.task and args.out):
+        if not (run.cache and run.task and run.out):
             raise ErError("er train needs --cache, --task and --out (or --resume OUT to continue an interrupted run)")
-        cfg, workers = train_config(args), args.workers
-        ray_kw = dict(cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker, max_failures=args.max_failures,
-                      storage_path=args.storage_path)
-    common = dict(storage_options=opts, limit=args.limit, ingest_missing=args.ingest_missing, overwrite=args.overwrite,
+        out, cache, task, limit, workers = run.out, run.cache, run.task, run.limit, run.workers
+        ray_kw = dict(cpus_per_worker=run.cpus_per_worker, gpus_per_worker=run.gpus_per_worker, max_failures=run.max_failures,
+                      storage_path=run.storage_path)
+    common = dict(storage_options=opts, limit=limit, ingest_missing=run.ingest_missing, overwrite=args.overwrite,
                   resume=bool(args.resume))
     if workers == 0:
-        metrics = finetune(args.cache, args.task, args.out, cfg, log=lambda row: print(json.dumps(row)), **common)
+        metrics = finetune(cache, task, out, cfg, log=lambda row: print(json.dumps(row)), **common)
     else:
         from pipelines.train_ray import train_on_ray
 
-        metrics = train_on_ray(args.cache, args.task, args.out, cfg, workers=workers, address=args.address, **common, **ray_kw)
+        metrics = train_on_ray(cache, task, out, cfg, workers=workers, address=args.address, **common, **ray_kw)
     print_metrics(metrics)
-    print(f"wrote {args.out}/metrics.json")
+    print(f"wrote {out}/metrics.json")
     return 0

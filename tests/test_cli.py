@@ -31,10 +31,75 @@ def test_missing_cache_is_a_clear_error(tmp_path, capsys):
     assert "no er cache" in capsys.readouterr().err
 
 
-def test_bad_training_options_are_refused(tmp_path, capsys):
-    assert main(["train", "--cache", str(tmp_path), "--task", str(tmp_path), "--out", str(tmp_path / "o"),
-                 "--epochs", "0", "--workers", "0"]) == 2
-    assert "epochs" in capsys.readouterr().err
+@pytest.mark.parametrize("flag,value,says", [("--epochs", "0", "epochs (0)"), ("--lr", "-1", "lr (-1.0)"),
+                                              ("--workers", "-1", "workers (-1)"), ("--s3-retries", "-1", "s3_retries")])
+def test_bad_training_options_are_usage_errors_by_the_configs_own_checks(tmp_path, capsys, flag, value, says):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--cache", str(tmp_path), "--task", str(tmp_path), "--out", str(tmp_path / "o"), flag, value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err and says in err, err
+
+
+COMMAND_LEVEL = {"help", "overwrite", "resume", "verbose", "config", "print_config", "address"}
+
+
+def test_every_train_flag_is_a_config_field_and_every_field_a_flag():
+    """The flags of `er train` are generated from TrainRun, TrainConfig and StorageConfig: no flag without a field,
+    no field without a flag, one help text each (the field's)."""
+    from dataclasses import fields
+
+    from pipelines.configs import TRAIN_CONFIGS
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    dests = {a.dest for a in train._actions} - COMMAND_LEVEL
+    names = {f.name for c in TRAIN_CONFIGS for f in fields(c)}
+    assert dests == names, (dests - names, names - dests)
+    helps = {a.dest: a.help for a in train._actions}
+    assert all(helps[f.name].replace("%%", "%").startswith(f.metadata["help"]) for c in TRAIN_CONFIGS for f in fields(c))
+
+
+def test_train_config_file_with_flags_over_it_and_print_config(tmp_path, capsys):
+    import yaml
+
+    run = tmp_path / "run.yaml"
+    run.write_text("cache: ./c\ntask: ./t\nout: ./o\nmethod: lora\nlr: 2.0e-3\nepochs: 5\nendpoint_url: http://s3:9000\n")
+    assert main(["train", "--config", str(run), "--epochs", "7", "--print-config"]) == 0
+    got = yaml.safe_load(capsys.readouterr().out)
+    assert (got["method"], got["lr"], got["epochs"], got["cache"], got["endpoint_url"]) == ("lora", 2e-3, 7, "./c", "http://s3:9000")
+    assert got["batch_size"] == 32 and got["workers"] == 1  # the fields' defaults
+    run.write_text("method: lora\nlearning_rate: 1.0e-3\n")
+    assert main(["train", "--config", str(run), "--print-config"]) == 2
+    assert "unknown setting(s) learning_rate" in capsys.readouterr().err
+
+
+def test_import_graph_runs_one_way():
+    """er_core never imports pipelines; no program imports the CLI; nothing installed imports a top-level benchmarks."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def imports(path: Path) -> set[str]:
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        return found
+
+    for pkg in ("er_core", "pipelines", "benchmarks"):
+        for path in (root / pkg).rglob("*.py"):
+            if "io_probe" in path.parts:
+                continue  # a sitecustomize the I/O benchmark puts on PYTHONPATH, not installed code
+            names = imports(path)
+            top = {n.split(".")[0] for n in names}
+            assert "benchmarks" not in top, path
+            if pkg == "er_core":
+                assert "pipelines" not in top and "ray" not in top, path
+            if pkg == "pipelines" and path.name != "cli.py":
+                assert not {"pipelines.cli", "pipelines.cli.main"} & names, path
 
 
 def test_no_exported_name_of_er_core_is_also_one_of_its_modules():
