@@ -1,49 +1,29 @@
-"""er_core: the embedding-recycling library (no Ray here; pipelines/ builds on it)."""
+"""er_core: the embedding-recycling library (no Ray here; pipelines/ builds on it).
+
+The public API is `__all__`: load and split a model, ingest into a cache and open it, load a task, train
+from the cache, predict, export. Everything else sits in the submodules (the specific errors, all
+subclasses of ErError, in `er_core.errors`).
+"""
 
 __version__ = "0.1.0"
 
 # Names are imported on first use (PEP 562), so `import er_core.cache` in a Ray Data task does not pay for
 # torch and transformers: a worker that only reads the cache starts in a second, not in tens.
 _EXPORTS = {
-    "CacheReader": "cache",
-    "CacheWriter": "cache",
-    "open_cache": "cache",
-    "repair_cache": "cache",
-    "upgrade_cache": "cache",
-    "ArtifactMismatchError": "errors",
-    "CacheCorruptError": "errors",
-    "CacheLockedError": "errors",
-    "CacheMismatchError": "errors",
-    "DataFormatError": "errors",
-    "ErError": "errors",
-    "LabelError": "errors",
-    "LockLostError": "errors",
-    "StorageError": "errors",
-    "UnsupportedModelError": "errors",
-    "CODECS": "codecs",
-    "DEFAULT_CODEC": "codecs",
-    "get_codec": "codecs",
-    "TokenizerSettings": "keys",
-    "example_key": "keys",
-    "tokenizer_settings": "keys",
-    "CacheSpec": "manifest",
-    "Manifest": "manifest",
-    "ShardInfo": "manifest",
-    "lora_target_modules": "families",
-    "supported_model_types": "families",
-    "finetune": "finetuning",
-    "DEFAULT_MODEL": "models",
-    "load_encoder": "models",
-    "Recycler": "recycle",
-    "ingest_local": "recycle",
-    "lower_fingerprint": "split",
-    "resolve_layer": "split",
-    "split_encoder": "split",
-    "Example": "tasks",
-    "LabelMap": "tasks",
+    "load_encoder": "models",  # a Hugging Face encoder by id or folder (the bundled MiniLM by default)
+    "split_encoder": "split",  # lower (layers 0..k-1) and upper (k..L) parts, exact
+    "Recycler": "recycle",  # a model split at k with its cache spec: embeds texts for a cache
+    "ingest_local": "recycle",  # texts through the lower part into a cache, in this process
+    "open_cache": "cache",  # read a cache: manifest, key lookup, rows
+    "CacheSpec": "manifest",  # what a cache holds: model, layer, codec, tokenizer
+    "load_task": "tasks",  # a task folder: classification, NER or QA
     "Task": "tasks",
-    "load_task": "tasks",
-    "TrainConfig": "train_config",
+    "Example": "tasks",
+    "TrainConfig": "train_config",  # how a task trains: method, lr, epochs, ...
+    "finetune": "finetuning",  # train one task from the cache, in this process
+    "MultiTaskPredictor": "predict",  # several trained tasks over one corpus, cache hits through the upper part only
+    "export_model": "export",  # a trained model as one standard Hugging Face folder
+    "ErError": "errors",  # every error er raises on purpose
 }
 
 
@@ -57,44 +37,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = [
-    "Example",
-    "LabelMap",
-    "Recycler",
-    "Task",
-    "TrainConfig",
-    "finetune",
-    "ingest_local",
-    "load_task",
-    "lora_target_modules",
-    "lower_fingerprint",
-    "resolve_layer",
-    "split_encoder",
-    "supported_model_types",
-    "ArtifactMismatchError",
-    "CODECS",
-    "CacheCorruptError",
-    "CacheLockedError",
-    "CacheMismatchError",
-    "CacheReader",
-    "CacheSpec",
-    "CacheWriter",
-    "DEFAULT_CODEC",
-    "DEFAULT_MODEL",
-    "DataFormatError",
-    "ErError",
-    "LabelError",
-    "LockLostError",
-    "Manifest",
-    "ShardInfo",
-    "StorageError",
-    "TokenizerSettings",
-    "UnsupportedModelError",
-    "example_key",
-    "get_codec",
-    "load_encoder",
-    "open_cache",
-    "repair_cache",
-    "tokenizer_settings",
-    "upgrade_cache",
-]
+__all__ = list(_EXPORTS)

@@ -7,11 +7,13 @@ import json
 import os
 import sys
 
-from er_core import DEFAULT_CODEC, DEFAULT_MODEL, ErError
+from er_core import ErError
+from er_core.codecs import DEFAULT_CODEC
+from er_core.models import DEFAULT_MODEL
 from er_core.codecs import CODECS
 from er_core.storage import StorageConfig
 from er_core.train_config import TrainConfig
-from pipelines.configs import TrainRun, add_flags, storage_options
+from pipelines.configs import TrainRun, add_flags, field_docs, storage_options
 
 EPILOG = """examples:
   er demo ../shared/data/tasks/chemprot                       # ingest a task folder, train from the cache, print metrics
@@ -89,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     _ray_args(p)
     _storage_args(p)
 
-    p = sub.add_parser("sweep", help="run many tasks x methods x hyper-parameters concurrently from one cache")
+    p = sub.add_parser("sweep", help="run many tasks x methods x hyper-parameters concurrently from one cache",
+                       epilog="training fields a sweep file sets in defaults, grid and search (those of er train; the "
+                       "methods key lists the methods):\n" + field_docs(TrainConfig, skip=("method",)), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep", help="sweep YAML/TOML file (see examples/sweep.yaml)")
     p.add_argument("--max-concurrent", type=int, help="override the sweep's concurrency limit")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier er sweep output in the sweep's output folder")
@@ -207,7 +211,7 @@ def cmd_cache(args) -> int:
 
 
 def _repair(args) -> int:
-    from er_core import repair_cache
+    from er_core.cache import repair_cache
 
     rep = repair_cache(args.url, storage_options=storage_options(args))
     if args.json:
@@ -223,7 +227,7 @@ def _repair(args) -> int:
 
 
 def _upgrade(args) -> int:
-    from er_core import upgrade_cache
+    from er_core.cache import upgrade_cache
 
     def progress(done, total):
         print(f"\rrewrote {done}/{total} shards", end="" if done < total else "\n", file=sys.stderr, flush=True)

@@ -91,6 +91,20 @@ def _checked(cls, name: str, kind: type):
     return convert
 
 
+def field_docs(cls, skip: tuple = (), width: int = 100) -> str:
+    """`name (type, default X): help` for every field, wrapped: the documentation of a config file's keys."""
+    import textwrap
+
+    out = []
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        default = _default(f)
+        head = f"{f.name} ({_kind(cls, f).__name__}" + ("" if default is None else f", default {default}") + "): "
+        out.append(textwrap.fill(head + f.metadata.get("help", ""), width, initial_indent="  ", subsequent_indent="      "))
+    return "\n".join(out)
+
+
 def given(cls, args) -> dict:
     """The fields of `cls` set on the command line."""
     return {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}

@@ -31,7 +31,11 @@ from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
-from er_core import DEFAULT_CODEC, DEFAULT_MODEL, CacheWriter, ErError, Manifest, Recycler, ShardInfo, ingest_local, open_cache
+from er_core import ErError, Recycler, ingest_local, open_cache
+from er_core.cache import CacheWriter
+from er_core.codecs import DEFAULT_CODEC
+from er_core.manifest import Manifest, ShardInfo
+from er_core.models import DEFAULT_MODEL
 from er_core.cache import Written, encode_table, write_shard
 from er_core.corpus import KeyClaims, batch_token, find_sources, read_source, scan
 from er_core.embed import is_empty

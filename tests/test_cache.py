@@ -11,7 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from er_core import CacheCorruptError, CacheLockedError, CacheMismatchError, CacheWriter, ErError, open_cache
+from er_core import ErError, open_cache
+from er_core.cache import CacheWriter
+from er_core.errors import CacheCorruptError, CacheLockedError, CacheMismatchError
 from er_core.codecs import CODECS
 from er_core.recycle import Recycler, ingest_local
 from er_core.storage import read_lock, url_to_fs
@@ -223,7 +225,7 @@ def test_ingest_local_matches_plain_lower_and_handles_edge_inputs(tmp_path, rec)
 def test_keys_depend_on_text_and_tokenizer_settings(rec):
     from dataclasses import replace
 
-    from er_core import example_key
+    from er_core.keys import example_key
 
     a = example_key({"text": "x"}, rec.spec.tokenizer)
     assert a == example_key({"text": "x"}, rec.spec.tokenizer)
@@ -253,7 +255,7 @@ def _as_format_1(url: str) -> None:
 
 
 def test_format_1_cache_is_refused_with_a_hint_then_upgraded_in_place(tmp_path, rec, capsys):
-    from er_core import upgrade_cache
+    from er_core.cache import upgrade_cache
     from er_core.errors import CacheFormatError
     from pipelines.cli import main
 
@@ -384,7 +386,7 @@ def test_a_corrupt_index_bucket_is_refused_and_the_rest_still_read(tmp_path):
 
 
 def test_a_corrupt_index_is_found_by_verify_and_rebuilt_by_repair(tmp_path, rec):
-    from er_core import repair_cache
+    from er_core.cache import repair_cache
 
     url = str(tmp_path / "c")
     rows = _rows(60, seed=9)

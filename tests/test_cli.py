@@ -111,3 +111,48 @@ def test_no_exported_name_of_er_core_is_also_one_of_its_modules():
 
     modules = {p.stem for p in Path(er_core.__file__).parent.glob("*.py")}
     assert not modules & set(er_core._EXPORTS), modules & set(er_core._EXPORTS)
+
+
+def test_er_core_public_api_is_small_and_pinned():
+    import er_core
+
+    assert er_core.__all__ == ["load_encoder", "split_encoder", "Recycler", "ingest_local", "open_cache", "CacheSpec",
+                               "load_task", "Task", "Example", "TrainConfig", "finetune", "MultiTaskPredictor",
+                               "export_model", "ErError"]
+    for name in er_core.__all__:
+        assert getattr(er_core, name).__name__ == name
+    from er_core import errors
+
+    specific = [v for v in vars(errors).values() if isinstance(v, type) and issubclass(v, er_core.ErError) and v is not er_core.ErError]
+    assert specific and not set(er_core.__all__) & {c.__name__ for c in specific}
+
+
+@pytest.mark.real
+def test_readme_library_example_runs_with_public_names_only(tmp_path, data_dir, monkeypatch):
+    import re
+    from pathlib import Path
+
+    import er_core
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"## The library.*?```python\n(.*?)```", readme, re.S).group(1)
+    used = {n.strip() for line in re.findall(r"^from er_core import (.+)$", code, re.M) for n in line.split(",")}
+    assert used and used <= set(er_core.__all__) and "er_core." not in code.replace("from er_core import", "")
+    task = next(p for p in sorted(data_dir.iterdir()) if (p / "train.jsonl").is_file())
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(code.replace('"path/to/task"', repr(str(task))), scope)
+    assert 0 <= scope["m"]["test"]["micro_f1"] <= 1 and (tmp_path / "my-run" / "metrics.json").is_file()
+
+
+def test_sweep_help_documents_the_training_fields_from_their_definitions(capsys):
+    from dataclasses import fields
+
+    from er_core import TrainConfig
+
+    with pytest.raises(SystemExit):
+        main(["sweep", "--help"])
+    out = capsys.readouterr().out
+    for f in fields(TrainConfig):
+        if f.name != "method":
+            assert f"  {f.name} (" in out and " ".join(f.metadata["help"].split()[:4]) in " ".join(out.split()), f.name

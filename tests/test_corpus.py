@@ -9,7 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from er_core import DataFormatError, ErError
+from er_core import ErError
+from er_core.errors import DataFormatError
 from er_core.corpus import KeyClaims, batch_token, find_sources, key_digests, read_corpus, read_source, scan
 
 

@@ -20,7 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from er_core import CacheLockedError, CacheWriter, DataFormatError, open_cache
+from er_core import open_cache
+from er_core.cache import CacheWriter
+from er_core.errors import CacheLockedError, DataFormatError
 from er_core.corpus import find_sources, read_source
 from er_core.recycle import Recycler, ingest_local
 from er_core.storage import read_lock, url_to_fs

@@ -16,7 +16,10 @@ import uuid
 import numpy as np
 import pytest
 
-from er_core import CacheLockedError, CacheSpec, CacheWriter, TokenizerSettings, open_cache
+from er_core import CacheSpec, open_cache
+from er_core.cache import CacheWriter
+from er_core.errors import CacheLockedError
+from er_core.keys import TokenizerSettings
 from er_core.cache import encode_table, write_shard
 from er_core.errors import LockLostError
 from er_core.storage import WriterLock, put_atomic, read_lock, read_versioned, url_to_fs

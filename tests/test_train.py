@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from er_core import ArtifactMismatchError, TrainConfig, finetune, ingest_local, load_task, open_cache
+from er_core import TrainConfig, finetune, ingest_local, load_task, open_cache
+from er_core.errors import ArtifactMismatchError
 from er_core.artifacts import check_cache, load_trained
 from er_core.codecs import get_codec
 from er_core.evaluate import predict
