@@ -1,7 +1,7 @@
 """The dev-set sweeps behind the per-method defaults, as a REPORT.md section: dev metric per task x method x lr.
 
     python -m benchmarks.sweep_report .er-sweep/defaults-dev .er-sweep/defaults-dev-lora \
-        --rows benchmarks/results/defaults-dev-scicite.json
+        --rows benchmarks/results/defaults-dev-*.json --expected 22
 
 Reads every complete trial folder of the given sweep outputs (so a sweep still running, or
 interrupted and not yet resumed, reports what it has finished). Dev only: the sweeps read no test.
@@ -69,20 +69,23 @@ def section(rows: list[dict], outputs: list[Path], expected: int | None = None) 
                          f" | {c['lr']:g} |")
     if expected is not None and len(rows) < expected:
         lines += ["", f"**Incomplete:** {len(rows)} of {expected} trials have finished (`er sweep FILE --resume` continues "
-                  f"an interrupted sweep in the same output folder). No default is chosen from a partial sweep."]
+                  f"an interrupted sweep in the same output folder). A default changes only for a method whose grid ran on "
+                  f"every task."]
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("outputs", type=Path, nargs="+", help="sweep output folders")
+    ap.add_argument("outputs", type=Path, nargs="*", help="sweep output folders")
+    ap.add_argument("--note", default="", help="a closing paragraph: what was chosen from these figures")
     ap.add_argument("--rows", type=Path, nargs="*", default=[], help="JSON files of trials measured earlier ({rows: [...]})")
     ap.add_argument("--expected", type=int, help="trials the sweeps hold in all (marks the section incomplete)")
     ap.add_argument("--out", type=Path, default=REPORT)
     args = ap.parse_args(argv)
     rows = [r for f in args.rows for r in json.loads(f.read_text())["rows"]] + trials(args.outputs)
-    write_section("defaults-dev", section(rows, args.outputs, args.expected), args.out)
-    print(section(rows, args.outputs, args.expected))
+    text = section(rows, args.outputs, args.expected) + (f"\n\n{args.note}" if args.note else "")
+    write_section("defaults-dev", text, args.out)
+    print(text)
 
 
 if __name__ == "__main__":
