@@ -178,6 +178,12 @@ def test_losing_the_worker_node_mid_ingest_then_rerunning_gives_a_clean_runs_key
         fs.invalidate_cache()
     cluster.stop_node("w1", kill=True)
     first = _wait(client, "er-test-lost-node", timeout=400)  # Ray may finish it on the head, or it fails: either way it ends
+    # Rerun once Ray has noticed the loss (missed heartbeats, ~30 s), as a user rerunning after the failure would:
+    # the first run may end on the head sooner, and a rerun started before would see the node die under it.
+    deadline = time.monotonic() + 120
+    while any(n["alive"] for n in cluster.nodes() if n["name"] == "w1"):
+        assert time.monotonic() < deadline, "Ray never marked the killed node dead"
+        time.sleep(1)
     logs = _run_job(jobs, "er-test-lost-node-rerun", argv)
     assert "examples written" in logs, logs[-3000:]
     verify = _er_local("cache", "verify", cache)
