@@ -206,12 +206,26 @@ class _Heartbeat:
         signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
     def __enter__(self):
+        # The interrupt is a SIGINT: a driver started with SIGINT ignored (`er ingest ... &` from a script or cron,
+        # nohup, a Ray job) would never see it and wait on a lost node forever, so the run raises on it meanwhile.
+        self._sigint = None
+        if threading.current_thread() is threading.main_thread() and not callable(signal.getsignal(signal.SIGINT)):
+            self._sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
         for t in self.threads:
             t.start()
         return self
 
     def __exit__(self, *exc):
         self.stop.set()
+        try:
+            self._join()
+        finally:
+            if self._sigint is not None:
+                signal.signal(signal.SIGINT, self._sigint)
+        if self.lost is not None:
+            raise self.lost
+
+    def _join(self):
         interrupted = None
         for t in self.threads:  # joined even through a SIGINT: a watcher must not call Ray after Ray shuts down
             while True:
@@ -220,9 +234,7 @@ class _Heartbeat:
                     break
                 except KeyboardInterrupt as e:  # ours, or the user's, delivered mid-join
                     interrupted = e
-        if self.lost is not None:
-            raise self.lost
-        if interrupted is not None:
+        if interrupted is not None and self.lost is None:
             raise interrupted
 
 

@@ -8,6 +8,16 @@ from pathlib import Path
 
 import pytest
 
+
+def pytest_sessionstart(session):
+    """The same suite however it is launched: a shell script's background job (`cmd &`, nohup) starts with SIGINT
+    ignored, which every er subprocess and Ray process would inherit, so the Ctrl-C tests could not interrupt them."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 pytest_plugins = ["tests.conftest_s3", "tests.conftest_ray", "tests.conftest_cluster"]
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")

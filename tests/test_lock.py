@@ -241,3 +241,29 @@ def test_ingest_heartbeat_stops_the_run_when_the_lock_is_lost(tmp_path):
         w.commit()
     w.abort()
     assert read_versioned(fs, f"{root}/_writer.lock")[0] == thief  # left as the new holder wrote it
+
+
+def test_heartbeat_interrupts_a_driver_started_with_sigint_ignored(tmp_path):
+    """`er ingest ... &` from a script, nohup, a Ray job: SIGINT is ignored there, and the lost lock must still end
+    the run; the ignored disposition comes back afterwards."""
+    import signal
+
+    from pipelines.ingest import _Heartbeat
+
+    url = str(tmp_path / "cache")
+    w = CacheWriter(url, SPEC)
+    fs, root = url_to_fs(url)
+    thief = json.dumps({"run_id": "thief", "host": "elsewhere", "pid": 1, "heartbeat": time.time()}).encode()
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(LockLostError, match="was taken by run thief"):
+            with _Heartbeat(w, every=0.05, watch_nodes=False):
+                put_atomic(fs, f"{root}/_writer.lock", thief)
+                while time.monotonic() - t0 < 30:
+                    time.sleep(0.01)
+        assert time.monotonic() - t0 < 10
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+    w.abort()
