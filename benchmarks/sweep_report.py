@@ -69,8 +69,7 @@ def section(rows: list[dict], outputs: list[Path], expected: int | None = None) 
                          f" | {c['lr']:g} |")
     if expected is not None and len(rows) < expected:
         lines += ["", f"**Incomplete:** {len(rows)} of {expected} trials have finished (`er sweep FILE --resume` continues "
-                  f"an interrupted sweep in the same output folder). A default changes only for a method whose grid ran on "
-                  f"every task."]
+                  f"an interrupted sweep in the same output folder)."]
     return "\n".join(lines)
 
 

@@ -67,7 +67,7 @@ def test_train_config_file_with_flags_over_it_and_print_config(tmp_path, capsys)
     assert main(["train", "--config", str(run), "--epochs", "7", "--print-config"]) == 0
     got = yaml.safe_load(capsys.readouterr().out)
     assert (got["method"], got["lr"], got["epochs"], got["cache"], got["endpoint_url"]) == ("lora", 2e-3, 7, "./c", "http://s3:9000")
-    assert got["batch_size"] == 32 and got["workers"] == 1  # the fields' defaults
+    assert got["batch_size"] == 16 and got["workers"] == 1  # the fields' defaults
     run.write_text("method: lora\nlearning_rate: 1.0e-3\n")
     assert main(["train", "--config", str(run), "--print-config"]) == 2
     assert "unknown setting(s) learning_rate" in capsys.readouterr().err
