@@ -95,10 +95,19 @@ def load_encoder(name_or_path: str = DEFAULT_MODEL, revision: str | None = None)
     pin = {"revision": revision} if revision else {}
     tokenizer = AutoTokenizer.from_pretrained(path, **pin)
     hf_logging.set_verbosity_error()  # the unused pooler weights would print a load report
+    # A folder on disk loads in a fraction of a second: transformers' "Loading weights" bar would only be noise in
+    # every worker's log. A download from the Hub keeps its bars.
+    bars = hf_logging.is_progress_bar_enabled()
+    if bars and os.path.isdir(path):
+        hf_logging.disable_progress_bar()
     try:
-        # er never uses the pooler; BERT-style classes accept dropping it.
-        model = AutoModel.from_pretrained(path, add_pooling_layer=False, **pin)
-    except TypeError:
-        model = AutoModel.from_pretrained(path, **pin)
+        try:
+            # er never uses the pooler; BERT-style classes accept dropping it.
+            model = AutoModel.from_pretrained(path, add_pooling_layer=False, **pin)
+        except TypeError:
+            model = AutoModel.from_pretrained(path, **pin)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     model.eval()
     return model, tokenizer

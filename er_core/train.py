@@ -179,12 +179,14 @@ def fit(
     progress: bool = False,
     resume: dict | None = None,
     on_epoch: Callable[[dict, Callable[[], dict]], None] | None = None,
+    on_step: Callable[[int, int, int, float], None] | None = None,
 ) -> FitResult:
     """Train with early stopping on dev[primary]; the best epoch's weights are restored at the end.
 
     After each epoch `on_epoch(row, state)` gets the epoch's row and a function building the full
     training state (weights, optimizer, scheduler, RNG, early-stopping state, history); passing
     such a state back as `resume` continues the run after that epoch, exactly where it stopped.
+    `on_step(epoch, step, steps_per_epoch, mean loss so far)` after every optimizer step: a progress display.
     """
     core = getattr(model, "module", model)  # DDP wraps the model; states hold the plain names
     opt, sched = make_optimizer(model, cfg, steps_per_epoch * cfg.epochs)
@@ -232,6 +234,8 @@ def fit(
             total += float(loss.detach())
             n += 1
             seen += int(batch["attention_mask"].shape[0])
+            if on_step is not None:
+                on_step(epoch + 1, n, steps_per_epoch, total / n)
         seconds += time.perf_counter() - t0
         # ended_at: wall clock (unix) of the epoch's last step, so IO and logs can be split by epoch
         row = {"epoch": epoch + 1, "train_loss": total / max(n, 1), "attempt": attempt, "ended_at": time.time()}

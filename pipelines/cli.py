@@ -170,9 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "/tmp/ray/er-sessions); sessions of a running er, or not started by er, are never touched. "
                    "Every er command does this on start; this command does only that.")
     # Accepted before or after the subcommand; SUPPRESS keeps a subcommand from resetting the global value.
-    ap.add_argument("--verbose", action="store_true", help="print the traceback of an error (also ER_DEBUG=1)")
+    ap.add_argument("--verbose", action="store_true", help="Ray's own logs and worker output on the console too (otherwise "
+                    "in Ray's log files), and the traceback of an error (also ER_DEBUG=1)")
     for p in sub.choices.values():
-        p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help="print the traceback of an error")
+        p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="Ray's own logs and worker output on the console too, and the traceback of an error")
     return ap
 
 
@@ -259,13 +261,17 @@ def _er_error(e: BaseException | None) -> ErError | None:
     return None
 
 
+def _verbose(args) -> bool:
+    return getattr(args, "verbose", False) or os.environ.get("ER_DEBUG", "") not in ("", "0")
+
+
 def _fail(args, e: Exception) -> int:
     """Every failure ends in one `er` line; the traceback only with --verbose or ER_DEBUG=1."""
     import traceback
 
     from er_core.storage import explain_storage_error
 
-    if getattr(args, "verbose", False) or os.environ.get("ER_DEBUG", "") not in ("", "0"):
+    if _verbose(args):
         traceback.print_exception(e)
     err = _er_error(e) or explain_storage_error(e, _storage_url(args), storage_options(args))
     if err is not None:
@@ -296,9 +302,10 @@ def cmd_export(args) -> int:
 
 
 def main(argv=None) -> int:
-    from pipelines import ray_sessions
+    from pipelines import ray_env, ray_sessions
 
     args = build_parser().parse_args(argv)
+    ray_env.set_verbose(_verbose(args))
     ray_sessions.exit_on_sigterm()  # so a SIGTERM still releases locks and stops the Ray this run starts
     try:
         if args.cmd == "cleanup":

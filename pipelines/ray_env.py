@@ -10,6 +10,7 @@ only a local Ray that er starts itself defaults to RAY_AUTH_MODE=disabled.
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 
 from pipelines import ray_sessions
@@ -17,6 +18,40 @@ from pipelines import ray_sessions
 # Non-secret settings that workers on other nodes need and may not share with the driver.
 FORWARDED = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "HF_HUB_OFFLINE", "HF_HOME", "TRANSFORMERS_OFFLINE")
 _local: dict = {}  # the local Ray this process started: its session dir and record
+_console = {"verbose": False}
+# Warnings Ray itself repeats while nothing is wrong, muted at their logger in every Ray worker process.
+# PlacementGroupCleaner asks the state API every second whether Train's controller lives; without a dashboard
+# (er starts a local Ray without one: about 2 s less start-up) each ask fails with this warning.
+HARMLESS = {"ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR}
+
+
+def set_verbose(verbose: bool) -> None:
+    """verbose: Ray's own logs and its workers' output on this console too (otherwise only in Ray's log files)."""
+    _console["verbose"] = verbose
+
+
+def mute_harmless() -> None:
+    """A worker_process_setup_hook: Ray runs it in each worker process it starts."""
+    for name, level in HARMLESS.items():
+        logging.getLogger(name).setLevel(level)
+
+
+def _quiet_driver() -> None:
+    """Ray Data's INFO lines and progress bars stay in its log file; er draws its own progress."""
+    import ray.data
+    from ray._private.log import PlainRayHandler
+    from ray.util.debug import log_once
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    log_once("ray_data_progress_manager_disabled")  # spent here: Ray Data would warn that its bars are off
+    for h in logging.getLogger("ray.data").handlers:
+        if isinstance(h, PlainRayHandler):  # the console handler; the file handler keeps every level
+            h.setLevel(logging.WARNING)
+
+
+def _init_args() -> dict:
+    verbose = _console["verbose"]
+    return {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -24,9 +59,11 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
+    if not _console["verbose"]:
+        _quiet_driver()
     address = address or os.environ.get("RAY_ADDRESS")
     if address and address != "local":
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, **_init_args())
         return
     _start_local(num_cpus)
 
@@ -42,7 +79,8 @@ def _start_local(num_cpus: int | None) -> None:
     # Ray Data tasks feeding it must still be schedulable (or the run hangs forever). num_cpus: at least that many.
     cpus = max(num_cpus or 0, 8, 2 * (os.cpu_count() or 1))
     # address="local": start one even if RAY_ADDRESS is set (ray.init would read it otherwise).
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True, _temp_dir=root)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, _temp_dir=root, **_init_args(),
+             runtime_env={"worker_process_setup_hook": "pipelines.ray_env.mute_harmless"})
     session = ray._private.worker._global_node.get_session_dir_path()
     ray_sessions.record(root, session)
     _local.update(session_dir=session, record=rec)

@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import json
+import sys
 
 from er_core import ErError, TrainConfig, finetune
 from er_core.outputs import read_status
 
 
 def print_metrics(m: dict) -> None:
+    """The run's summary: one header line, then a table of the dev and test metrics (and the majority baseline)."""
     print(f"task {m['task']} ({m['kind']}), method {m['method']}, k={m['layer']}, best epoch {m['best_epoch']}, "
           f"{m['train_examples_per_second']} train examples/s")
     if m.get("dev_source", "dev split") != "dev split":
         print(f"  dev  = {m['dev_source']}")
-    for split in ("dev", "test"):
-        if split in m:
-            base = m.get(f"{split}_majority_baseline")
-            line = "  ".join(f"{k}={v:.4f}" for k, v in m[split].items())
-            print(f"  {split:4s} {line}" + (f"   (majority baseline micro_f1={base['micro_f1']:.4f})" if base else ""))
+    splits = [s for s in ("dev", "test") if s in m]
+    names = list(dict.fromkeys(k for s in splits for k in m[s]))
+    rows = [["split", *names, "majority micro_f1"]]
+    for split in splits:
+        base = m.get(f"{split}_majority_baseline")
+        rows.append([split, *(f"{m[split][k]:.4f}" if k in m[split] else "" for k in names),
+                     f"{base['micro_f1']:.4f}" if base else ""])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
 def resume_request(out: str) -> dict:
@@ -54,11 +61,11 @@ def main(args) -> int:
     common = dict(storage_options=opts, limit=limit, ingest_missing=run.ingest_missing, overwrite=args.overwrite,
                   resume=bool(args.resume))
     if workers == 0:
-        metrics = finetune(cache, task, out, cfg, log=lambda row: print(json.dumps(row)), **common)
+        metrics = finetune(cache, task, out, cfg, log=lambda row: print(json.dumps(row), file=sys.stderr), **common)
     else:
         from pipelines.train_ray import train_on_ray
 
-        metrics = train_on_ray(cache, task, out, cfg, workers=workers, address=args.address, **common, **ray_kw)
+        metrics = train_on_ray(cache, task, out, cfg, workers=workers, address=args.address, progress=True, **common, **ray_kw)
     print_metrics(metrics)
     print(f"wrote {out}/metrics.json")
     return 0

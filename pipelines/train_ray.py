@@ -25,7 +25,9 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -128,8 +130,17 @@ def train_loop_per_worker(config: dict) -> None:
             save_state(d, state())
             ray.train.report(scalars, checkpoint=ray.train.Checkpoint.from_directory(d))
 
+    console = config.get("console") if rank == 0 else None  # the driver's progress display, when it has one
+    if console is not None:
+        shown = on_epoch
+
+        def on_epoch(row, state):
+            console.epoch(row)
+            shown(row, state)
+
     res = fit(model, kind, cfg, lambda e: _train_batches(shard, p.spec, kind, per_worker, cfg.seed, e, p.pad_id), steps,
-              dev_metrics, primary_metric(kind), resume=resume, on_epoch=on_epoch)
+              dev_metrics, primary_metric(kind), resume=resume, on_epoch=on_epoch,
+              on_step=console.step if console is not None else None)
     if rank == 0:
         metrics = run_metrics(p, cfg, res, core, workers=world)
         if config["in_process"]:  # Ray Train's local mode reports the folder itself: the driver moves it, then removes it
@@ -225,9 +236,10 @@ def ray_storage(url: str, storage_options=None) -> dict:
 def train_on_ray(cache_url: str, task_dir: str, out_dir: str, cfg: TrainConfig, workers: int = 1, cpus_per_worker: float = 1.0,
                  gpus_per_worker: float = 0.0, storage_options=None, limit=None, address=None, storage_path=None,
                  name: str | None = None, ingest_missing: bool = False, overwrite: bool = False, resume: bool = False,
-                 max_failures: int = 3, callbacks=None) -> dict:
+                 max_failures: int = 3, callbacks=None, progress: bool = False) -> dict:
     """Run one training on Ray Train; the artefact and metrics.json end up in `out_dir`.
-    `callbacks`: Ray Train callbacks, e.g. Tune's TuneReportCallback when a sweep trial runs it."""
+    `callbacks`: Ray Train callbacks, e.g. Tune's TuneReportCallback when a sweep trial runs it.
+    `progress`: a bar per epoch and a line per epoch on stderr (train_progress)."""
     from pipelines.ray_env import absolute
 
     reject_secrets(storage_options)  # they travel in train_loop_config and actor arguments
@@ -239,7 +251,7 @@ def train_on_ray(cache_url: str, task_dir: str, out_dir: str, cfg: TrainConfig, 
                           storage_options=storage_options)
     try:
         metrics = _fit_on_ray(out, cache_url, task_dir, cfg, workers, cpus_per_worker, gpus_per_worker, storage_options,
-                              limit, address, storage_path, name, ingest_missing, max_failures, callbacks)
+                              limit, address, storage_path, name, ingest_missing, max_failures, callbacks, progress)
     except BaseException as e:
         out.fail(f"{type(e).__name__}: {e}")
         raise
@@ -247,7 +259,7 @@ def train_on_ray(cache_url: str, task_dir: str, out_dir: str, cfg: TrainConfig, 
 
 
 def _fit_on_ray(out: OutputDir, cache_url, task_dir, cfg, workers, cpus_per_worker, gpus_per_worker, storage_options, limit,
-                address, storage_path, name, ingest_missing, max_failures, callbacks) -> dict:
+                address, storage_path, name, ingest_missing, max_failures, callbacks, progress=False) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -273,13 +285,24 @@ def _fit_on_ray(out: OutputDir, cache_url, task_dir, cfg, workers, cpus_per_work
     reader = open_cache(cache_url, storage_options=storage_options)  # opened once for the whole run
     p = setup_data(cache_url, task_dir, cfg, storage_options, limit, splits=("dev", "test"), reader=reader)
     ds, n_train = train_dataset(reader, p, cfg, storage_options)
+    say = (lambda line: print(line, file=sys.stderr, flush=True)) if progress else (lambda line: None)
+    say(f"reading {n_train} train examples of {p.task.name} " + ("(text)" if cfg.method == "full" else f"from {cache_url}"))
+    t0 = time.perf_counter()
     ds = ds.materialize()  # read once: every epoch of every worker is shuffled from this copy
+    say(f"read in {time.perf_counter() - t0:.1f} s; training {cfg.method} on {workers or 1} worker(s), at most {cfg.epochs} epochs")
     use_gpu = gpus_per_worker > 0
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
+    from contextlib import nullcontext
+
+    from er_core.metrics import primary_metric
+    from pipelines.train_progress import Console
+
+    console = Console(cfg.epochs, primary_metric(p.task.kind)) if progress else None
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "cache": cache_url, "n_train": n_train, "in_process": workers == 0, "threads": max(1, int(cpus_per_worker)),
-                           "prepared": ray.put(replace(p, encoder=None, tokenizer=None))},
+                           "prepared": ray.put(replace(p, encoder=None, tokenizer=None)),
+                           "console": console.sender() if console else None},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         datasets={"train": ds},
@@ -288,7 +311,8 @@ def _fit_on_ray(out: OutputDir, cache_url, task_dir, cfg, workers, cpus_per_work
         run_config=RunConfig(name=name or "run", **storage, failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=1), callbacks=callbacks),
     )
-    result = _fit_keeping_sigint(trainer)
+    with console or nullcontext():
+        result = _fit_keeping_sigint(trainer)
     if result.checkpoint is None:
         raise ErError(f"training of {p.task.name} finished without a checkpoint: {result.error}")
     staged = out.stage()
