@@ -210,6 +210,10 @@ def report(res: dict, plots: list[str]) -> str:
         c = res["codecs"]
         lines += ["", f"Codec cost, {next(iter(c.values()))['task']} (`reduced`, seed 0): "
                   + ", ".join(f"{name} {r['test']:.4f}" for name, r in c.items())]
+    ideal = _ideal(res)
+    lines += ["", f"Training speed vs `full` (mean examples/s of the table's runs; ideal L/(L-k) = {ideal:.2f}): " + "; ".join(
+        f"{t}: reduced {s['reduced']:.2f}x ({100 * s['reduced'] / ideal:.0f}% of ideal), lora {s['lora']:.2f}x "
+        f"({100 * s['lora'] / ideal:.0f}%)" for t, s in _speedups(res).items())]
     b = res["break_even"]
     lines += ["", f"Break-even: ingesting one task's slice took {b['ingest_seconds']} s; a `reduced` run {b['reduced_seconds']} s, "
               f"a `full` run {b['full_seconds']} s (means of the table's runs). Recycling wins from N = {b['wins_from_n']} "
@@ -258,7 +262,26 @@ def plot(res: dict, folder: Path) -> list[str]:
     ax.set_ylabel("wall seconds")
     ax.legend()
     names.append(_save(fig, folder, "fidelity_break_even.png"))
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    sp = _speedups(res)
+    for i, method in enumerate(("reduced", "lora")):
+        ax.bar([j + 0.4 * (i - 0.5) for j in range(len(tasks))], [sp[t][method] for t in tasks], 0.4, label=f"{method} / full")
+    ax.axhline(_ideal(res), color="k", linestyle="--", label=f"ideal L/(L-k) = {_ideal(res):.2f}")
+    ax.set_xticks(range(len(tasks)), tasks)
+    ax.set_ylabel("training examples/s vs full")
+    ax.legend()
+    names.append(_save(fig, folder, "fidelity_speed.png"))
     return names
+
+
+def _ideal(res: dict) -> float:
+    return res["num_layers"] / (res["num_layers"] - res["k"])
+
+
+def _speedups(res: dict) -> dict:
+    """Per task: mean training examples/s of each method over that of `full` (the table's runs, side by side)."""
+    by = {(p["task"], p["method"]): p["train_examples_per_second"] for p in res["paired"]}
+    return {t: {m: by[t, m] / by[t, "full"] for m in METHODS} for t in dict.fromkeys(p["task"] for p in res["paired"])}
 
 
 def _save(fig, folder: Path, name: str) -> str:

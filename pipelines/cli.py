@@ -8,12 +8,9 @@ import os
 import sys
 
 from er_core import ErError
-from er_core.codecs import DEFAULT_CODEC
-from er_core.models import DEFAULT_MODEL
-from er_core.codecs import CODECS
 from er_core.storage import StorageConfig
 from er_core.train_config import TrainConfig
-from pipelines.configs import TrainRun, add_flags, field_docs, storage_options
+from pipelines.configs import INGEST_FLAGLESS, IngestConfig, TrainRun, add_flags, field_docs, storage_options
 
 EPILOG = """examples:
   er demo ../shared/data/tasks/chemprot                       # ingest a task folder, train from the cache, print metrics
@@ -60,24 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("corpus", nargs="+", help="JSONL, Parquet, CSV or text files, folders or globs (local or s3://); "
                    "a task folder ingests its train/dev/test files")
     p.add_argument("--cache", required=True, help="cache URL: a local folder or s3://bucket/prefix")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"HF model id or local folder (default {DEFAULT_MODEL}, bundled)")
-    p.add_argument("--model-revision", metavar="REV", help="Hub commit, branch or tag to load the model at; recorded in "
-                   "the cache and reused by every later command (default: the cache's, else the Hub's latest)")
-    p.add_argument("--layer", default="0.5", help="cut layer k: an int 0..L or a fraction of depth (default 0.5)")
-    p.add_argument("--codec", choices=sorted(CODECS), default=DEFAULT_CODEC, help="storage precision of the states")
-    p.add_argument("--text-field", default="text", help="field holding the text in JSONL/Parquet/CSV corpora")
-    p.add_argument("--id-field", help="use this field as the example key instead of a content hash")
-    p.add_argument("--max-length", type=int, help="truncate longer texts (counted in the manifest); default: model max")
-    p.add_argument("--actors", type=int, help="size of the lower-layer actor pool (default: one per GPU, else one single-threaded actor "
-                   "per CPU but one, left to read with; per core on a local Ray); more than the cluster holds is refused")
-    p.add_argument("--batch-size", type=int, default=64, help="texts per forward pass (length-sorted)")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="mixed precision of the lower layers on GPU")
-    p.add_argument("--local", action="store_true", help="plain single-process loop, no Ray")
-    p.add_argument("--shard-rows", type=int, default=512,
-                   help="rows per actor call and per shard file; the actor embeds them in length-sorted passes of --batch-size texts")
-    p.add_argument("--threads", type=int, help="torch threads per CPU actor (default: cores / actors)")
-    p.add_argument("--commit-every", type=int, default=16, help="commit the manifest every N shards (and at the end)")
-    p.add_argument("--commit-seconds", type=float, default=60.0, help="... or when this many seconds passed since the last commit")
+    add_flags(p, IngestConfig, skip=INGEST_FLAGLESS, metavars={"model_revision": "REV"})
     _ray_args(p)
     _storage_args(p)
 

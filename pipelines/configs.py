@@ -13,9 +13,65 @@ import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
+from er_core.codecs import CODECS, DEFAULT_CODEC
 from er_core.errors import ErError
+from er_core.models import DEFAULT_MODEL
 from er_core.storage import StorageConfig
 from er_core.train_config import TrainConfig
+
+AUTOCAST = {"bf16": "bfloat16", "fp16": "float16"}  # ingest's --dtype on GPU -> torch dtype names
+
+
+def _help(text: str, **kw) -> dict:
+    return {"metadata": {"help": text, **kw}}
+
+
+@dataclass
+class IngestConfig:
+    """Everything `er ingest` takes besides corpus and cache; each field is the CLI flag of the same name."""
+
+    model: str = field(default=DEFAULT_MODEL, **_help("HF model id or local folder (the default is bundled)"))
+    model_revision: str | None = field(default=None, **_help(
+        "Hub commit, branch or tag to load the model at; recorded in the cache and reused by every later command "
+        "(default: the cache's, else the Hub's latest)"))
+    layer: str | int = field(default="0.5", **_help("cut layer k: an int 0..L or a fraction of depth"))
+    codec: str = field(default=DEFAULT_CODEC, **_help("storage precision of the states", choices=tuple(sorted(CODECS))))
+    text_field: str = field(default="text", **_help("field holding the text in JSONL/Parquet/CSV corpora"))
+    id_field: str | None = field(default=None, **_help(
+        "use this field as the example key instead of a content hash (trusted ids; the first row of an id wins)"))
+    max_length: int | None = field(default=None, **_help("truncate longer texts (counted in the manifest); default: model max"))
+    limit: int | None = field(default=None, **_help("only the first N rows of each source (of each split for a task folder)"))
+    actors: int | None = field(default=None, **_help(
+        "size of the lower-layer actor pool (default: one per GPU, else one single-threaded actor per CPU but one, left to "
+        "read with; per core on a local Ray); more than the cluster holds is refused"))
+    threads: int | None = field(default=None, **_help("torch threads per CPU actor (default: cores / actors)"))
+    shard_rows: int = field(default=512, **_help(
+        "rows per actor call and per shard file; the actor embeds them in length-sorted passes of --batch-size texts"))
+    batch_size: int = field(default=64, **_help("texts per forward pass (length-sorted; the Embedder also caps tokens per pass)"))
+    dtype: str = field(default="fp32", **_help("mixed precision of the lower layers on GPU", choices=("fp32", *AUTOCAST)))
+    commit_every: int = field(default=16, **_help("commit the manifest every N shards (and at the end)"))
+    commit_seconds: float = field(default=60.0, **_help("... or when this many seconds passed since the last commit"))
+    local: bool = field(default=False, **_help("plain single-process loop, no Ray"))
+    address: str | None = None  # the command-level --address (a Ray cluster; default a local Ray)
+    storage_options: dict | None = None  # from StorageConfig's flags
+    progress: bool = True  # er's progress bar (library callers may turn it off)
+
+    def __post_init__(self):
+        for name in ("max_length", "actors", "threads", "shard_rows", "batch_size", "commit_every"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ErError(f"{name} must be a positive integer, got {v!r}")
+        if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 0):
+            raise ErError(f"limit must be an integer >= 0, got {self.limit!r}")
+        if self.dtype not in ("fp32", *AUTOCAST):
+            raise ErError(f"dtype must be fp32, bf16 or fp16, got {self.dtype!r}")
+        if self.codec not in CODECS:
+            raise ErError(f"codec must be one of {', '.join(sorted(CODECS))}, got {self.codec!r}")
+        if not self.commit_seconds > 0:
+            raise ErError(f"commit_seconds must be > 0, got {self.commit_seconds!r}")
+
+
+INGEST_FLAGLESS = ("address", "storage_options", "progress")  # set by command-level flags, or by library callers
 
 
 @dataclass

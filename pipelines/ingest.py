@@ -33,20 +33,18 @@ import numpy as np
 
 from er_core import ErError, Recycler, ingest_local, open_cache
 from er_core.cache import CacheWriter
-from er_core.codecs import DEFAULT_CODEC
 from er_core.manifest import Manifest, ShardInfo
-from er_core.models import DEFAULT_MODEL
 from er_core.cache import Written, encode_table, write_shard
 from er_core.corpus import KeyClaims, batch_token, find_sources, read_source, scan
 from er_core.embed import is_empty
 from er_core.errors import LockLostError
 from er_core.keys import example_key
 from er_core.secrets import reject_secrets
+from pipelines.configs import AUTOCAST, IngestConfig
 from pipelines.placement import Pool, read_args
 
 log = logging.getLogger("er.ingest")
 
-_AUTOCAST = {"bf16": "bfloat16", "fp16": "float16"}
 _INFO_FIELDS = [f.name for f in fields(ShardInfo)]
 
 
@@ -100,7 +98,7 @@ class EmbedShards:
         rec = Recycler.load(model, layer, codec, max_length, spec.model_revision)
         spec.check(rec.spec, f"for {model!r} on this worker", check_codec=True)  # same weights on every node
         self.rec = replace(rec, encoder=None)  # keep the lower part only
-        autocast = getattr(torch, _AUTOCAST[dtype]) if self.device != "cpu" and dtype in _AUTOCAST else None
+        autocast = getattr(torch, AUTOCAST[dtype]) if self.device != "cpu" and dtype in AUTOCAST else None
         self.embed = self.rec.embedder(self.device, autocast)
         self.cache, self.storage_options, self.claims = cache, storage_options, claims
         self.run_id, self.batch_size = run_id, batch_size
@@ -246,43 +244,6 @@ def _alive_nodes() -> dict[str, str]:
 
 
 # ---------------------------------------------------------------- driver
-
-
-@dataclass
-class IngestConfig:
-    """Everything `er ingest` takes besides corpus and cache; each field is the CLI flag of the same name."""
-
-    model: str = DEFAULT_MODEL  # HF id or local folder
-    model_revision: str | None = None  # Hub commit or tag; default: the one the cache recorded, if any
-    layer: object = "0.5"  # cut layer k: int, or fraction of depth
-    codec: str = DEFAULT_CODEC
-    text_field: str = "text"
-    id_field: str | None = None  # trusted user ids as keys instead of content hashes (first row of an id wins)
-    max_length: int | None = None
-    limit: int | None = None  # first N rows of each source (of each split for a task folder)
-    actors: int | None = None  # default: one per GPU, else one per core
-    threads: int | None = None  # torch threads per CPU actor; default cores / actors
-    shard_rows: int = 512  # rows per actor call and per shard file
-    batch_size: int = 64  # texts per forward pass, length-sorted (the Embedder also caps tokens per pass)
-    dtype: str = "fp32"  # autocast dtype on GPU
-    commit_every: int = 16  # shards per manifest commit ...
-    commit_seconds: float = 60.0  # ... or seconds, whichever comes first
-    address: str | None = None
-    storage_options: dict | None = None
-    local: bool = False  # the plain single-process loop, no Ray
-    progress: bool = True
-
-    def __post_init__(self):
-        for name in ("max_length", "actors", "threads", "shard_rows", "batch_size", "commit_every"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ErError(f"{name} must be a positive integer, got {v!r}")
-        if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 0):
-            raise ErError(f"limit must be an integer >= 0, got {self.limit!r}")
-        if self.dtype not in ("fp32", *_AUTOCAST):
-            raise ErError(f"dtype must be fp32, bf16 or fp16, got {self.dtype!r}")
-        if not self.commit_seconds > 0:
-            raise ErError(f"commit_seconds must be > 0, got {self.commit_seconds!r}")
 
 
 def recorded_revision(cache: str, storage_options=None) -> str | None:
@@ -496,11 +457,10 @@ def print_summary(rep: Report) -> None:
 
 
 def main(args) -> int:
-    from pipelines.configs import storage_options
+    from pipelines.configs import given, storage_options
 
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     logging.getLogger("er").setLevel(logging.INFO)  # er's own progress; libraries (botocore, ...) stay quiet
-    names = {f.name for f in fields(IngestConfig)} - {"storage_options", "progress", "limit"}
-    cfg = IngestConfig(storage_options=storage_options(args), **{n: getattr(args, n) for n in names})
+    cfg = IngestConfig(storage_options=storage_options(args), **given(IngestConfig, args))  # --address among them
     print_summary(run(args.corpus, args.cache, cfg))
     return 0

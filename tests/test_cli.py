@@ -41,6 +41,16 @@ def test_bad_training_options_are_usage_errors_by_the_configs_own_checks(tmp_pat
     assert f"argument {flag}" in err and says in err, err
 
 
+@pytest.mark.parametrize("flag,value,says", [("--shard-rows", "0", "shard_rows must be a positive integer"),
+                                              ("--commit-seconds", "0", "commit_seconds must be > 0")])
+def test_bad_ingest_options_are_usage_errors_by_the_configs_own_checks(tmp_path, capsys, flag, value, says):
+    with pytest.raises(SystemExit) as e:
+        main(["ingest", str(tmp_path), "--cache", str(tmp_path / "c"), flag, value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err and says in err, err
+
+
 COMMAND_LEVEL = {"help", "overwrite", "resume", "verbose", "config", "print_config", "address"}
 
 
@@ -57,6 +67,20 @@ def test_every_train_flag_is_a_config_field_and_every_field_a_flag():
     assert dests == names, (dests - names, names - dests)
     helps = {a.dest: a.help for a in train._actions}
     assert all(helps[f.name].replace("%%", "%").startswith(f.metadata["help"]) for c in TRAIN_CONFIGS for f in fields(c))
+
+
+def test_every_ingest_flag_is_a_config_field_and_every_field_a_flag():
+    from dataclasses import fields
+
+    from er_core.storage import StorageConfig
+    from pipelines.configs import INGEST_FLAGLESS, IngestConfig
+
+    ingest = build_parser()._subparsers._group_actions[0].choices["ingest"]
+    dests = {a.dest for a in ingest._actions} - COMMAND_LEVEL - {"corpus", "cache", "address"}
+    names = {f.name for c in (IngestConfig, StorageConfig) for f in fields(c)} - set(INGEST_FLAGLESS)
+    assert dests == names, (dests - names, names - dests)
+    helps = {a.dest: a.help for a in ingest._actions}
+    assert all(helps[f.name].replace("%%", "%").startswith(f.metadata["help"]) for f in fields(IngestConfig) if f.name in names)
 
 
 def test_train_config_file_with_flags_over_it_and_print_config(tmp_path, capsys):
