@@ -161,6 +161,39 @@ def field_docs(cls, skip: tuple = (), width: int = 100) -> str:
     return "\n".join(out)
 
 
+def settings_tables() -> str:
+    """README's tables of every setting, one per config (field, flag, type, default, help): the same definitions
+    the flags, `er train --config` and `er sweep --help` come from (`python -m pipelines.configs README.md`)."""
+    out = []
+    for cls, flags, title in ((TrainRun, True, "`er train`: what it runs on (`TrainRun`)"),
+                              (TrainConfig, True, "`er train`, and a sweep's `defaults`/`grid`/`search` keys (`TrainConfig`)"),
+                              (IngestConfig, True, "`er ingest` (`IngestConfig`)"),
+                              (StorageConfig, True, "S3, on every command that reads or writes a cache (`StorageConfig`)")):
+        out += [f"**{title}**", "", "| setting | flag | type | default | what it does |", "|---|---|---|---|---|"]
+        for f in fields(cls):
+            if "help" not in f.metadata:
+                continue  # set by command-level flags or by library callers
+            default = _default(f)
+            shown = "" if default is None or default is MISSING else f"`{default}`"
+            text = f.metadata["help"].replace("|", "\\|")
+            out.append(f"| `{f.name}` | `--{f.name.replace('_', '-')}` | {_kind(cls, f).__name__} | {shown} | {text} |")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+README_MARKERS = ("<!-- begin settings: generated from pipelines/configs.py by `python -m pipelines.configs README.md` -->",
+                  "<!-- end settings -->")
+
+
+def write_readme(path: str) -> None:
+    """Replace README's settings block with `settings_tables()`."""
+    p = Path(path)
+    text = p.read_text()
+    begin, end = README_MARKERS
+    head, rest = text.split(begin, 1)
+    p.write_text(head + begin + "\n" + settings_tables() + end + rest.split(end, 1)[1])
+
+
 def given(cls, args) -> dict:
     """The fields of `cls` set on the command line."""
     return {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
@@ -212,3 +245,9 @@ def resolved(settings) -> dict:
 def storage_options(args) -> dict | None:
     """fsspec/s3fs options from a command's storage flags."""
     return StorageConfig(**given(StorageConfig, args)).options()
+
+
+if __name__ == "__main__":
+    import sys
+
+    write_readme(sys.argv[1] if len(sys.argv) > 1 else "README.md")

@@ -180,3 +180,16 @@ def test_sweep_help_documents_the_training_fields_from_their_definitions(capsys)
     for f in fields(TrainConfig):
         if f.name != "method":
             assert f"  {f.name} (" in out and " ".join(f.metadata["help"].split()[:4]) in " ".join(out.split()), f.name
+
+
+def test_readme_settings_tables_are_the_config_fields():
+    """README documents every setting from the same definitions as the flags (regenerate: python -m pipelines.configs README.md)."""
+    from pathlib import Path
+
+    from pipelines.configs import README_MARKERS, settings_tables
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    begin, end = README_MARKERS
+    assert text.split(begin, 1)[1].split(end, 1)[0].strip() == settings_tables().strip(), \
+        "README's settings block is stale: run python -m pipelines.configs README.md"
+    assert "| `lr` | `--lr` |" in text and "| `shard_rows` | `--shard-rows` |" in text
