@@ -31,6 +31,7 @@ from er_core.tasks import example_input, task_folders
 from .report import write_section
 
 METHODS = ("full", "reduced", "lora")
+GOAL_POINTS = 1.0  # recycling's goal: within this many points of full fine-tuning
 HERE = Path(__file__).resolve().parent
 QUICK_LIMIT = {"train": 64, "dev": 32, "test": 32}
 FULL_LIMIT = {"train": 500, "dev": 300, "test": 400}  # sized for 2 cores: about 1.5 h for the whole run
@@ -204,6 +205,10 @@ def report(res: dict, plots: list[str]) -> str:
         macro = "" if p["macro_f1"] is None else f"{p['macro_f1']:.3f}"
         lines.append(f"| {p['task']} | {p['method']} | {p['metric']} {p['mean']:.4f} ± {p['std']:.4f} | {diff} | {macro} | "
                      f"{p['wall_seconds']:.1f} | {p['train_examples_per_second']:.1f} |")
+    lines += ["", f"Goal: `reduced` and `lora` within {GOAL_POINTS} point of `full` (paired mean): " + "; ".join(
+        f"{p['task']} {p['method']} {p['diff_points']:+.2f}: "
+        + ("met" if p["diff_points"] >= -GOAL_POINTS else f"missed by {-GOAL_POINTS - p['diff_points']:.2f}")
+        for p in res["paired"] if p["method"] != "full" and p["diff_points"] is not None) + "."]
     for task, rows in res["vs_k"].items():
         lines += ["", f"Accuracy vs k, {task} (`reduced`, seed 0): " + ", ".join(f"k={r['layer']}: {r['test']:.4f}" for r in rows)]
     if res["codecs"]:

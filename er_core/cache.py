@@ -52,17 +52,39 @@ SCHEMA = pa.schema(
 
 
 def encode_table(keys, input_ids, hidden, truncated, codec: str) -> pa.Table:
-    """Build one shard's table from per-example float32 (length, H) arrays."""
+    """Build one shard's table from per-example float32 (length, H) arrays, encoded on the host."""
+    from .embed import Tokenized
+    from .packed import PackedRows
+
     c = get_codec(codec)
+    rows = PackedRows.of([(k, Tokenized(np.asarray(x, np.int32), bool(t))) for k, x, t in zip(keys, input_ids, truncated)])
     payloads, scales = zip(*(c.encode(np.asarray(h, dtype=np.float32)) for h in hidden)) if hidden else ((), ())
+    rows.payload = np.frombuffer(b"".join(payloads), np.uint8)
+    rows.scale = np.frombuffer(b"".join(scales), np.uint8) if c.scale_bytes_per_token else None
+    return packed_table(rows, codec)
+
+
+def packed_table(rows, codec: str) -> pa.Table:
+    """One shard's table from a PackedRows with states: Arrow arrays over its buffers, no Python object per row."""
+    c = get_codec(codec)
+    n, off = len(rows), rows.offsets
+    if off[-1] and len(rows.payload) % off[-1]:
+        raise ErError(f"a shard's states payload ({len(rows.payload)} bytes) is not a whole number of tokens ({off[-1]})")
+    per_token = len(rows.payload) // off[-1] if off[-1] else 0
+    if len(rows.payload) >= 2**31:
+        raise ErError(f"a shard's states exceed 2 GiB ({len(rows.payload)} bytes): lower --shard-rows")
+
+    def binary(data: np.ndarray, unit: int) -> pa.Array:
+        return pa.BinaryArray.from_buffers(pa.binary(), n, [None, pa.py_buffer((off * unit).astype(np.int32)), pa.py_buffer(data)])
+
     return pa.table(
         {
-            "key": pa.array(list(keys), pa.string()),
-            "length": pa.array([len(x) for x in input_ids], pa.int32()),
-            "input_ids": pa.array([np.asarray(x, dtype=np.int32) for x in input_ids], pa.list_(pa.int32())),
-            "hidden": pa.array(list(payloads), pa.binary()),
-            "scale": pa.array(list(scales), pa.binary()),
-            "truncated": pa.array([bool(t) for t in truncated], pa.bool_()),
+            "key": pa.array(rows.keys, pa.string()),
+            "length": pa.array(rows.lengths, pa.int32()),
+            "input_ids": pa.ListArray.from_arrays(pa.array(off.astype(np.int32)), pa.array(rows.ids, pa.int32())),
+            "hidden": binary(rows.payload, per_token),
+            "scale": binary(rows.scale, 4) if c.scale_bytes_per_token else pa.nulls(n, pa.binary()),
+            "truncated": pa.array(rows.truncated, pa.bool_()),
         },
         schema=SCHEMA,
     )

@@ -1,7 +1,8 @@
 """How hidden states are stored: one codec per precision, all decoding to float32.
 
 Every codec encodes one example's (tokens, H) float32 array to a flat byte payload
-(plus, for int8, a per-token scale payload). Stated error bounds, checked by tests:
+(plus, for int8, a per-token scale payload), on the host from numpy or on the model's device from a
+torch tensor, to the same bytes. Stated error bounds, checked by tests:
 
 | codec | bytes/value | scale bytes/token | error bound (per element)           |
 |-------|-------------|-------------------|-------------------------------------|
@@ -92,6 +93,30 @@ def _into_int8(payload, scale, dst):
                 out=dst)
 
 
+# The same encodings of a (tokens, H) float32 tensor on its device (a GPU in ingestion), as tensors whose bytes
+# are the host payloads' bytes: states leave the device already in the storage precision, in one copy.
+def _dev_fp32(x):
+    return x, None
+
+
+def _dev_fp16(x):
+    y = x.half()
+    # an all-finite input that overflows fp16 is an error (as on the host); a flag byte travels with the payload
+    return y, (~y.isfinite()).any() & x.isfinite().all()
+
+
+def _dev_bf16(x):
+    return x.bfloat16(), None
+
+
+def _dev_int8(x):
+    import torch
+
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    return torch.clamp(torch.round(x / scale), -127, 127).to(torch.int8), scale
+
+
 @dataclass(frozen=True)
 class Codec:
     name: str
@@ -100,6 +125,7 @@ class Codec:
     encode: Callable[[np.ndarray], tuple[bytes, bytes | None]]
     decode: Callable[[bytes, bytes | None, tuple[int, int]], np.ndarray]
     decode_into: Callable[[bytes, bytes | None, np.ndarray], None]  # into a (tokens, hidden) float32 slot
+    encode_device: Callable  # torch (tokens, H) float32 -> (payload tensor, int8 scale / fp16 overflow flag / None)
 
     def bytes_per_token(self, hidden_size: int) -> int:
         """Payload bytes one token costs (hidden states only; token ids add 4)."""
@@ -107,10 +133,10 @@ class Codec:
 
 
 CODECS: dict[str, Codec] = {
-    "fp32": Codec("fp32", 4, 0, _enc_fp32, _dec_fp32, _into_fp32),
-    "fp16": Codec("fp16", 2, 0, _enc_fp16, _dec_fp16, _into_fp16),
-    "bf16": Codec("bf16", 2, 0, _enc_bf16, _dec_bf16, _into_bf16),
-    "int8": Codec("int8", 1, 4, _enc_int8, _dec_int8, _into_int8),
+    "fp32": Codec("fp32", 4, 0, _enc_fp32, _dec_fp32, _into_fp32, _dev_fp32),
+    "fp16": Codec("fp16", 2, 0, _enc_fp16, _dec_fp16, _into_fp16, _dev_fp16),
+    "bf16": Codec("bf16", 2, 0, _enc_bf16, _dec_bf16, _into_bf16, _dev_bf16),
+    "int8": Codec("int8", 1, 4, _enc_int8, _dec_int8, _into_int8, _dev_int8),
 }
 DEFAULT_CODEC = "fp16"
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -141,43 +141,88 @@ def pad_types(types: list | None, T: int) -> torch.Tensor | None:
     return out
 
 
-def pad_ids(ids: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), T), dtype=torch.long)
-    for r, x in enumerate(ids):
-        input_ids[r, : len(x)] = torch.from_numpy(x.astype(np.int64))
-        mask[r, : len(x)] = 1
-    return input_ids, mask
+CPU_TOKENS = 8192  # tokens per forward pass on CPU (measured best here: benchmarks/bench_ingest.py)
+CPU_BATCH = 64  # texts per forward pass on CPU (ingestion's default)
+
+
+def token_budget(device: str, hidden_size: int, intermediate_size: int, heads: int, max_length: int) -> int:
+    """Tokens per forward pass: CPU_TOKENS on CPU; on a GPU as many as half its free memory holds, counting a
+    layer's live activations per token in fp32 (states, q/k/v, the FFN, one row of attention scores), so the
+    device stays busy without a sweep of batch sizes."""
+    if not device.startswith("cuda"):
+        return CPU_TOKENS
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    per_token = 4 * (6 * hidden_size + intermediate_size + heads * max_length)
+    return int(min(max(free // 2 // per_token, CPU_TOKENS), 1 << 20))
 
 
 class Embedder:
     """Computes layer-k states of token id sequences with the frozen lower part.
 
-    `autocast` is a torch dtype for mixed precision on GPU (e.g. torch.bfloat16); states
-    are always returned as float32 numpy arrays of the real tokens only.
+    Rows go through in length-sorted passes of at most `max_tokens` tokens (padding counted) and
+    `max_batch` rows. `autocast` is a torch dtype for mixed precision on GPU (e.g. torch.bfloat16).
+    `pack` leaves the states on the device in the storage codec and copies each pass to the host once;
+    calling the embedder returns float32 numpy arrays of the real tokens only.
     """
 
-    def __init__(self, lower: torch.nn.Module, pad_id: int, device: str = "cpu", autocast=None, max_tokens: int = 8192):
+    def __init__(self, lower: torch.nn.Module, pad_id: int, device: str = "cpu", autocast=None,
+                 max_tokens: int = CPU_TOKENS, max_batch: int = 256):
         self.lower = lower.to(device).eval()
         self.pad_id = pad_id
         self.device = device
         self.autocast = autocast
-        self.max_tokens = max_tokens
+        self.max_tokens, self.max_batch = max_tokens, max_batch
 
     @torch.inference_mode()
+    def pack(self, rows, codec: str = "fp32"):
+        """`rows` (a PackedRows) in length order, with their states encoded by `codec` as `payload` (and `scale`)."""
+        from .codecs import get_codec
+
+        if (rows.lengths == 0).any():
+            raise ErError("cannot embed an example with zero tokens")
+        c = get_codec(codec)
+        batches = length_batches(rows.lengths, self.max_tokens, self.max_batch)
+        rows = rows.take(np.concatenate(batches)) if batches else rows
+        payload, scale, at, pin = [], [], 0, self.device.startswith("cuda")
+        for b in batches:
+            ids, mask, types = (None if x is None else torch.from_numpy(x) for x in rows.padded(at, at + len(b), self.pad_id))
+            at += len(b)
+            if pin:
+                ids, mask = ids.pin_memory(), mask.pin_memory()
+            ids, mask = ids.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True)
+            with torch.autocast(self.device.split(":")[0], dtype=self.autocast, enabled=self.autocast is not None):
+                h = self.lower(ids, mask.long(), None if types is None else types.to(self.device))
+            y, extra = c.encode_device(h.float()[mask])  # real tokens only, row after row
+            parts = [y.contiguous().view(torch.uint8).reshape(-1)]
+            if extra is not None:  # int8's fp32 scales, or fp16's overflow flag
+                extra = extra if extra.dtype == torch.float32 else extra.to(torch.uint8)
+                parts.append(extra.contiguous().view(torch.uint8).reshape(-1))
+            host = torch.cat(parts).cpu().numpy()  # the pass's one device-to-host copy
+            n = parts[0].numel()
+            payload.append(host[:n])
+            if codec == "int8":
+                scale.append(host[n:])
+            elif codec == "fp16" and host[n:].any():
+                raise ErError("hidden states overflow fp16 (|x| > 65504); use codec 'bf16' or 'fp32' for this model")
+        empty = np.zeros(0, np.uint8)
+        return replace(rows, payload=np.concatenate(payload) if payload else empty,
+                       scale=(np.concatenate(scale) if scale else empty) if codec == "int8" else None)
+
     def __call__(self, ids: list[np.ndarray], types: list | None = None) -> list[np.ndarray]:
-        """States of each id sequence; `types`: each one's segment ids (Tokenized.type_ids) or None."""
+        """States of each id sequence as float32 (length, H) arrays; `types`: each one's segment ids or None."""
+        from .packed import PackedRows
+
         if any(len(x) == 0 for x in ids):
             raise ErError("cannot embed an example with zero tokens")
+        if not ids:
+            return []
+        tok = [Tokenized(np.asarray(x, np.int32), False, None if types is None else types[i]) for i, x in enumerate(ids)]
+        rows = self.pack(PackedRows.of([(str(i), t) for i, t in enumerate(tok)]), "fp32")
+        flat = rows.payload.view(np.float32)
+        states = np.split(flat.reshape(int(rows.lengths.sum()), -1), np.cumsum(rows.lengths)[:-1])
         out: list[np.ndarray | None] = [None] * len(ids)
-        for batch in length_batches([len(x) for x in ids], self.max_tokens):
-            input_ids, mask = pad_ids([ids[i] for i in batch], self.pad_id)
-            tt = pad_types(None if types is None else [types[i] for i in batch], input_ids.shape[1])
-            input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-            with torch.autocast(self.device.split(":")[0], dtype=self.autocast, enabled=self.autocast is not None):
-                h = self.lower(input_ids, mask, None if tt is None else tt.to(self.device))
-            h = h.float().cpu().numpy()
-            for r, i in enumerate(batch):
-                out[i] = h[r, : len(ids[i])]
+        for key, h in zip(rows.keys, states):
+            out[int(key)] = h
         return out  # type: ignore[return-value]

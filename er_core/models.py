@@ -86,14 +86,21 @@ def mpnet_installed() -> bool:
         return False
 
 
+def load_tokenizer(name_or_path: str = DEFAULT_MODEL, revision: str | None = None):
+    """The model's tokenizer alone (ingestion's tokenize stage loads no weights)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model(name_or_path), **({"revision": revision} if revision else {}))
+
+
 def load_encoder(name_or_path: str = DEFAULT_MODEL, revision: str | None = None):
     """Return `(model, tokenizer)` in eval mode, fp32. `revision`: a Hub commit, branch or tag (local folders ignore it)."""
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
     path = resolve_model(name_or_path)
     pin = {"revision": revision} if revision else {}
-    tokenizer = AutoTokenizer.from_pretrained(path, **pin)
+    tokenizer = load_tokenizer(name_or_path, revision)
     hf_logging.set_verbosity_error()  # the unused pooler weights would print a load report
     # A folder on disk loads in a fraction of a second: transformers' "Loading weights" bar would only be noise in
     # every worker's log. A download from the Hub keeps its bars.

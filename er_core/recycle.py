@@ -69,12 +69,17 @@ class Recycler:
     def rows(self, inputs: list[dict], keys: list[str] | None = None) -> list[tuple[str, Tokenized]]:
         """(key, tokens) of every cache row of `inputs`: one each, or one per window of a strided QA input.
         `keys`: the inputs' own (e.g. ids from --id-field), which their first rows keep; default `self.key`."""
-        keys = [self.key(x) for x in inputs] if keys is None else list(keys)
-        return [(keys[i] if w == 0 else window_key(inputs[i], self.spec.tokenizer, w), t)
-                for i, w, t in tokenize_rows(self.tokenizer, inputs, self.spec.tokenizer.max_length)]
+        return cache_rows(self.tokenizer, self.spec.tokenizer, inputs, keys)
 
     def embedder(self, device: str = "cpu", autocast=None) -> Embedder:
         return Embedder(self.lower, self.pad_id, device=device, autocast=autocast)
+
+
+def cache_rows(tokenizer, settings, inputs: list[dict], keys: list[str] | None = None) -> list[tuple[str, Tokenized]]:
+    """Recycler.rows with only a tokenizer and its settings (keys.TokenizerSettings): what ingestion's CPU stage needs."""
+    keys = [example_key(x, settings) for x in inputs] if keys is None else list(keys)
+    return [(keys[i] if w == 0 else window_key(inputs[i], settings, w), t)
+            for i, w, t in tokenize_rows(tokenizer, inputs, settings.max_length)]
 
 
 def ingest_local(

@@ -46,8 +46,12 @@ class IngestConfig:
         "read with; per core on a local Ray); more than the cluster holds is refused"))
     threads: int | None = field(default=None, **_help("torch threads per CPU actor (default: cores / actors)"))
     shard_rows: int = field(default=512, **_help(
-        "rows per actor call and per shard file; the actor embeds them in length-sorted passes of --batch-size texts"))
-    batch_size: int = field(default=64, **_help("texts per forward pass (length-sorted; the Embedder also caps tokens per pass)"))
+        "rows per shard file, and per call of each stage (tokenize, embed, write); the embedding actor runs them in "
+        "length-sorted passes of --batch-size texts and --max-tokens tokens"))
+    batch_size: int | None = field(default=None, **_help(
+        "texts per forward pass, length-sorted (default: 64 on CPU; on a GPU as many as --max-tokens holds)"))
+    max_tokens: int | None = field(default=None, **_help(
+        "tokens per forward pass, padding counted (default: 8192 on CPU; on a GPU from its free memory)"))
     dtype: str = field(default="fp32", **_help("mixed precision of the lower layers on GPU", choices=("fp32", *AUTOCAST)))
     commit_every: int = field(default=16, **_help("commit the manifest every N shards (and at the end)"))
     commit_seconds: float = field(default=60.0, **_help("... or when this many seconds passed since the last commit"))
@@ -57,7 +61,7 @@ class IngestConfig:
     progress: bool = True  # er's progress bar (library callers may turn it off)
 
     def __post_init__(self):
-        for name in ("max_length", "actors", "threads", "shard_rows", "batch_size", "commit_every"):
+        for name in ("max_length", "actors", "threads", "shard_rows", "batch_size", "max_tokens", "commit_every"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ErError(f"{name} must be a positive integer, got {v!r}")

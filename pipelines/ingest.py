@@ -19,6 +19,7 @@ node sees), since actors write shards themselves; local corpus files are read on
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -27,16 +28,20 @@ import threading
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 
 import numpy as np
+import pyarrow as pa
 
 from er_core import ErError, Recycler, ingest_local, open_cache
 from er_core.cache import CacheWriter
 from er_core.manifest import Manifest, ShardInfo
-from er_core.cache import Written, encode_table, write_shard
+from er_core.cache import Written, packed_table, write_shard
 from er_core.corpus import KeyClaims, batch_token, find_sources, read_source, scan
-from er_core.embed import is_empty
+from er_core.embed import CPU_BATCH, Embedder, is_empty, token_budget
+from er_core.keys import TokenizerSettings
+from er_core.packed import PackedRows
+from er_core.recycle import cache_rows
 from er_core.errors import LockLostError
 from er_core.keys import example_key
 from er_core.secrets import reject_secrets
@@ -46,6 +51,7 @@ from pipelines.placement import Pool, read_args
 log = logging.getLogger("er.ingest")
 
 _INFO_FIELDS = [f.name for f in fields(ShardInfo)]
+CPU_STAGE = 0.5  # CPUs a tokenize or write task reserves: both fit in the CPU the actor pool leaves free
 
 
 @dataclass
@@ -80,11 +86,39 @@ def _columns(rows):
             "src": np.array(src, np.int32), "row": np.array(row, np.int64)}
 
 
-class EmbedShards:
-    """Actor: holds the lower part once; each call claims its rows' keys, embeds the new ones and writes one shard."""
+@functools.lru_cache(maxsize=2)
+def _tokenizer(settings: TokenizerSettings, revision: str | None):
+    """One tokenizer per worker process, checked against the cache's: keys on every node mean the same tokens."""
+    from er_core.keys import tokenizer_fingerprint
+    from er_core.models import load_tokenizer
 
-    def __init__(self, model, layer, codec, max_length, spec, cache, storage_options, claims, run_id,
-                 batch_size=64, dtype="fp32", threads=None):
+    tok = load_tokenizer(settings.name, revision)
+    if tokenizer_fingerprint(tok) != settings.fingerprint:
+        raise ErError(f"the tokenizer of {settings.name!r} on this node differs from the cache's (another version or "
+                      f"files): install the same model on every node")
+    return tok
+
+
+def tokenize_rows(batch, claims, settings: TokenizerSettings, revision: str | None):
+    """CPU stage: claim the batch's keys (each key is embedded once per cache), tokenize the new ones (a row per
+    window of a long QA context), and pack them into one row of contiguous buffers."""
+    import ray
+
+    keys = batch["key"]
+    mask = ray.get(claims.claim.remote(list(keys), batch_token(batch["src"], batch["row"])))
+    rows = []
+    if mask.any():  # the read stage's keys (content hashes, or --id-field ids)
+        rows = cache_rows(_tokenizer(settings, revision), settings, [json.loads(s) for s in batch["input"][mask]],
+                          list(keys[mask]))
+    return PackedRows.of(rows).to_arrow(seen=len(keys), inputs=int(mask.sum()))
+
+
+class EmbedStates:
+    """Actor (a GPU, or a CPU on CPU-only clusters): holds the lower part once; each call embeds packed rows in
+    length-sorted passes within the token budget, and the states leave the device in the storage codec, one copy
+    per pass."""
+
+    def __init__(self, model, layer, codec, max_length, spec, batch_size=None, max_tokens=None, dtype="fp32", threads=None):
         import ray
         import torch
 
@@ -97,47 +131,46 @@ class EmbedShards:
             torch.set_num_threads(max(1, min(int(threads), os.cpu_count() or 1)))
         rec = Recycler.load(model, layer, codec, max_length, spec.model_revision)
         spec.check(rec.spec, f"for {model!r} on this worker", check_codec=True)  # same weights on every node
-        self.rec = replace(rec, encoder=None)  # keep the lower part only
+        c = rec.encoder.config
+        budget = max_tokens or token_budget(self.device, spec.hidden_size, getattr(c, "intermediate_size", 4 * spec.hidden_size),
+                                            getattr(c, "num_attention_heads", 12), spec.tokenizer.max_length)
         autocast = getattr(torch, AUTOCAST[dtype]) if self.device != "cpu" and dtype in AUTOCAST else None
-        self.embed = self.rec.embedder(self.device, autocast)
-        self.cache, self.storage_options, self.claims = cache, storage_options, claims
-        self.run_id, self.batch_size = run_id, batch_size
+        self.embed = Embedder(rec.lower, rec.pad_id, self.device, autocast, max_tokens=budget,
+                              max_batch=batch_size or (CPU_BATCH if self.device == "cpu" else budget))
+        del rec  # the lower part only stays (the embedder holds it)
+        self.codec = codec
         self.actor = ray.get_runtime_context().get_actor_id()[:8]
         self.node = ray.get_runtime_context().get_node_id()
 
-    def _states(self, ids, types):
-        # Forward passes of `batch_size` texts of similar length (the Embedder also caps tokens per pass).
-        order = np.argsort([len(x) for x in ids], kind="stable")
-        out = [None] * len(ids)
-        for s in range(0, len(order), self.batch_size):
-            part = order[s: s + self.batch_size]
-            for i, h in zip(part, self.embed([ids[i] for i in part], [types[i] for i in part])):
-                out[i] = h
-        return out
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out = []
+        for i in range(batch.num_rows):
+            t0 = time.perf_counter()
+            rows = PackedRows.from_arrow(batch, i)
+            if len(rows):
+                rows = self.embed.pack(rows, self.codec)
+            out.append(rows.to_arrow(seen=batch.column("seen")[i].as_py(), inputs=batch.column("inputs")[i].as_py(),
+                                     seconds=time.perf_counter() - t0, actor=self.actor, device=self.device, node=self.node,
+                                     resources=json.dumps(self.resources, sort_keys=True)))
+        return pa.concat_tables(out)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import ray
 
-        t0 = time.perf_counter()
-        keys = batch["key"]
-        mask = ray.get(self.claims.claim.remote(list(keys), batch_token(batch["src"], batch["row"])))
+def write_rows(batch: pa.Table, cache: str, storage_options, run_id: str, codec: str) -> dict:
+    """CPU stage: one shard file per packed row (page checksums and its sha256 computed here, off the GPU); its
+    manifest entry and index material go back to the driver, which commits."""
+    out = []
+    for i in range(batch.num_rows):
+        rows = PackedRows.from_arrow(batch, i)
         info, digests, lengths = ShardInfo(path="", rows=0, tokens=0, bytes=0, sha256=""), b"", b""
-        if mask.any():
-            # the read stage's keys (content hashes, or --id-field ids); a strided QA input adds a row per window
-            rows = self.rec.rows([json.loads(s) for s in batch["input"][mask]], list(keys[mask]))
-            ids = [t.input_ids for _, t in rows]
-            table = encode_table([k for k, _ in rows], ids,
-                                 self._states(ids, [t.type_ids for _, t in rows]), [t.truncated for _, t in rows],
-                                 self.rec.spec.codec)
-            w = write_shard(self.cache, f"part-{self.run_id}-{uuid.uuid4().hex[:12]}.parquet", table, self.storage_options)
+        if len(rows):
+            w = write_shard(cache, f"part-{run_id}-{uuid.uuid4().hex[:12]}.parquet", packed_table(rows, codec), storage_options)
             info, digests, lengths = w.info, w.digests.tobytes(), w.lengths.tobytes()
-        row = {k: np.array([getattr(info, k)]) for k in _INFO_FIELDS}
-        row.update(digests=np.array([digests], dtype=object), lengths=np.array([lengths], dtype=object),  # for the index
-                   node=np.array([self.node]))
-        row.update(seen=np.array([len(keys)]), inputs=np.array([int(mask.sum()) if info.path else 0]), seconds=np.array([time.perf_counter() - t0]),
-                   actor=np.array([self.actor]), device=np.array([self.device]),
-                   resources=np.array([json.dumps(self.resources, sort_keys=True)]))
-        return row
+        row = {k: getattr(info, k) for k in _INFO_FIELDS}
+        row.update(digests=digests, lengths=lengths,  # for the index
+                   **{k: batch.column(k)[i].as_py() for k in ("seen", "seconds", "actor", "device", "node", "resources")},
+                   inputs=batch.column("inputs")[i].as_py() if info.path else 0)
+        out.append(row)
+    return {k: np.array([r[k] for r in out], dtype=object if k in ("digests", "lengths") else None) for k in out[0]}
 
 
 # ---------------------------------------------------------------- planning
@@ -327,28 +360,33 @@ def _run_ray(sources, writer, rec, cfg: IngestConfig, pool: Pool):
 
 
 def _pipeline(sources, writer, rec, cfg: IngestConfig, pool: Pool, claims):
-    """sources -> rows (read tasks) -> blocks of one shard -> ShardInfo rows (actor pool)."""
+    """sources -> rows (read tasks) -> claimed, tokenized, packed (CPU tasks) -> states (actor pool: GPUs, else CPUs)
+    -> shard files (CPU tasks) -> ShardInfo rows. The streaming executor paces the stages (backpressure), so
+    each holds a bounded number of batches."""
     import ray
 
     from pipelines.ray_env import worker_env
 
     env = worker_env()
+    spec = rec.spec
     ds = ray.data.from_items([{"src": i} for i in range(len(sources))], override_num_blocks=len(sources))
     rows = ds.map_batches(
         read_rows, batch_size=1, compute=ray.data.TaskPoolStrategy(size=min(len(sources), 4)), runtime_env=env,
         **read_args(sources), fn_kwargs=dict(
-            sources=sources, text_field=cfg.text_field, id_field=cfg.id_field, tokenizer=rec.spec.tokenizer,
+            sources=sources, text_field=cfg.text_field, id_field=cfg.id_field, tokenizer=spec.tokenizer,
             storage_options=cfg.storage_options, limit=cfg.limit, chunk=cfg.shard_rows))
-    # Ray Data merges small read outputs into big blocks (one actor call for all); cut them back to
-    # one shard each. Being its own operator, this also keeps reading from being fused into the actors.
-    rows = rows.repartition(target_num_rows_per_block=cfg.shard_rows)
-    return rows.map_batches(
-        EmbedShards, batch_size=cfg.shard_rows, compute=ray.data.ActorPoolStrategy(size=pool.size),
+    # batch_size cuts the read blocks (which Ray Data may merge) back to one shard's rows per call.
+    packed = rows.map_batches(tokenize_rows, batch_size=cfg.shard_rows, num_cpus=CPU_STAGE, runtime_env=env,
+                              fn_kwargs=dict(claims=claims, settings=spec.tokenizer, revision=spec.model_revision))
+    states = packed.map_batches(
+        EmbedStates, batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=pool.size),
         num_gpus=pool.num_gpus, num_cpus=pool.num_cpus, runtime_env=env,
         fn_constructor_kwargs=dict(
-            model=cfg.model, layer=cfg.layer, codec=cfg.codec, max_length=cfg.max_length, spec=rec.spec,
-            cache=writer.url, storage_options=cfg.storage_options, claims=claims, run_id=writer.run_id,
-            batch_size=cfg.batch_size, dtype=cfg.dtype, threads=pool.threads))
+            model=cfg.model, layer=cfg.layer, codec=cfg.codec, max_length=cfg.max_length, spec=spec,
+            batch_size=cfg.batch_size, max_tokens=cfg.max_tokens, dtype=cfg.dtype, threads=pool.threads))
+    return states.map_batches(write_rows, batch_size=1, batch_format="pyarrow", num_cpus=CPU_STAGE, runtime_env=env,
+                              fn_kwargs=dict(cache=writer.url, storage_options=cfg.storage_options, run_id=writer.run_id,
+                                             codec=spec.codec))
 
 
 def _stream(shards, writer: CacheWriter, cfg: IngestConfig, claims):
