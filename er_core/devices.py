@@ -7,6 +7,8 @@ takes it from the model's parameters, so the same loop runs unchanged in one pro
 from __future__ import annotations
 
 import contextlib
+import queue
+import threading
 
 import torch
 
@@ -26,3 +28,44 @@ def autocast(precision: str, device: torch.device):
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def prefetched(batches, device: torch.device, depth: int = 2, threaded: bool | None = None):
+    """The batches, each already on `device`. On a GPU (or `threaded`) the next `depth` are built (decoded, collated,
+    pinned) and copied in a background thread while the current one trains; on CPU they come as they are made,
+    since a thread would only take a core from the step. The copies share the compute stream, so a step never
+    reads a batch before it arrives."""
+    if not (device.type == "cuda" if threaded is None else threaded):
+        yield from (to_device(b, device) for b in batches)
+        return
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop, end = threading.Event(), object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def work():
+        try:
+            for b in batches:
+                if not put(to_device(b, device)):
+                    return
+            put(end)
+        except BaseException as e:  # raised in the training thread, where it belongs
+            put(e)
+
+    t = threading.Thread(target=work, daemon=True, name="er-prefetch")
+    t.start()
+    try:
+        while (item := q.get()) is not end:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        t.join(timeout=5)

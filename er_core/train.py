@@ -216,7 +216,7 @@ def fit(
             break
         model.train()
         t0, total, n = time.perf_counter(), 0.0, 0
-        batches = train_batches(epoch)
+        batches = devices.prefetched(train_batches(epoch), device)  # on a GPU, the next batches are made meanwhile
         if progress:
             from tqdm.auto import tqdm
 

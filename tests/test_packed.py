@@ -67,3 +67,4 @@ def test_packing_reorders_rows_with_their_tokens_and_pads_in_one_step():
     assert tt is not None and not tt.any()  # these rows have no segment ids
     assert sub.padded(0, 1, 0)[2][0].tolist() == (np.arange(8) % 2).tolist()
     assert ranges(np.array([5, 0, 2]), np.array([2, 0, 3])).tolist() == [5, 6, 2, 3, 4]
+
