@@ -1,17 +1,19 @@
 """`er predict`: batch inference for one or more trained tasks over a corpus, streamed through Ray Data.
 
-    corpus files -> rows (id, key, inputs) -> predictor actors -> one output file, written as rows arrive
+    corpus files -> rows (id, key, inputs) -> cache hits read and decoded (CPU tasks) -> predictor actors
+    -> one output file, written as rows arrive
 
-The driver never holds the corpus: read tasks stream each source in chunks; each predictor actor
-locates its batch's keys through the cache's key index, reads only the row groups holding the hits
-(er_core's CacheReader, every page checksummed), runs the misses through the shared lower layers, and
-every task's upper layers + head on all of them. Output rows stream into the file (written to a hidden
+The driver never holds the corpus: read tasks stream each source in chunks; CPU tasks locate each
+batch's keys through the cache's key index, read only the row groups holding the hits (er_core's
+CacheReader, every page checksummed) and decode them, in parallel; the predictor actors run the
+misses through the shared lower layers and every task's upper layers + head on all of them. Output rows stream into the file (written to a hidden
 sibling, renamed when complete). With --record, the misses' inputs stream into a temporary file and
 are ingested afterwards. Actors take a GPU each when the cluster has GPUs.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import tempfile
 from pathlib import Path
@@ -28,6 +30,9 @@ from er_core.outputs import claim_file, commit_file, temp_sibling
 from er_core.secrets import reject_secrets
 from er_core.storage import is_local, url_to_fs
 from er_core.tasks import Example
+
+
+BATCH = 256  # examples per read, decode and predict call
 
 
 def read_examples(batch, sources, text_field, settings, storage_options, chunk=1024):
@@ -51,38 +56,61 @@ def _columns(rows) -> dict:
     return {"id": np.array(ids, dtype=object), "key": np.array(keys, dtype=object), "input": np.array(inputs, dtype=object)}
 
 
-class Predictor:
-    """Ray Data actor: loads every trained task once; predicts a batch from its cached states, or from text on a miss."""
+@functools.lru_cache(maxsize=4)
+def _reader(url: str, manifest_json: str, storage_options_json: str) -> CacheReader:
+    """One reader per worker process: shard footers and connections are reused across batches."""
+    return CacheReader(url, Manifest.from_json(manifest_json, url), json.loads(storage_options_json))
 
-    def __init__(self, model_dirs, url, manifest_json, storage_options=None, record=False):
+
+def read_hits(batch, url: str, manifest_json: str, storage_options_json: str):
+    """CPU stage: the batch's cache hits read (only their row groups, checksummed) and decoded to float32, so the
+    predictor actor (a GPU) only computes. A miss gets no states: the actor runs it through the lower layers."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    reader = _reader(url, manifest_json, storage_options_json)
+    keys = pa.array(list(batch["key"]), pa.string())
+    got = reader.read_located(reader.locate(keys.to_pylist()), ["length", "hidden", "scale"])
+    at = pc.index_in(keys, value_set=got.column("key")).to_pylist()  # None: a miss
+    states = np.full(len(keys), None, dtype=object)
+    lengths, hidden, scale = (got.column(c).to_pylist() for c in ("length", "hidden", "scale"))
+    for i, j in enumerate(at):
+        if j is not None:
+            states[i] = reader.decode(lengths[j], hidden[j], scale[j]).tobytes()
+    return {**{k: batch[k] for k in ("id", "key", "input")}, "states": states}
+
+
+class Predictor:
+    """Ray Data actor (a GPU when the cluster has them): loads every trained task once; predicts a batch from its
+    decoded cached states, or from text through the lower layers on a miss."""
+
+    def __init__(self, model_dirs, spec_json, record=False):
         import torch
 
+        from er_core.manifest import CacheSpec
         from er_core.predict import MultiTaskPredictor
 
-        self.reader = CacheReader(url, Manifest.from_json(manifest_json, url), storage_options)
-        self.p = MultiTaskPredictor(list(model_dirs), self.reader.spec, device="cuda" if torch.cuda.is_available() else "cpu")
+        spec = CacheSpec.from_dict(json.loads(spec_json))
+        self.hidden_size = spec.hidden_size
+        self.p = MultiTaskPredictor(list(model_dirs), spec, device="cuda" if torch.cuda.is_available() else "cpu")
         self.record = record
 
     def __call__(self, batch: dict) -> dict:
-        keys = list(batch["key"])
-        states = {}
-        if self.p.uses_cache:  # only `full` models: nothing to read
-            got = self.reader.read_located(self.reader.locate(keys), ["length", "hidden", "scale"])
-            states = {k: (n, h, s) for k, n, h, s in zip(*(got.column(c).to_pylist() for c in ("key", "length", "hidden", "scale")))}
         examples, hidden = [], []
-        for ident, key, inputs in zip(batch["id"], keys, batch["input"]):
+        for ident, inputs, states in zip(batch["id"], batch["input"], batch["states"]):
             d = json.loads(inputs)
             if "text_pair" in d:  # the input's own truncation (its key's), which QA inputs leave implicit
                 d["truncation"] = d.get("truncation", "only_second")
             examples.append(Example(id=ident, **{k: (tuple(v) if k == "words" else v) for k, v in d.items()}))
-            hit = states.get(key)
-            hidden.append(self.reader.decode(*hit) if hit else None)
+            # a miss: None, or whatever an all-miss column became in Ray's conversion (a null column: NaN)
+            hit = isinstance(states, (bytes, np.bytes_))
+            hidden.append(np.frombuffer(states, np.float32).reshape(-1, self.hidden_size) if hit else None)
         cached = np.array([h is not None for h in hidden])
         preds = self.p.predict(examples, hidden)
         return {"id": batch["id"], "key": batch["key"], "cached": cached,
                 "predictions": np.asarray([json.dumps(p) for p in preds], dtype=object),
                 # what --record needs of a miss; nothing for a hit
-                "input": np.where(cached, "", batch["input"]) if self.record else np.full(len(keys), "", dtype=object)}
+                "input": np.where(cached, "", batch["input"]) if self.record else np.full(len(cached), "", dtype=object)}
 
 
 def predict(cache_url: str, model_dirs: list[str], corpus: list[str], out: str, text_field="text", record=False,
@@ -110,11 +138,15 @@ def predict(cache_url: str, model_dirs: list[str], corpus: list[str], out: str, 
         read_examples, batch_size=1, compute=ray.data.TaskPoolStrategy(size=min(len(sources), 4)), runtime_env=env,
         **read_args(sources), fn_kwargs={"sources": sources, "text_field": text_field, "settings": spec.tokenizer,
                                           "storage_options": storage_options})
+    if any(read_meta(d)["method"] != "full" for d in model_dirs):  # `full` models read nothing
+        rows = rows.map_batches(read_hits, batch_size=BATCH, num_cpus=0.5, runtime_env=env, fn_kwargs={
+            "url": cache_url, "manifest_json": reader.manifest.to_json(), "storage_options_json": json.dumps(storage_options)})
+    else:
+        rows = rows.map_batches(_no_states, batch_size=BATCH)
     preds = rows.map_batches(
-        Predictor, batch_size=256, compute=ray.data.ActorPoolStrategy(size=actors), runtime_env=env,
+        Predictor, batch_size=BATCH, compute=ray.data.ActorPoolStrategy(size=actors), runtime_env=env,
         num_gpus=1 if cluster.total("gpus") else 0,
-        fn_constructor_kwargs={"model_dirs": model_dirs, "url": cache_url, "manifest_json": reader.manifest.to_json(),
-                               "storage_options": storage_options, "record": record})
+        fn_constructor_kwargs={"model_dirs": model_dirs, "spec_json": json.dumps(spec.to_dict()), "record": record})
     with tempfile.TemporaryDirectory(prefix="er-predict-") as tmp:
         misses_file = Path(tmp, "misses.jsonl") if record else None
         stats = _write(preds, out, misses_file, storage_options)
@@ -127,6 +159,10 @@ def predict(cache_url: str, model_dirs: list[str], corpus: list[str], out: str, 
             with open(misses_file) as f:
                 ingest_local((json.loads(line) for line in f), cache_url, rec, storage_options=storage_options, progress=False)
     return {**stats, "out": out}
+
+
+def _no_states(batch: dict) -> dict:
+    return {**batch, "states": np.full(len(batch["key"]), None, dtype=object)}
 
 
 PARQUET_TAG = b"er.predictions"
