@@ -1,7 +1,9 @@
 """`er ingest`: stream a corpus through the frozen lower layers into the cache, on Ray Data.
 
     corpus sources --read_rows (tasks)--> rows {key, input, src, row}
-        --EmbedShards (actor pool: claim keys, tokenize, embed, write one shard)--> one ShardInfo row per shard
+        --tokenize_rows (CPU tasks: claim keys, tokenize)--> one PackedRows per shard
+        --EmbedStates (actor pool, GPUs or CPUs: lower layers, codec on the device)--> the same, with states
+        --write_rows (CPU tasks: one shard file each)--> one ShardInfo row per shard
     driver: holds the CacheWriter (its lock), registers shards, commits every N shards / T seconds and at the end.
 
 The driver first scans the corpus (streaming) so bad input fails before anything is committed.
@@ -14,7 +16,7 @@ stale lock and removes the dead run's unlisted shards).
 changed under an id already cached is not embedded again (use content keys for that).
 The pool is sized from the cluster before the cache is touched (pipelines/placement.py); a request
 it can never run is refused then. On a multi-node cluster the cache must be s3:// (or a mount every
-node sees), since actors write shards themselves; local corpus files are read on the driver's node.
+node sees), since write tasks write shards themselves; local corpus files are read on the driver's node.
 """
 
 from __future__ import annotations
