@@ -377,7 +377,9 @@ def _pipeline(sources, writer, rec, cfg: IngestConfig, pool: Pool, claims):
         **read_args(sources), fn_kwargs=dict(
             sources=sources, text_field=cfg.text_field, id_field=cfg.id_field, tokenizer=spec.tokenizer,
             storage_options=cfg.storage_options, limit=cfg.limit, chunk=cfg.shard_rows))
-    # batch_size cuts the read blocks (which Ray Data may merge) back to one shard's rows per call.
+    # Ray Data merges small read outputs into big blocks; cut them back to one shard each, so each tokenize task
+    # makes one packed row and the actors share the work (a block is one actor call).
+    rows = rows.repartition(target_num_rows_per_block=cfg.shard_rows)
     packed = rows.map_batches(tokenize_rows, batch_size=cfg.shard_rows, num_cpus=CPU_STAGE, runtime_env=env,
                               fn_kwargs=dict(claims=claims, settings=spec.tokenizer, revision=spec.model_revision))
     states = packed.map_batches(
