@@ -112,7 +112,7 @@ def make_optimizer(model, cfg: TrainConfig, total_steps: int):
 
 
 def loss_step(model, batch: dict, kind: str) -> torch.Tensor:
-    batch = devices.to_device(batch, devices.model_device(model))
+    """The loss of a batch already on the model's device (fit moves it there: devices.prefetched)."""
     return HEADS[kind].loss(call(model, batch), batch)
 
 

@@ -53,7 +53,9 @@ from pipelines.placement import Pool, read_args
 log = logging.getLogger("er.ingest")
 
 _INFO_FIELDS = [f.name for f in fields(ShardInfo)]
-CPU_STAGE = 0.5  # CPUs a tokenize or write task reserves: both fit in the CPU the actor pool leaves free
+# Tokenize and write tasks reserve no CPU (their work is small beside the lower layers), so they can never keep an
+# actor of the pool from its CPU; their number at once is bounded instead.
+CPU_STAGE = 0
 
 
 @dataclass
@@ -380,7 +382,8 @@ def _pipeline(sources, writer, rec, cfg: IngestConfig, pool: Pool, claims):
     # Ray Data merges small read outputs into big blocks; cut them back to one shard each, so each tokenize task
     # makes one packed row and the actors share the work (a block is one actor call).
     rows = rows.repartition(target_num_rows_per_block=cfg.shard_rows)
-    packed = rows.map_batches(tokenize_rows, batch_size=cfg.shard_rows, num_cpus=CPU_STAGE, runtime_env=env,
+    stage = dict(num_cpus=CPU_STAGE, compute=ray.data.TaskPoolStrategy(size=max(2, pool.size)), runtime_env=env)
+    packed = rows.map_batches(tokenize_rows, batch_size=cfg.shard_rows, **stage,
                               fn_kwargs=dict(claims=claims, settings=spec.tokenizer, revision=spec.model_revision))
     states = packed.map_batches(
         EmbedStates, batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=pool.size),
@@ -388,7 +391,7 @@ def _pipeline(sources, writer, rec, cfg: IngestConfig, pool: Pool, claims):
         fn_constructor_kwargs=dict(
             model=cfg.model, layer=cfg.layer, codec=cfg.codec, max_length=cfg.max_length, spec=spec,
             batch_size=cfg.batch_size, max_tokens=cfg.max_tokens, dtype=cfg.dtype, threads=pool.threads))
-    return states.map_batches(write_rows, batch_size=1, batch_format="pyarrow", num_cpus=CPU_STAGE, runtime_env=env,
+    return states.map_batches(write_rows, batch_size=1, batch_format="pyarrow", **stage,
                               fn_kwargs=dict(cache=writer.url, storage_options=cfg.storage_options, run_id=writer.run_id,
                                              codec=spec.codec))
 
