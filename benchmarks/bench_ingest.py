@@ -1,6 +1,7 @@
 """Ingestion throughput: the Ray Data pipeline vs the plain single-process loop, same corpus, same machine, one run.
 
     python -m benchmarks.bench_ingest [--quick] [--out benchmarks/ingest.json]
+    python -m benchmarks.bench_ingest --against ../er-old [--reps 3]   # `er ingest` here vs another checkout
 
 Corpus: ChemProt + SciCite train texts. Model: the bundled MiniLM cut at layer 3. Both sides are
 timed as a user sees one command (model load, reading, embedding, writing, committing), on a Ray
@@ -8,13 +9,20 @@ that is already up (its start-up is reported apart). Ray runs in two shapes for 
 machine: one actor with 2 torch threads, and two actors with 1 thread each (the default); the
 plain loop runs at its default batch (256) and at the Ray side's (64), runs interleaved. The
 ratio is best Ray over best plain. Bytes per token on disk are reported for fp16 and int8.
+
+`--against DIR` times the whole `er ingest` command at its defaults (Ray start included) from this
+checkout and from another one (an older commit), runs alternating, and reports the ratio of medians.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -78,6 +86,40 @@ def _int8_bytes_per_token(fp16_cache: Path, out: Path) -> float:
     return round(size / tokens, 2)
 
 
+def _er_ingest(checkout: Path, corpus: Path, cache: Path) -> dict:
+    """One `er ingest` at its defaults, run from `checkout`'s code, timed as the user sees it."""
+    env = {**os.environ, "PYTHONPATH": str(checkout), "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    t0 = time.perf_counter()
+    got = subprocess.run([sys.executable, "-m", "pipelines.cli", "ingest", str(corpus), "--cache", str(cache)],
+                         cwd=checkout, env=env, capture_output=True, text=True)
+    secs = time.perf_counter() - t0
+    if got.returncode:
+        raise RuntimeError(f"er ingest from {checkout} failed: {got.stderr[-2000:]}")
+    tokens = json.loads((cache / "manifest.json").read_text())["totals"]["tokens"]
+    shutil.rmtree(cache)
+    return {"seconds": round(secs, 1), "tokens": tokens, "tokens_per_s": round(tokens / secs, 1)}
+
+
+def against(other: Path, data_dir=DATA, reps: int = 3, quick: bool = False) -> dict:
+    here, other = Path(__file__).resolve().parents[1], Path(other).resolve()
+    sides = {"this": here, "other": other}
+    work = Path(tempfile.mkdtemp(prefix="er-bench-ingest-"))
+    try:
+        corpus = work / "corpus.jsonl"
+        n = _corpus(Path(data_dir), corpus, 1000 if quick else None)
+        runs = {side: [] for side in sides}
+        for rep in range(reps):  # alternating, so load from elsewhere hits both sides alike
+            for side in (("this", "other") if rep % 2 == 0 else ("other", "this")):
+                runs[side].append(_er_ingest(sides[side], corpus, work / "cache"))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    med = {side: statistics.median(r["tokens_per_s"] for r in rs) for side, rs in runs.items()}
+    return {"corpus": f"ChemProt + SciCite train texts ({n} examples)", "command": "er ingest CORPUS --cache DIR (defaults)",
+            "machine_cores": os.cpu_count(), "this": str(here), "other": str(other), "runs": runs,
+            "median_tokens_per_s": med, "ratio_this_vs_other": round(med["this"] / med["other"], 3)}
+
+
 def run(data_dir=DATA, out_json=None, quick: bool = False) -> dict:
     import ray
 
@@ -132,7 +174,15 @@ if __name__ == "__main__":
     ap.add_argument("--quick", action="store_true", help="1000 examples per task")
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--out", default="benchmarks/ingest.json")
+    ap.add_argument("--against", type=Path, help="another checkout (e.g. a worktree of an older commit): time `er ingest` "
+                    "from both instead")
+    ap.add_argument("--reps", type=int, default=3, help="runs per side with --against")
     a = ap.parse_args()
+    if a.against:
+        res = against(a.against, a.data, a.reps, a.quick)
+        Path(a.out).write_text(json.dumps(res, indent=1))
+        print(json.dumps(res, indent=1))
+        raise SystemExit(0)
     res = run(Path(a.data), a.out, quick=a.quick)
     print(json.dumps(res, indent=1))
     print(f"Ray vs plain loop: {res['throughput_ratio_ray_vs_plain']:.2f}x tokens/s ({res['best_ray_shape']}); "
