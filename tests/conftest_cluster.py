@@ -10,7 +10,7 @@ process may hold the session's in-process Ray (`ray_session`).
     def test_x(ray_cluster):
         proc = subprocess.Popen(["er", "ingest", ..., "--address", ray_cluster.address], env=ray_cluster.env)
         proc.wait()
-        ray_cluster.actor_nodes(proc.pid, "EmbedStates")   # names of the nodes ("head", "w1") its actors ran on
+        ray_cluster.actor_nodes(proc.pid, "TokenizeEmbedWrite")   # names of the nodes ("head", "w1") its actors ran on
         ray_cluster.nodes(), ray_cluster.stop_node("w1", kill=True), ray_cluster.dashboard_url  # also there
 
 Every test using the fixture is marked `cluster`, so `-m cluster` selects them and `-m "not cluster"` skips them.

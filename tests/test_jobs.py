@@ -107,7 +107,7 @@ def test_ray_state_api_shows_the_jobs_actors_on_both_nodes(jobs):
     actors = list_actors(address=cluster.dashboard_url, filters=[("job_id", "=", job_id)], limit=1000, detail=True,
                          raise_on_missing_output=False)
     names = {n["id"]: n["name"] for n in cluster.nodes()}
-    embed = {names.get(a.node_id) for a in actors if "EmbedStates" in a.class_name}
+    embed = {names.get(a.node_id) for a in actors if "TokenizeEmbedWrite" in a.class_name}
     assert embed == {"head", "w1"}, [(a.class_name, names.get(a.node_id)) for a in actors]
 
 

@@ -49,7 +49,7 @@ def test_default_ingest_spreads_actors_over_head_and_worker(ray_cluster, tiny_be
     assert code == 0, err[-3000:]
     assert f"examples written  {EXAMPLES}" in out
     assert "size=3" in err  # 2 + 2 CPUs: one actor per CPU but one, left to read with
-    assert sorted(set(ray_cluster.actor_nodes(pid, "EmbedStates"))) == ["head", "w1"]
+    assert sorted(set(ray_cluster.actor_nodes(pid, "TokenizeEmbedWrite"))) == ["head", "w1"]
     assert open_cache(str(tmp_path / "cache")).verify() == []
 
 
@@ -70,6 +70,6 @@ def test_zero_cpu_head_reads_local_files_on_the_driver_node(ray_cluster, tiny_be
     code, out, err, pid = _ingest(ray_cluster, tiny_bert, task, tmp_path / "cache")
     assert code == 0, err[-3000:]
     assert f"examples written  {EXAMPLES}" in out
-    assert ray_cluster.actor_nodes(pid, "EmbedStates") == ["w1"]
-    assert "MapBatches(EmbedStates)" in err  # Ray Data's progress, shown during the wait
+    assert ray_cluster.actor_nodes(pid, "TokenizeEmbedWrite") == ["w1"]
+    assert "MapBatches(TokenizeEmbedWrite)" in err  # Ray Data's progress, shown during the wait
     assert open_cache(str(tmp_path / "cache")).verify() == []
