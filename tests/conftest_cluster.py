@@ -101,8 +101,9 @@ class LocalCluster:
 
     def _start_node(self, name: str, cpus: int, extra: list[str]) -> None:
         log = open(self.root / f"{name}.log", "wb")
-        # No 30 s drain on SIGTERM: these nodes serve nothing that needs it, and teardown stays quick.
-        env = {**self.env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+        # No 30 s drain on SIGTERM: these nodes serve nothing that needs it, and teardown stays quick. A killed node is
+        # marked dead after 5 missed checks a second apart (Ray's default: 3 s apart), so the lost-node tests wait less.
+        env = {**self.env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "RAY_health_check_period_ms": "1000"}
         env.pop("RAY_ADDRESS")
         cmd = [RAY, "start", "--block", "--disable-usage-stats", f"--temp-dir={self.root / name}", f"--num-cpus={cpus}",
                "--num-gpus=0", "--object-store-memory=150000000", f"--labels={LABEL}={name}", *_node_ports(), *extra]

@@ -49,14 +49,17 @@ def test_er_bench_help_and_a_tiny_quick_run_from_outside_the_repo(tmp_path):
 
 
 @pytest.mark.real
-def test_bench_gpu_tiny_runs_every_stage_on_cpu(tmp_path):
-    """The GPU benchmark's code paths, on CPU with a tiny shape: every stage runs and reports its fields (not its speed)."""
+def test_bench_gpu_tiny_runs_every_stage_on_cpu(ray_session, tmp_path):
+    """The GPU benchmark's code paths, on CPU with a tiny shape: every stage runs and reports its fields (not its speed).
+    Its nine `er` commands join the session's Ray (RAY_ADDRESS) rather than each starting one: a Ray start is
+    tested elsewhere, and nine would cost a minute here."""
     from er_core.models import bundled_model_path
 
     task = write_tiny_task(tmp_path / "task", sizes=(("train", 96), ("dev", 48), ("test", 48)))
     out = tmp_path / "gpu"
     got = subprocess.run([sys.executable, "-m", "er_bench.bench_gpu", "--task", str(task), "--tokenizer",
-                          str(bundled_model_path()), "--out", str(out), "--tiny"], cwd=tmp_path, env=_env(tmp_path),
+                          str(bundled_model_path()), "--out", str(out), "--tiny"], cwd=tmp_path,
+                         env={**_env(tmp_path), "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address},
                          capture_output=True, text=True, timeout=1200)
     assert got.returncode == 0, got.stderr[-3000:]
     res = json.loads((out / "gpu.json").read_text())
