@@ -415,9 +415,21 @@ def _stream(shards, writer: CacheWriter, cfg: IngestConfig, claims):
     import ray
 
     totals = dict(rows=0, inputs=0, tokens=0, bytes=0, truncated=0, seen=0, shards=0, busy=0.0, first=None)
-    actors, pending, start = {}, 0, time.monotonic()
-    last = start
-    for r in shards.iter_rows():
+    actors, start = {}, time.monotonic()
+    rows = iter(shards.iter_rows())
+    try:
+        _consume(rows, writer, cfg, totals, actors, start)
+    finally:
+        # Stops Ray Data's executor now: left running into exit, its thread used Ray after shutdown, and Ray's core
+        # worker then ended the process with status 1 (an interrupted run must exit 130).
+        rows.close()
+    totals["claimed"] = ray.get(claims.stats.remote())["claimed"]
+    return totals, sorted(actors.values(), key=lambda a: a["actor"])
+
+
+def _consume(rows, writer: CacheWriter, cfg: IngestConfig, totals: dict, actors: dict, start: float) -> None:
+    pending, last = 0, start
+    for r in rows:
         totals["seen"] += int(r["seen"])
         totals["inputs"] += int(r["inputs"])  # fewer than rows when long QA contexts are read in windows
         totals["busy"] += float(r["seconds"])
@@ -435,8 +447,6 @@ def _stream(shards, writer: CacheWriter, cfg: IngestConfig, claims):
             m = writer.commit()
             log.info("committed generation %d: %d shards, %d rows", m.generation, len(m.shards), m.totals["rows"])
             pending, last = 0, time.monotonic()
-    totals["claimed"] = ray.get(claims.stats.remote())["claimed"]
-    return totals, sorted(actors.values(), key=lambda a: a["actor"])
 
 
 def _py(v):
