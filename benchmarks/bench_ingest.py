@@ -182,8 +182,8 @@ if __name__ == "__main__":
         res = against(a.against, a.data, a.reps, a.quick)
         Path(a.out).write_text(json.dumps(res, indent=1))
         print(json.dumps(res, indent=1))
-        raise SystemExit(0)
-    res = run(Path(a.data), a.out, quick=a.quick)
-    print(json.dumps(res, indent=1))
-    print(f"Ray vs plain loop: {res['throughput_ratio_ray_vs_plain']:.2f}x tokens/s ({res['best_ray_shape']}); "
-          f"bytes/token fp16 {res['bytes_per_token']['fp16']}, int8 {res['bytes_per_token']['int8']}")
+    else:
+        res = run(Path(a.data), a.out, quick=a.quick)
+        print(json.dumps(res, indent=1))
+        print(f"Ray vs plain loop: {res['throughput_ratio_ray_vs_plain']:.2f}x tokens/s ({res['best_ray_shape']}); "
+              f"bytes/token fp16 {res['bytes_per_token']['fp16']}, int8 {res['bytes_per_token']['int8']}")

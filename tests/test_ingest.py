@@ -218,12 +218,14 @@ def test_actors_ask_for_one_gpu_each_and_fall_back_to_cpu(tiny_bert, tmp_path):
         from pipelines.ingest import run
         rep = run([{str(corpus)!r}], {str(tmp_path / "cache")!r}, model={tiny_bert!r}, layer=2, codec="fp32",
                   shard_rows=8, threads=1, progress=False)
-        print("REPORT", json.dumps({{"actors": rep.actors, "examples": rep.summary["examples"]}}))
+        from er_core import open_cache
+        problems = open_cache({str(tmp_path / "cache")!r}).verify()  # the staged path (GPUs) writes a sound cache too
+        print("REPORT", json.dumps({{"actors": rep.actors, "examples": rep.summary["examples"], "problems": problems}}))
     """)
     out = subprocess.run([sys.executable, "-c", script], env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout.split("REPORT", 1)[1])
-    assert report["examples"] == 64
+    assert report["examples"] == 64 and report["problems"] == []
     assert report["actors"] and all(a["resources"].get("GPU") == 1.0 and a["device"] == "cpu" for a in report["actors"])
     assert "torch sees no CUDA; computing on CPU" in out.stderr + out.stdout
 
