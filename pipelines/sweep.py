@@ -19,6 +19,7 @@ import io
 import itertools
 import json
 import os
+import sys
 import time
 import traceback
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -566,20 +567,21 @@ def _read_metrics(out_dir: str, storage_options) -> dict | None:
 
 
 def _remove_stopped(url: str, storage_options) -> None:
-    """Remove a stopped trial's folder. Its process may still be winding down (writing its marker) as Tune
-    returns, so remove until the folder stays gone."""
+    """Remove a stopped trial's folder. Its processes may still be winding down (writing a checkpoint or its
+    marker) as Tune returns, so remove until the folder stays gone."""
     fs, path = url_to_fs(url, storage_options)
     for _ in range(20):
         try:
             if fs.exists(path):
                 fs.rm(path, recursive=True)
-        except FileNotFoundError:  # a file vanished under the walk: the trial's last write
+        except OSError:  # a file vanished under the walk, or a new one appeared (ENOTEMPTY): the trial's last writes
             pass
         time.sleep(0.5)
         if not fs.exists(path):
             time.sleep(1.0)
             if not fs.exists(path):
                 return
+    print(f"warning: could not remove {url}, the folder of a stopped trial: something still writes there", file=sys.stderr)
 
 
 def write_results(rows: list[dict], output: str, storage_options: dict | None = None) -> None:

@@ -188,6 +188,33 @@ def test_asha_stops_a_clear_loser_early(ray_session, tiny_cache, tmp_path):
     assert loser["out_dir"] is None and not (tmp_path / "runs" / "tiny-reduced-lr1e-09").exists()
 
 
+def test_removing_a_stopped_trial_outlasts_its_last_writes(tmp_path):
+    """Tune returns while a stopped trial may still write a checkpoint: files appear under the removal's walk."""
+    from pipelines.sweep import _remove_stopped
+
+    folder = tmp_path / "trial"
+    (folder / "checkpoints").mkdir(parents=True)
+    until = time.monotonic() + 1.5
+
+    def writer():
+        i = 0
+        while time.monotonic() < until:
+            d = folder / "checkpoints" / f"c{i % 7}"
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+                (d / f"f{i}").write_bytes(b"x")
+            except OSError:  # removed under it
+                pass
+            i += 1
+
+    t = threading.Thread(target=writer)
+    t.start()
+    time.sleep(0.05)
+    _remove_stopped(str(folder), None)
+    t.join()
+    assert not folder.exists()
+
+
 def test_asha_ranks_trials_against_their_own_task_only():
     from types import SimpleNamespace
 
