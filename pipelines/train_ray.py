@@ -43,6 +43,9 @@ from er_core.task_data import collate, encode_split, grouped_order, missing_mess
 from pipelines import cache_rows
 
 
+POLL_S = "0.5"  # how often Train's controller polls its workers, unless RAY_TRAIN_HEALTH_CHECK_INTERVAL_S says
+
+
 def _target_list(kind: str, target) -> list[int]:
     if kind == "classification":
         return [int(target)]
@@ -298,6 +301,9 @@ def _fit_on_ray(out: OutputDir, cache_url, task_dir, cfg, workers, cpus_per_work
     from pipelines.train_progress import Console
 
     console = Console(cfg.epochs, primary_metric(p.task.kind)) if progress else None
+    # Train's controller steps from one state to the next at most once per poll of its workers (2 s by default):
+    # a run of a few epochs spent ~4 s of its start and end waiting on those polls. fit() hands it on to the controller.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", POLL_S)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "cache": cache_url, "n_train": n_train, "in_process": workers == 0, "threads": max(1, int(cpus_per_worker)),
