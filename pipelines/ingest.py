@@ -321,7 +321,8 @@ def run(corpus: list[str], cache: str, config: IngestConfig | None = None, **kw)
         raise ErError(f"nothing to ingest into {cache}: " + (f"all {stats.rows} rows of the corpus have an empty "
                       f"{cfg.text_field!r}" if stats.rows else "the corpus has no rows") + "; nothing was written")
     rec = Recycler.load(cfg.model, cfg.layer, cfg.codec, cfg.max_length, revision)
-    pool = _plan(cache, cfg)
+    # Blocks of shard_rows rows, cut per source: the most actor calls the pipeline can make.
+    pool = _plan(cache, cfg, blocks=-(-stats.usable // cfg.shard_rows) + len(sources) - 1)
     writer = CacheWriter(cache, rec.spec, cfg.storage_options)  # fails fast if another run holds the lock
     try:
         if stats.empty:
@@ -349,7 +350,7 @@ def ingest(corpus, cache, **kw) -> Manifest:
     return run(corpus, cache, **kw).manifest
 
 
-def _plan(cache: str, cfg: IngestConfig) -> Pool:
+def _plan(cache: str, cfg: IngestConfig, blocks: int | None = None) -> Pool:
     """Join or start Ray and size the pool from its nodes; what they can never run is refused here, before the
     cache is touched."""
     from pipelines.placement import Cluster, check_shared, plan_pool
@@ -358,7 +359,7 @@ def _plan(cache: str, cfg: IngestConfig) -> Pool:
     ensure_ray(cfg.address, num_cpus=cfg.actors + 1 if cfg.actors else None)  # a local Ray er starts fits --actors
     cluster = Cluster.current(local=(cfg.address or os.environ.get("RAY_ADDRESS") or "local") == "local")
     check_shared(cache, cluster, "cache")
-    pool = plan_pool(cluster, cfg.actors, cfg.threads)
+    pool = plan_pool(cluster, cfg.actors, cfg.threads, blocks)
     log.info("actor pool: %s; cluster: %s", pool, cluster.describe())
     return pool
 

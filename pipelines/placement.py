@@ -58,8 +58,9 @@ class Pool:
     threads: int
 
 
-def plan_pool(cluster: Cluster, actors: int | None = None, threads: int | None = None) -> Pool:
-    """One actor per GPU when the cluster has GPUs; else one single-threaded actor per CPU, less one CPU.
+def plan_pool(cluster: Cluster, actors: int | None = None, threads: int | None = None, blocks: int | None = None) -> Pool:
+    """One actor per GPU when the cluster has GPUs; else one single-threaded actor per CPU, less one CPU; never
+    more than `blocks`, the most calls the corpus can make (an actor without one would only load the model).
 
     Ray Data's own tasks (reading remote sources, re-blocking rows into shards) need a whole CPU
     somewhere, so the pool always leaves one free: actors take whole CPUs and nodes have whole
@@ -74,7 +75,7 @@ def plan_pool(cluster: Cluster, actors: int | None = None, threads: int | None =
         raise ErError(f"the Ray cluster has no CPU ({cluster.describe()}): er ingest needs one for Ray Data to read "
                       "and re-block the corpus; add a node with CPUs")
     if gpus:
-        size = actors or gpus
+        size = actors or _fewest(gpus, blocks)
         if size > gpus:
             raise ErError(f"--actors {size} needs {size} GPUs (one per actor), but the Ray cluster has {gpus} "
                           f"({cluster.describe()}): ask for at most {gpus}, or leave --actors out")
@@ -89,8 +90,12 @@ def plan_pool(cluster: Cluster, actors: int | None = None, threads: int | None =
     if actors and actors > room:
         raise ErError(f"--actors {actors} needs {actors + 1} CPUs (one per actor and one to read with), but the Ray "
                       f"cluster has {cpus} ({cluster.describe()}): ask for at most {room}, or leave --actors out")
-    size = actors or max(1, min(cores, room))
+    size = actors or _fewest(max(1, min(cores, room)), blocks)
     return Pool(size, 0, 1.0, threads or _threads(cores, size, [n for n in cluster.nodes if n.cpus >= 1], cluster.local))
+
+
+def _fewest(size: int, blocks: int | None) -> int:
+    return size if blocks is None else max(1, min(size, blocks))
 
 
 def _threads(cores: int, size: int, hosts: list[Node], local: bool) -> int:

@@ -253,6 +253,11 @@ def test_pool_plan_follows_gpus_and_leaves_ray_data_a_cpu(monkeypatch):
     # GPU nodes: one actor per GPU; a CPU each only where every GPU node has one per GPU, with one left to read
     assert plan_pool(_cluster((0, 0), (8, 1), (8, 1))) == Pool(size=2, num_gpus=1, num_cpus=1.0, threads=8)
     assert plan_pool(_cluster((1, 0), (2, 4))) == Pool(size=4, num_gpus=1, num_cpus=0.0, threads=1)
+    # never more actors than the corpus has blocks: a small corpus loads the model once; --actors still rules
+    assert plan_pool(_cluster((0, 0), (16, 0), (16, 0)), blocks=3) == Pool(size=3, num_gpus=0, num_cpus=1.0, threads=8)
+    assert plan_pool(_cluster((8, 0), local=True), blocks=1) == Pool(size=1, num_gpus=0, num_cpus=1.0, threads=2)
+    assert plan_pool(_cluster((1, 0), (2, 4)), blocks=1) == Pool(size=1, num_gpus=1, num_cpus=0.0, threads=3)
+    assert plan_pool(_cluster((8, 0), local=True), actors=2, blocks=1).size == 2
 
 
 def test_read_stage_skips_empties_and_uses_ids(tmp_path, rec):
