@@ -79,7 +79,10 @@ def _start_local(num_cpus: int | None) -> None:
     # Ray Data tasks feeding it must still be schedulable (or the run hangs forever). num_cpus: at least that many.
     cpus = max(num_cpus or 0, 8, 2 * (os.cpu_count() or 1))
     # address="local": start one even if RAY_ADDRESS is set (ray.init would read it otherwise).
+    # The raylet expects to start at most one worker per core at once and warns on the console beyond a few times
+    # that; with more logical CPUs than cores, a sweep's trials start more, on purpose: expect one per logical CPU.
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, _temp_dir=root, **_init_args(),
+             _system_config={"worker_maximum_startup_concurrency": cpus},
              runtime_env={"worker_process_setup_hook": "pipelines.ray_env.mute_harmless"})
     session = ray._private.worker._global_node.get_session_dir_path()
     ray_sessions.record(root, session)

@@ -51,3 +51,16 @@ def test_er_train_prints_its_own_progress_and_no_ray_lines(data_dir, tmp_path):
     assert 1 <= len(epochs) <= EPOCHS, epochs
     assert [ln for ln in other if not ln.startswith(ER_LINES)] == [], "lines er did not write (Ray's, a worker's)"
     assert any(ln.startswith("  test ") for ln in other), "no final table"
+
+
+def test_er_local_ray_starting_many_workers_at_once_prints_no_raylet_warning(ray_tmp):
+    """A sweep's trials (fractional CPUs, ~8 workers each) start many workers at once, more than the cores: on purpose,
+    since er's local Ray has more logical CPUs than cores. The raylet must not warn about it on the console."""
+    script = ("import time, ray\nfrom pipelines.ray_env import ensure_ray\nensure_ray()\n"
+              "f = ray.remote(num_cpus=0.25)(lambda: time.sleep(3) or 1)\n"  # fractional CPUs: 24 workers at once
+              "assert ray.get([f.remote() for _ in range(24)]) == [1] * 24\ntime.sleep(1)\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": str(ray_tmp)}
+    env.pop("RAY_ADDRESS", None)
+    run = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "(raylet)" not in run.stdout + run.stderr, run.stdout[-3000:]  # Ray prints it to stdout
