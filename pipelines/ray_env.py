@@ -72,6 +72,8 @@ def _start_local(num_cpus: int | None) -> None:
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # inherited by the Ray processes it starts, nowhere else
+    # Train's PreemptionWatcher (one more process per run) watches for nodes being drained: one machine never is.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     root = ray_sessions.ray_temp_root()
     ray_sessions.reap(root)
     rec = ray_sessions.record(root)
