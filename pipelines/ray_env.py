@@ -83,8 +83,10 @@ def _start_local(num_cpus: int | None) -> None:
     # address="local": start one even if RAY_ADDRESS is set (ray.init would read it otherwise).
     # The raylet expects to start at most one worker per core at once and warns on the console beyond a few times
     # that; with more logical CPUs than cores, a sweep's trials start more, on purpose: expect one per logical CPU.
+    # And it would start one idle worker per logical CPU for the first driver: workers start when work asks for
+    # them instead (a tiny er ingest: 1.5 s and 2.7 CPU-s less on 2 cores).
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, _temp_dir=root, **_init_args(),
-             _system_config={"worker_maximum_startup_concurrency": cpus},
+             _system_config={"worker_maximum_startup_concurrency": cpus, "prestart_worker_first_driver": False},
              runtime_env={"worker_process_setup_hook": "pipelines.ray_env.mute_harmless"})
     session = ray._private.worker._global_node.get_session_dir_path()
     ray_sessions.record(root, session)
