@@ -416,15 +416,12 @@ def _stream(shards, writer: CacheWriter, cfg: IngestConfig, claims):
     """Consume the shard rows as they come (tiny, never all in memory): register each, commit on the cadence."""
     import ray
 
+    from pipelines.ray_env import streamed
+
     totals = dict(rows=0, inputs=0, tokens=0, bytes=0, truncated=0, seen=0, shards=0, busy=0.0, first=None)
     actors, start = {}, time.monotonic()
-    rows = iter(shards.iter_rows())
-    try:
+    with streamed(shards.iter_rows()) as rows:  # an interrupted run stops Ray Data's executor and threads here
         _consume(rows, writer, cfg, totals, actors, start)
-    finally:
-        # Stops Ray Data's executor now: left running into exit, its thread used Ray after shutdown, and Ray's core
-        # worker then ended the process with status 1 (an interrupted run must exit 130).
-        rows.close()
     totals["claimed"] = ray.get(claims.stats.remote())["claimed"]
     return totals, sorted(actors.values(), key=lambda a: a["actor"])
 

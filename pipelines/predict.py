@@ -195,6 +195,8 @@ def _write(ds, out: str, misses_file: Path | None = None, storage_options=None) 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from pipelines.ray_env import streamed
+
     fs, path = url_to_fs(out, storage_options)
     local = is_local(fs)
     tmp = temp_sibling(path) if local else tempfile.mkstemp(prefix="er-predict-", suffix=Path(path).suffix)[1]
@@ -204,8 +206,8 @@ def _write(ds, out: str, misses_file: Path | None = None, storage_options=None) 
     misses = open(misses_file, "w") if misses_file else None
     writer = None
     try:
-        with open(tmp, "wb") as f:
-            for b in ds.iter_batches(batch_size=1024, batch_format="pyarrow"):
+        with open(tmp, "wb") as f, streamed(ds.iter_batches(batch_size=1024, batch_format="pyarrow")) as batches:
+            for b in batches:
                 hit = b["cached"].to_numpy(zero_copy_only=False)
                 stats["examples"] += len(hit)
                 stats["cache_hits"] += int(hit.sum())

@@ -10,8 +10,11 @@ only a local Ray that er starts itself defaults to RAY_AUTH_MODE=disabled.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
+import threading
+import time
 
 from pipelines import ray_sessions
 
@@ -100,6 +103,26 @@ def _shutdown() -> None:
 
     ray.shutdown()
     ray_sessions.finish(_local["session_dir"], _local["record"])
+
+
+@contextlib.contextmanager
+def streamed(iterable):
+    """Iterate a Ray Data iterable in the driver; on leaving (an interrupt too), close it and wait for its threads.
+
+    Closing only asks Ray Data's iteration threads to stop (they look every 0.1 s). One still unwinding while Ray
+    shuts down calls into Ray's core worker, which then ends the whole process with status 1: an interrupted
+    `er ingest` exited 1 instead of 143 in about one run of ten.
+    """
+    before = set(threading.enumerate())
+    it = iter(iterable)
+    try:
+        yield it
+    finally:
+        it.close()
+        deadline = time.monotonic() + 10  # bounded: a thread stuck in a Ray call is a daemon, left behind
+        for t in set(threading.enumerate()) - before:
+            if t.name == "iter_threaded":  # Ray Data's; its "Prefetcher" thread stays parked for good, never joined
+                t.join(timeout=max(0.0, deadline - time.monotonic()))
 
 
 def worker_env() -> dict | None:

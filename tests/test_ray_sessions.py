@@ -112,3 +112,23 @@ def test_reap_stops_only_recorded_sessions_whose_driver_is_gone(tmp_path):
         for p in agents.values():
             p.kill()
             p.wait()
+
+
+def test_leaving_a_streamed_dataset_early_leaves_no_ray_data_thread_running(ray_session):
+    """An interrupted run leaves the loop over Ray Data's rows early. Ray Data's iteration threads must be gone before
+    Ray shuts down: one still unwinding then calls into Ray's core worker, which ends the process with status 1."""
+    import threading
+
+    from pipelines.ray_env import streamed
+
+    def slow(batch):
+        time.sleep(0.05)
+        return batch
+
+    ds = ray_session.data.range(400, override_num_blocks=40).map_batches(slow, batch_size=10)
+    with pytest.raises(KeyboardInterrupt):
+        with streamed(ds.iter_rows()) as rows:
+            for i, _ in enumerate(rows):
+                if i == 25:
+                    raise KeyboardInterrupt  # as a signal handler would, mid-loop
+    assert [t.name for t in threading.enumerate() if t.name == "iter_threaded"] == []
