@@ -6,11 +6,13 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import fields
 
 from er_core import ErError
 from er_core.storage import StorageConfig
 from er_core.train_config import TrainConfig
-from pipelines.configs import INGEST_FLAGLESS, IngestConfig, TrainRun, add_flags, field_docs, storage_options
+from pipelines.configs import (INGEST_FLAGLESS, SWEEP_FLAGS, IngestConfig, Sweep, TrainRun, add_flags, field_docs,
+                               storage_options)
 
 EPILOG = """examples:
   er demo ../shared/data/tasks/chemprot                       # ingest a task folder, train from the cache, print metrics
@@ -72,10 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     _storage_args(p)
 
     p = sub.add_parser("sweep", help="run many tasks x methods x hyper-parameters concurrently from one cache",
-                       epilog="training fields a sweep file sets in defaults, grid and search (those of er train; the "
-                       "methods key lists the methods):\n" + field_docs(TrainConfig, skip=("method",)), formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog="keys of a sweep file:\n" + field_docs(Sweep) + "\n\ntraining fields a sweep file sets in "
+                       "defaults, grid and search (those of er train; the methods key lists the methods):\n"
+                       + field_docs(TrainConfig, skip=("method",)), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep", help="sweep YAML/TOML file (see examples/sweep.yaml)")
-    p.add_argument("--max-concurrent", type=int, help="override the sweep's concurrency limit")
+    add_flags(p, Sweep, skip=tuple(f.name for f in fields(Sweep) if f.name not in SWEEP_FLAGS), metavars={"max_concurrent": "N"},
+              default_from="the sweep file")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier er sweep output in the sweep's output folder")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep: finished trials are kept, "
                    "unfinished ones continue from their last epoch (the sweep file must be unchanged)")

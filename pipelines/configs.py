@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -17,7 +18,7 @@ from er_core.codecs import CODECS, DEFAULT_CODEC
 from er_core.errors import ErError
 from er_core.models import DEFAULT_MODEL
 from er_core.storage import StorageConfig
-from er_core.train_config import TrainConfig
+from er_core.train_config import METHODS, TrainConfig
 
 AUTOCAST = {"bf16": "bfloat16", "fp16": "float16"}  # ingest's --dtype on GPU -> torch dtype names
 
@@ -109,6 +110,51 @@ class TrainRun:
 TRAIN_CONFIGS = (TrainRun, TrainConfig, StorageConfig)  # the sections of `er train --config`, flat
 
 
+@dataclass
+class TaskEntry:
+    path: str
+    limit: int | dict | None = None
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).name
+
+
+@dataclass
+class Sweep:
+    """The keys of a sweep file (`er sweep SWEEP.yaml`); pipelines/sweep.py checks them all at once (`parse_sweep`)."""
+
+    cache: str = field(metadata={"help": "cache URL (local folder or s3://...) every task was ingested into"})
+    output: str = field(metadata={"help": "folder (local or s3://) for the trials' models and results.csv/json"})
+    tasks: list[TaskEntry] = field(metadata={"help": "task folders, or {path, limit} entries"})
+    methods: list[str] = field(default_factory=lambda: ["reduced"], metadata={
+        "help": f"the methods each task is trained with, a subset of {', '.join(METHODS)}"})
+    defaults: dict = field(default_factory=dict, metadata={"help": "training settings (TrainConfig fields) shared by every trial"})
+    grid: dict = field(default_factory=dict, metadata={"help": "training setting -> list of values (cartesian product)"})
+    search: dict = field(default_factory=dict, metadata={
+        "help": "training setting -> {choice: [...]} or {uniform: [lo, hi]} or {loguniform: [lo, hi]}, sampled per trial"})
+    num_samples: int = field(default=1, metadata={"help": "trials sampled from `search` per grid point"})
+    asha: dict | bool = field(default=False, metadata={
+        "help": "true or {grace_period, reduction_factor}: stop trials early on the dev metric per epoch"})
+    limit: int | dict | None = field(default=None, metadata={"help": "examples per split, int or {split: n}"})
+    max_concurrent: int = field(default=2, metadata={"help": "trials in flight at once"})
+    workers: int = field(default=1, metadata={"help": "Ray Train workers per trial"})
+    resources: dict = field(default_factory=dict, metadata={"help": "{cpus_per_worker, gpus_per_worker} of each worker"})
+    storage_path: str | None = field(default=None, metadata={"help": "Ray Train storage (shared, e.g. s3://, on clusters)"})
+    storage_options: dict | None = field(default=None, metadata={"help": "fsspec options for an s3:// cache"})
+
+    @property
+    def cpus_per_worker(self) -> float:
+        return float(self.resources.get("cpus_per_worker", 1.0))
+
+    @property
+    def gpus_per_worker(self) -> float:
+        return float(self.resources.get("gpus_per_worker", 0.0))
+
+
+SWEEP_FLAGS = ("max_concurrent",)  # sweep keys that `er sweep` flags override
+
+
 def _kind(cls, f) -> type:
     """int, float, str or bool from a field's annotation (Optional unwrapped)."""
     hint = typing.get_type_hints(cls)[f.name]
@@ -120,14 +166,17 @@ def _default(f):
     return f.default_factory() if f.default_factory is not MISSING else f.default
 
 
-def add_flags(parser: argparse.ArgumentParser, cls, skip: tuple = (), metavars: dict | None = None) -> None:
+def add_flags(parser: argparse.ArgumentParser, cls, skip: tuple = (), metavars: dict | None = None,
+              default_from: str | None = None) -> None:
     """One flag per field (--field-name), with the field's type, choices and help; a flag not given leaves no
-    attribute on the namespace (SUPPRESS), so a config file or the dataclass default applies."""
+    attribute on the namespace (SUPPRESS), so a config file or the dataclass default applies. default_from: where
+    the value comes from when the flag is not given (e.g. "the sweep file"), said in the help instead of a default."""
     for f in fields(cls):
         if f.name in skip:
             continue
         kind, default = _kind(cls, f), _default(f)
         shown = "" if default is None or default is False or default is MISSING else f" (default {default})"
+        shown = f" (default: {default_from}'s, else {default})" if default_from else shown
         kw = {"dest": f.name, "default": argparse.SUPPRESS, "help": (f.metadata.get("help", "") + shown).replace("%", "%%")}
         flag = "--" + f.name.replace("_", "-")
         if kind is bool:
@@ -138,17 +187,28 @@ def add_flags(parser: argparse.ArgumentParser, cls, skip: tuple = (), metavars: 
 
 
 def _checked(cls, name: str, kind: type):
-    """A flag's converter that also applies the dataclass's own checks, so a bad value is a usage error at parse time."""
+    """A flag's converter that also applies the dataclass's own checks, so a bad value is a usage error at parse time
+    (when the class can be built from that field alone: a sweep file's keys are checked when the file is read)."""
+    alone = all(f.default is not MISSING or f.default_factory is not MISSING for f in fields(cls) if f.name != name)
+
     def convert(text: str):
         value = kind(text)
         try:
-            cls(**{name: value})
+            if alone:
+                cls(**{name: value})
         except ErError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
         return value
 
     convert.__name__ = kind.__name__  # argparse names the type in its message: "invalid int value"
     return convert
+
+
+def _type_name(cls, f) -> str:
+    """A field's type as a reader of a config file sees it: `int or dict` (Optional left out)."""
+    hint = typing.get_type_hints(cls)[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) in (typing.Union, types.UnionType) else [hint]
+    return " or ".join(getattr(typing.get_origin(a), "__name__", None) or a.__name__ for a in args)
 
 
 def field_docs(cls, skip: tuple = (), width: int = 100) -> str:
@@ -160,7 +220,7 @@ def field_docs(cls, skip: tuple = (), width: int = 100) -> str:
         if f.name in skip:
             continue
         default = _default(f)
-        head = f"{f.name} ({_kind(cls, f).__name__}" + ("" if default is None else f", default {default}") + "): "
+        head = f"{f.name} ({_type_name(cls, f)}" + ("" if default is None or default is MISSING else f", default {default}") + "): "
         out.append(textwrap.fill(head + f.metadata.get("help", ""), width, initial_indent="  ", subsequent_indent="      "))
     return "\n".join(out)
 
@@ -172,7 +232,8 @@ def settings_tables() -> str:
     for cls, flags, title in ((TrainRun, True, "`er train`: what it runs on (`TrainRun`)"),
                               (TrainConfig, True, "`er train`, and a sweep's `defaults`/`grid`/`search` keys (`TrainConfig`)"),
                               (IngestConfig, True, "`er ingest` (`IngestConfig`)"),
-                              (StorageConfig, True, "S3, on every command that reads or writes a cache (`StorageConfig`)")):
+                              (StorageConfig, True, "S3, on every command that reads or writes a cache (`StorageConfig`)"),
+                              (Sweep, SWEEP_FLAGS, "`er sweep`: the keys of a sweep file (`Sweep`)")):
         out += [f"**{title}**", "", "| setting | flag | type | default | what it does |", "|---|---|---|---|---|"]
         for f in fields(cls):
             if "help" not in f.metadata:
@@ -180,7 +241,8 @@ def settings_tables() -> str:
             default = _default(f)
             shown = "" if default is None or default is MISSING else f"`{default}`"
             text = f.metadata["help"].replace("|", "\\|")
-            out.append(f"| `{f.name}` | `--{f.name.replace('_', '-')}` | {_kind(cls, f).__name__} | {shown} | {text} |")
+            flag = f"`--{f.name.replace('_', '-')}`" if flags is True or f.name in flags else ""
+            out.append(f"| `{f.name}` | {flag} | {_type_name(cls, f)} | {shown} | {text} |")
         out.append("")
     return "\n".join(out).rstrip() + "\n"
 

@@ -26,54 +26,16 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from er_core import ErError, TrainConfig
+from er_core.train_config import METHODS  # full: the baseline, every layer from raw text (the cache names the model)
 from er_core.outputs import OutputDir
 from er_core.storage import put_atomic, url_to_fs
 from er_core.secrets import find_secrets
+from pipelines.configs import Sweep, TaskEntry
 
-METHODS = ("full", "reduced", "lora")  # full: the baseline, every layer from raw text (the cache names the model)
 LORA_ONLY = ("lora_r", "lora_alpha", "lora_dropout", "peft_config")  # varied for lora trials only
 SAMPLERS = ("choice", "uniform", "loguniform")  # search: {field: {sampler: values}}
 ASHA = {"grace_period": 1, "reduction_factor": 2}  # `asha: true`, or these keys to change
 TRAIN_FIELDS = {f.name: f for f in fields(TrainConfig) if f.name != "method"}
-
-
-@dataclass
-class TaskEntry:
-    path: str
-    limit: int | dict | None = None
-
-    @property
-    def name(self) -> str:
-        return Path(self.path).name
-
-
-@dataclass
-class Sweep:
-    cache: str = field(metadata={"help": "cache URL (local folder or s3://...) every task was ingested into"})
-    output: str = field(metadata={"help": "folder (local or s3://) for the trials' models and results.csv/json"})
-    tasks: list[TaskEntry] = field(metadata={"help": "task folders, or {path, limit} entries"})
-    methods: list[str] = field(default_factory=lambda: ["reduced"], metadata={"help": f"subset of {METHODS}"})
-    defaults: dict = field(default_factory=dict, metadata={"help": "TrainConfig fields shared by every trial"})
-    grid: dict = field(default_factory=dict, metadata={"help": "TrainConfig field -> list of values (cartesian product)"})
-    search: dict = field(default_factory=dict, metadata={
-        "help": "TrainConfig field -> {choice: [...]} | {uniform: [lo, hi]} | {loguniform: [lo, hi]}, sampled per trial"})
-    num_samples: int = field(default=1, metadata={"help": "trials sampled from `search` per grid point"})
-    asha: dict | bool = field(default=False, metadata={
-        "help": "true or {grace_period, reduction_factor}: stop trials early on the dev metric per epoch"})
-    limit: int | dict | None = field(default=None, metadata={"help": "examples per split, int or {split: n}"})
-    max_concurrent: int = field(default=2, metadata={"help": "trials in flight at once"})
-    workers: int = field(default=1, metadata={"help": "Ray Train workers per trial"})
-    resources: dict = field(default_factory=dict, metadata={"help": "{cpus_per_worker, gpus_per_worker}"})
-    storage_path: str | None = field(default=None, metadata={"help": "Ray Train storage (shared, e.g. s3://, on clusters)"})
-    storage_options: dict | None = field(default=None, metadata={"help": "fsspec options for an s3:// cache"})
-
-    @property
-    def cpus_per_worker(self) -> float:
-        return float(self.resources.get("cpus_per_worker", 1.0))
-
-    @property
-    def gpus_per_worker(self) -> float:
-        return float(self.resources.get("gpus_per_worker", 0.0))
 
 
 @dataclass
@@ -620,7 +582,7 @@ def main(args) -> int:
     from er_core import open_cache
 
     sweep = load_sweep(args.sweep)
-    max_concurrent = args.max_concurrent or sweep.max_concurrent
+    max_concurrent = getattr(args, "max_concurrent", sweep.max_concurrent)  # the flag, else the file's
     if max_concurrent < 1:
         raise ErError(f"--max-concurrent must be >= 1, got {max_concurrent}")
     open_cache(sweep.cache, storage_options=sweep.storage_options)  # fail once here, not once per trial

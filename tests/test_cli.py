@@ -83,6 +83,18 @@ def test_every_ingest_flag_is_a_config_field_and_every_field_a_flag():
     assert all(helps[f.name].replace("%%", "%").startswith(f.metadata["help"]) for f in fields(IngestConfig) if f.name in names)
 
 
+def test_every_sweep_flag_is_a_sweep_file_key():
+    from dataclasses import fields
+
+    from pipelines.configs import SWEEP_FLAGS, Sweep
+
+    sweep = build_parser()._subparsers._group_actions[0].choices["sweep"]
+    dests = {a.dest for a in sweep._actions} - COMMAND_LEVEL - {"sweep", "address"}
+    assert dests == set(SWEEP_FLAGS) and dests <= {f.name for f in fields(Sweep)}, dests
+    helps = {a.dest: a.help for a in sweep._actions}
+    assert all(helps[f.name].startswith(f.metadata["help"]) for f in fields(Sweep) if f.name in dests)
+
+
 def test_train_config_file_with_flags_over_it_and_print_config(tmp_path, capsys):
     import yaml
 
@@ -177,9 +189,12 @@ def test_sweep_help_documents_the_training_fields_from_their_definitions(capsys)
     with pytest.raises(SystemExit):
         main(["sweep", "--help"])
     out = capsys.readouterr().out
-    for f in fields(TrainConfig):
-        if f.name != "method":
-            assert f"  {f.name} (" in out and " ".join(f.metadata["help"].split()[:4]) in " ".join(out.split()), f.name
+    from pipelines.configs import Sweep
+
+    for cls in (Sweep, TrainConfig):
+        for f in fields(cls):
+            if f.name != "method" or cls is Sweep:
+                assert f"  {f.name} (" in out and " ".join(f.metadata["help"].split()[:4]) in " ".join(out.split()), f.name
 
 
 def test_readme_settings_tables_are_the_config_fields():
