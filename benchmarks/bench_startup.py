@@ -1,4 +1,5 @@
-"""Start-up cost: `import er_core`, `er --help`, and a worker's start (imports + the bundled MiniLM split at 3).
+"""Start-up cost: `import er_core`, `er --help`, and a worker's start (imports + the bundled MiniLM at k=3, split for
+ingest or built as a `reduced` training model).
 
     python -m benchmarks.bench_startup [--against ../er-old] [--reps 7] [--report]
 
@@ -23,7 +24,10 @@ HERE = Path(__file__).resolve().parents[1]
 PROBES = {
     "import er_core": "import er_core",
     "er --help": "import sys; sys.argv = ['er', '--help']\nfrom pipelines.cli import main\ntry: main()\nexcept SystemExit: pass",
-    "worker: load MiniLM split at 3": "from er_core.recycle import Recycler; Recycler.load('bundled', layer=3)",
+    "ingest worker: MiniLM split at 3": "from er_core.recycle import Recycler; Recycler.load('bundled', layer=3)",
+    "train worker: reduced MiniLM from 3": (
+        "import pipelines.train_ray\nfrom er_core import TrainConfig\nfrom er_core.models import load_encoder\n"
+        "from er_core.train import build_model\nbuild_model(load_encoder()[0], 3, 'classification', 2, TrainConfig(method='reduced'))"),
 }
 REPORT_LINE = ("import json, sys; print(json.dumps({'modules': len(sys.modules), 'peft': 'peft' in sys.modules, "
                "'deberta': any('deberta' in m for m in sys.modules)}))")
@@ -67,7 +71,9 @@ def markdown(res: dict, against: str | None, reps: int) -> str:
     intro = (f"## Start-up (`python -m benchmarks.bench_startup{' --against DIR' if against else ''}`)\n\n"
              f"Fresh Python processes, wall to wall, median of {reps}, on {os.cpu_count()} cores, measured {when}"
              + (f"; \"before\" is a checkout of {against}, run alternately with \"now\" from the same venv" if against else "")
-             + ". Modules: `len(sys.modules)` at the end of the probe; peft/DeBERTa: whether the probe loaded them.\n")
+             + ". Modules: `len(sys.modules)` at the end of the probe; peft/DeBERTa: whether the probe loaded them. "
+             "A worker pays for torch and transformers either way, so its start barely moves; what it no longer loads "
+             "is the code of model families it does not run.\n")
     return intro + "\n" + "\n".join(rows) + "\n"
 
 
