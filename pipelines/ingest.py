@@ -24,6 +24,7 @@ node sees), since write tasks write shards themselves; local corpus files are re
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -328,7 +329,7 @@ def run(corpus: list[str], cache: str, config: IngestConfig | None = None, **kw)
         if stats.empty:
             writer.count_skipped("empty_text", stats.empty)
         with _Heartbeat(writer):
-            totals, actors = _run_ray(sources, writer, rec, cfg, pool)
+            totals, actors = _run_ray(sources, writer, rec, cfg, pool, total=stats.usable)
         manifest = writer.close()
     except BaseException as e:
         writer.abort()
@@ -364,16 +365,17 @@ def _plan(cache: str, cfg: IngestConfig, blocks: int | None = None) -> Pool:
     return pool
 
 
-def _run_ray(sources, writer, rec, cfg: IngestConfig, pool: Pool):
+def _run_ray(sources, writer, rec, cfg: IngestConfig, pool: Pool, total: int):
     import ray
 
-    ray.data.DataContext.get_current().enable_progress_bars = cfg.progress
+    if not cfg.progress:  # er draws its own bar; Ray Data's are on only with --verbose (ray_env)
+        ray.data.DataContext.get_current().enable_progress_bars = False
 
     # Claims ask the index about each batch's keys: neither the cached keys nor any state is ever read whole.
     reader = open_cache(writer.url, storage_options=writer.storage_options, manifest=writer.manifest)
     claims = ray.remote(KeyClaims).options(num_cpus=0).remote(index=reader.index)  # asks the index per batch: no state read
     try:
-        return _stream(_pipeline(sources, writer, rec, cfg, pool, claims), writer, cfg, claims)
+        return _stream(_pipeline(sources, writer, rec, cfg, pool, claims), writer, cfg, claims, total)
     finally:
         ray.kill(claims)
 
@@ -412,7 +414,7 @@ def _pipeline(sources, writer, rec, cfg: IngestConfig, pool: Pool, claims):
     return states.map_batches(write_rows, batch_size=1, batch_format="pyarrow", **stage, fn_kwargs=write)
 
 
-def _stream(shards, writer: CacheWriter, cfg: IngestConfig, claims):
+def _stream(shards, writer: CacheWriter, cfg: IngestConfig, claims, total: int):
     """Consume the shard rows as they come (tiny, never all in memory): register each, commit on the cadence."""
     import ray
 
@@ -420,15 +422,30 @@ def _stream(shards, writer: CacheWriter, cfg: IngestConfig, claims):
 
     totals = dict(rows=0, inputs=0, tokens=0, bytes=0, truncated=0, seen=0, shards=0, busy=0.0, first=None)
     actors, start = {}, time.monotonic()
-    with streamed(shards.iter_rows()) as rows:  # an interrupted run stops Ray Data's executor and threads here
-        _consume(rows, writer, cfg, totals, actors, start)
+    with _progress(total, cfg.progress) as bar, streamed(shards.iter_rows()) as rows:  # an interrupted run stops
+        _consume(rows, writer, cfg, totals, actors, start, bar)                       # Ray Data's executor here
     totals["claimed"] = ray.get(claims.stats.remote())["claimed"]
     return totals, sorted(actors.values(), key=lambda a: a["actor"])
 
 
-def _consume(rows, writer: CacheWriter, cfg: IngestConfig, totals: dict, actors: dict, start: float) -> None:
+@contextlib.contextmanager
+def _progress(total: int, show: bool):
+    """er's bar: examples read and tokens/s; the commit lines print above it (logging through tqdm)."""
+    if not show:
+        yield None
+        return
+    from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm(), tqdm(total=total, desc="ingest", unit="ex", dynamic_ncols=True) as bar:
+        yield bar
+
+
+def _consume(rows, writer: CacheWriter, cfg: IngestConfig, totals: dict, actors: dict, start: float, bar=None) -> None:
     pending, last = 0, start
     for r in rows:
+        if bar is not None:
+            bar.update(int(r["seen"]))
         totals["seen"] += int(r["seen"])
         totals["inputs"] += int(r["inputs"])  # fewer than rows when long QA contexts are read in windows
         totals["busy"] += float(r["seconds"])
@@ -442,6 +459,8 @@ def _consume(rows, writer: CacheWriter, cfg: IngestConfig, totals: dict, actors:
                 totals[k] += getattr(info, k)
             totals["shards"] += 1
             pending += 1
+            if bar is not None:
+                bar.set_postfix_str(f"{totals['tokens'] / max(time.monotonic() - start, 1e-9):,.0f} tokens/s")
         if pending and (pending >= cfg.commit_every or time.monotonic() - last >= cfg.commit_seconds):
             m = writer.commit()
             log.info("committed generation %d: %d shards, %d rows", m.generation, len(m.shards), m.totals["rows"])

@@ -132,7 +132,6 @@ def predict(cache_url: str, model_dirs: list[str], corpus: list[str], out: str, 
     ensure_ray(address)
     cluster = Cluster.current(local=(address or "local") == "local")
     check_shared(cache_url, cluster, "cache")
-    ray.data.DataContext.get_current().enable_progress_bars = True
     env = worker_env()
     rows = ray.data.from_items([{"src": i} for i in range(len(sources))], override_num_blocks=len(sources)).map_batches(
         read_examples, batch_size=1, compute=ray.data.TaskPoolStrategy(size=min(len(sources), 4)), runtime_env=env,
@@ -195,6 +194,8 @@ def _write(ds, out: str, misses_file: Path | None = None, storage_options=None) 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from tqdm.auto import tqdm
+
     from pipelines.ray_env import streamed
 
     fs, path = url_to_fs(out, storage_options)
@@ -206,9 +207,11 @@ def _write(ds, out: str, misses_file: Path | None = None, storage_options=None) 
     misses = open(misses_file, "w") if misses_file else None
     writer = None
     try:
-        with open(tmp, "wb") as f, streamed(ds.iter_batches(batch_size=1024, batch_format="pyarrow")) as batches:
+        with open(tmp, "wb") as f, streamed(ds.iter_batches(batch_size=1024, batch_format="pyarrow")) as batches, \
+                tqdm(desc="predict", unit="ex", dynamic_ncols=True) as bar:  # er's bar; Ray Data's only with --verbose
             for b in batches:
                 hit = b["cached"].to_numpy(zero_copy_only=False)
+                bar.update(len(hit))
                 stats["examples"] += len(hit)
                 stats["cache_hits"] += int(hit.sum())
                 if misses:

@@ -71,5 +71,5 @@ def test_zero_cpu_head_reads_local_files_on_the_driver_node(ray_cluster, tiny_be
     assert code == 0, err[-3000:]
     assert f"examples written  {EXAMPLES}" in out
     assert ray_cluster.actor_nodes(pid, "TokenizeEmbedWrite") == ["w1"]
-    assert "MapBatches(TokenizeEmbedWrite)" in err  # Ray Data's progress, shown during the wait
+    assert f"/{EXAMPLES} [" in err and "Running Dataset" not in err  # er's own bar during the wait, not Ray Data's
     assert open_cache(str(tmp_path / "cache")).verify() == []

@@ -62,6 +62,9 @@ def test_no_ray_process_outlives_er(how, tiny_bert, tmp_path, ray_tmp):
             assert name in names, f"{name} not found among the session's processes: the count below would prove nothing"
         if how == "exit":
             assert proc.wait(timeout=300) == 0, (tmp_path / "er.log").read_text()[-3000:]
+            console = (tmp_path / "er.log").read_text()
+            assert "ingest: 100%" in console and f"{n}/{n} [" in console, console[-3000:]  # er's own bar
+            assert "Running Dataset" not in console and "(raylet)" not in console, console[-3000:]  # nothing of Ray Data's
         else:
             assert proc.poll() is None, "the run finished before the signal; use a bigger corpus"
             os.kill(proc.pid, getattr(signal, how))  # the driver only, as a user or a scheduler would
