@@ -422,8 +422,9 @@ def _stream(shards, writer: CacheWriter, cfg: IngestConfig, claims, total: int):
 
     totals = dict(rows=0, inputs=0, tokens=0, bytes=0, truncated=0, seen=0, shards=0, busy=0.0, first=None)
     actors, start = {}, time.monotonic()
-    with _progress(total, cfg.progress) as bar, streamed(shards.iter_rows()) as rows:  # an interrupted run stops
-        _consume(rows, writer, cfg, totals, actors, start, bar)                       # Ray Data's executor here
+    # An interrupted run stops Ray Data's executor and its threads on leaving `streamed`.
+    with _progress(total, cfg.progress) as bar, streamed(shards.iter_rows()) as rows:
+        _consume(rows, writer, cfg, totals, actors, start, bar)
     totals["claimed"] = ray.get(claims.stats.remote())["claimed"]
     return totals, sorted(actors.values(), key=lambda a: a["actor"])
 
