@@ -124,11 +124,12 @@ def check_shared(url: str, cluster: Cluster, what: str) -> None:
 
 
 def read_args(sources) -> dict:
-    """Ray options of the tasks that read corpus sources. Local files exist on the driver's host: read them on
-    its node, reserving no CPU there (a 0-CPU head is the usual layout; the read pool's size bounds how many
-    run at once). Remote sources read anywhere."""
+    """Ray options of the tasks that read corpus sources. They reserve no CPU (the read pool's size bounds how many
+    run at once): a CPU each kept actors of the pool pending on a 4-CPU head+worker cluster until a small run was
+    over. Local files exist on the driver's host: read them on its node (a 0-CPU head is the usual layout).
+    Remote sources read anywhere."""
     import ray
 
     if all("://" in s.url for s in sources):
-        return {}
+        return {"num_cpus": 0}
     return {"num_cpus": 0, "label_selector": {"ray.io/node-id": ray.get_runtime_context().get_node_id()}}
