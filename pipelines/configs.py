@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -74,6 +75,8 @@ class IngestConfig:
             raise ErError(f"codec must be one of {', '.join(sorted(CODECS))}, got {self.codec!r}")
         if not self.commit_seconds > 0:
             raise ErError(f"commit_seconds must be > 0, got {self.commit_seconds!r}")
+        if os.path.isdir(self.model):  # Ray workers run in other folders, and the cache records the model for later
+            self.model = os.path.abspath(self.model)
 
 
 INGEST_FLAGLESS = ("address", "storage_options", "progress")  # set by command-level flags, or by library callers

@@ -53,6 +53,7 @@ from er_core.keys import example_key
 from er_core.secrets import reject_secrets
 from pipelines.configs import AUTOCAST, IngestConfig
 from pipelines.placement import Pool, read_args
+from pipelines.ray_env import absolute
 
 log = logging.getLogger("er.ingest")
 
@@ -311,6 +312,7 @@ def run(corpus: list[str], cache: str, config: IngestConfig | None = None, **kw)
     """Add every example of `corpus` not yet cached to the cache at `cache`; return the manifest and a summary."""
     cfg = config or IngestConfig(**kw)
     reject_secrets(cfg.storage_options)  # they travel in Ray task and actor arguments
+    cache = absolute(cache)  # Ray workers write the shards from their own folder
     t0 = time.perf_counter()
     sources = find_sources(corpus, cfg.storage_options)
     revision = cfg.model_revision or recorded_revision(cache, cfg.storage_options)

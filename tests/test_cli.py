@@ -51,6 +51,15 @@ def test_bad_ingest_options_are_usage_errors_by_the_configs_own_checks(tmp_path,
     assert f"argument {flag}" in err and says in err, err
 
 
+def test_a_model_folder_given_relative_is_made_absolute_for_workers_and_the_manifest(tmp_path, monkeypatch):
+    from pipelines.configs import IngestConfig
+
+    (tmp_path / "my-model").mkdir()
+    monkeypatch.chdir(tmp_path)  # Ray workers resolve a relative path in their own folder: the Hub, for "my-model"
+    assert IngestConfig(model="my-model").model == str(tmp_path / "my-model")
+    assert IngestConfig(model="org/not-a-folder-here").model == "org/not-a-folder-here"  # a Hub id stays one
+
+
 COMMAND_LEVEL = {"help", "overwrite", "resume", "verbose", "config", "print_config", "address"}
 
 

@@ -144,12 +144,15 @@ def test_long_qa_contexts_are_ingested_as_one_row_per_window_like_the_plain_loop
     assert (again.summary["examples"], again.summary["rows"], again.summary["skipped_cached_or_duplicate"]) == (0, 0, 12)
 
 
-def test_ray_ingest_keys_rows_by_the_id_field(ray_session, tiny_bert, tmp_path):
+def test_ray_ingest_keys_rows_by_the_id_field_and_takes_paths_relative_to_the_callers_folder(
+        ray_session, tiny_bert, tmp_path, monkeypatch):
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("".join(json.dumps({"text": t, "doc": f"d{i}"}) + "\n" for i, t in enumerate(_texts(12))))
-    url = str(tmp_path / "cache")
-    run([str(corpus)], url, model=tiny_bert, id_field="doc", **FAST)
-    assert sorted(_rows(url)) == sorted(f"d{i}" for i in range(12))
+    # Ray's workers run in another folder (the Ray's own): relative paths are the caller's, not theirs.
+    monkeypatch.chdir(tmp_path)
+    run(["c.jsonl"], "cache", model=os.path.relpath(tiny_bert), id_field="doc", **FAST)
+    assert sorted(_rows(str(tmp_path / "cache"))) == sorted(f"d{i}" for i in range(12))
+    assert open_cache(str(tmp_path / "cache")).verify() == []
 
 
 def test_error_inside_a_read_task_names_file_and_line(ray_session, tiny_bert, tmp_path, monkeypatch):
