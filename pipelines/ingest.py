@@ -437,11 +437,12 @@ def _progress(total: int, show: bool):
     if not show:
         yield None
         return
-    from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    with logging_redirect_tqdm(), tqdm(total=total, desc="ingest", unit="ex", dynamic_ncols=True) as bar:
-        yield bar
+    from pipelines.bars import bar
+
+    with logging_redirect_tqdm(), bar(total=total, desc="ingest", unit="ex") as b:
+        yield b
 
 
 def _consume(rows, writer: CacheWriter, cfg: IngestConfig, totals: dict, actors: dict, start: float, bar=None) -> None:

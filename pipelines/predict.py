@@ -194,8 +194,7 @@ def _write(ds, out: str, misses_file: Path | None = None, storage_options=None) 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tqdm.auto import tqdm
-
+    from pipelines.bars import bar
     from pipelines.ray_env import streamed
 
     fs, path = url_to_fs(out, storage_options)
@@ -208,10 +207,10 @@ def _write(ds, out: str, misses_file: Path | None = None, storage_options=None) 
     writer = None
     try:
         with open(tmp, "wb") as f, streamed(ds.iter_batches(batch_size=1024, batch_format="pyarrow")) as batches, \
-                tqdm(desc="predict", unit="ex", dynamic_ncols=True) as bar:  # er's bar; Ray Data's only with --verbose
+                bar(desc="predict", unit="ex") as progress:  # er's bar; Ray Data's only with --verbose
             for b in batches:
                 hit = b["cached"].to_numpy(zero_copy_only=False)
-                bar.update(len(hit))
+                progress.update(len(hit))
                 stats["examples"] += len(hit)
                 stats["cache_hits"] += int(hit.sum())
                 if misses:

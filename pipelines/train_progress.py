@@ -98,13 +98,12 @@ class Console:
             return
         self.started = self.started or time.monotonic()
         if self.bar is None:
-            from tqdm.auto import tqdm
+            from pipelines.bars import bar
 
-            self.bar = tqdm(total=item["steps"], desc=f"epoch {item['epoch']}/{self.epochs}", unit="step", leave=False,
-                            file=self.out)
-        self.bar.n = item["step"]
+            self.bar = bar(total=item["steps"], desc=f"epoch {item['epoch']}/{self.epochs}", unit="step", leave=False,
+                           file=self.out)
         self.bar.set_postfix(loss=f"{item['loss']:.4f}", refresh=False)
-        self.bar.refresh()
+        self.bar.update(item["step"] - self.bar.n)  # redraws as often as the stream takes (pipelines.bars)
 
     def _close_bar(self) -> None:
         if self.bar is not None:

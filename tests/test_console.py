@@ -64,3 +64,24 @@ def test_er_local_ray_starting_many_workers_at_once_prints_no_raylet_warning(ray
     run = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "(raylet)" not in run.stdout + run.stderr, run.stdout[-3000:]  # Ray prints it to stdout
+
+
+def test_bars_redraw_live_in_a_terminal_and_sparsely_in_a_log_file():
+    import io
+    import time
+
+    from pipelines.bars import bar
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    log, terminal = io.StringIO(), Terminal()
+    for stream in (log, terminal):
+        with bar(total=40, file=stream, desc="ingest") as b:
+            for _ in range(40):  # 0.6 s of updates
+                b.update(1)
+                time.sleep(0.015)
+    frames = {name: [f for f in s.getvalue().split("\r") if f.strip()] for name, s in (("log", log), ("tty", terminal))}
+    assert len(frames["log"]) <= 2 and "40/40" in frames["log"][-1], frames["log"]  # the first and last states
+    assert len(frames["tty"]) >= 4, frames["tty"]
