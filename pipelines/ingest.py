@@ -464,7 +464,8 @@ def _consume(rows, writer: CacheWriter, cfg: IngestConfig, totals: dict, actors:
             totals["shards"] += 1
             pending += 1
             if bar is not None:
-                bar.set_postfix_str(f"{totals['tokens'] / max(time.monotonic() - start, 1e-9):,.0f} tokens/s")
+                rate = totals["tokens"] / max(time.monotonic() - start, 1e-9)
+                bar.set_postfix_str(f"{rate:,.0f} tokens/s", refresh=False)  # shown at the bar's next redraw
         if pending and (pending >= cfg.commit_every or time.monotonic() - last >= cfg.commit_seconds):
             m = writer.commit()
             log.info("committed generation %d: %d shards, %d rows", m.generation, len(m.shards), m.totals["rows"])

@@ -152,7 +152,8 @@ def test_ray_ingest_keys_rows_by_the_id_field_and_takes_paths_relative_to_the_ca
     monkeypatch.chdir(tmp_path)
     run(["c.jsonl"], "cache", model=os.path.relpath(tiny_bert), id_field="doc", **FAST)
     assert sorted(_rows(str(tmp_path / "cache"))) == sorted(f"d{i}" for i in range(12))
-    assert open_cache(str(tmp_path / "cache")).verify() == []
+    cache = open_cache(str(tmp_path / "cache"))
+    assert cache.verify() == [] and cache.spec.model_name == os.path.abspath(tiny_bert)  # what later commands load
 
 
 def test_error_inside_a_read_task_names_file_and_line(ray_session, tiny_bert, tmp_path, monkeypatch):
