@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from .artifacts import cache_meta, save_trained
 from .cache import open_cache
@@ -25,11 +27,11 @@ from .keys import example_key
 from .metrics import majority_baseline, primary_metric
 from .models import load_encoder
 from .outputs import OutputDir
-from .storage import is_local
+from .storage import is_local, put_atomic
 from .split import lower_fingerprint, split_encoder
 from .task_data import SplitData, iter_batches, join_cache, label_map, require_complete
 from .tasks import ensure_dev, example_input, load_task
-from .train import FitResult, TrainConfig, build_model, fit, load_state, save_state, seed_everything
+from .train import STATE_FILE, FitResult, TrainConfig, build_model, fit, load_state, save_state, seed_everything
 
 log_ = logging.getLogger("er.train")
 CHECKPOINTS = "checkpoints"
@@ -137,22 +139,27 @@ def save_artifact(folder, p: Prepared, cfg: TrainConfig, model, metrics: dict) -
 
 
 def finetune(cache_url: str, task_dir: str, out_dir: str, cfg: TrainConfig, storage_options=None, limit=None, log=print,
-             progress=True, ingest_missing=False, overwrite=False, resume=False) -> dict:
+             progress=True, ingest_missing=False, overwrite=False, resume=False, device: str = "cpu",
+             on_epoch: Callable[[dict, str], None] | None = None) -> dict:
     """Train, evaluate on dev and test, save the artefact and `metrics.json` into `out_dir`; return the metrics.
 
-    A checkpoint is written after every epoch; `resume=True` continues an interrupted run in `out_dir`.
+    A checkpoint is written under `out_dir` after every epoch (on object storage too); `resume=True` continues
+    an interrupted run from it. `on_epoch(row, primary)` follows each checkpoint with the epoch's row and the
+    task's primary metric, e.g. to report the epoch to a scheduler.
     """
     request = {"cache": str(cache_url), "task": str(task_dir), "limit": limit, "workers": 0, "cfg": cfg.to_dict()}
     out = OutputDir.claim(str(out_dir), "train", overwrite=overwrite, resume=resume, request=request,
                           storage_options=storage_options)
     try:
-        return _finetune(cache_url, task_dir, out, cfg, storage_options, limit, log, progress, ingest_missing)
+        return _finetune(cache_url, task_dir, out, cfg, storage_options, limit, log, progress, ingest_missing, device,
+                         on_epoch)
     except BaseException as e:
         out.fail(f"{type(e).__name__}: {e}")
         raise
 
 
-def _finetune(cache_url, task_dir, out: OutputDir, cfg, storage_options, limit, log, progress, ingest_missing) -> dict:
+def _finetune(cache_url, task_dir, out: OutputDir, cfg, storage_options, limit, log, progress, ingest_missing, device,
+              on_epoch) -> dict:
     if ingest_missing and cfg.method != "full":
         cache_task(cache_url, task_dir, storage_options, limit)
     seed_everything(cfg.seed)
@@ -160,12 +167,11 @@ def _finetune(cache_url, task_dir, out: OutputDir, cfg, storage_options, limit, 
     if p.dev_source != "dev split":
         log_.warning("%s: dev for early stopping is %s", p.task.name, p.dev_source)
     kind = p.task.kind
-    model = build_model(p.encoder, p.spec.layer, kind, len(p.task.labels) or 2, cfg)
+    model = build_model(p.encoder, p.spec.layer, kind, len(p.task.labels) or 2, cfg).to(device)
     train, dev = p.data["train"], p.data.get("dev")
     src = cfg.source
     steps = -(-len(train.items) // cfg.batch_size)
-    # In this process, checkpoints stay on local disk: under OUT, or a temporary folder for an output on object storage.
-    checkpoints = out.local_path(CHECKPOINTS) if is_local(out.fs) else tempfile.mkdtemp(prefix="er-checkpoints-")
+    checkpoints = _Checkpoints(out)
 
     def batches(epoch):
         return (b for _, b in iter_batches(train, cfg.batch_size, src, p.pad_id, shuffle=True, seed=cfg.seed, epoch=epoch))
@@ -173,14 +179,44 @@ def _finetune(cache_url, task_dir, out: OutputDir, cfg, storage_options, limit, 
     def dev_metrics():
         return evaluate(model, dev, src, p.labels, pad_id=p.pad_id) if dev is not None and dev.items else {}
 
+    def saved(row, state):
+        checkpoints.save(state())
+        if on_epoch is not None:
+            on_epoch(row, primary_metric(kind))
+
     result = fit(model, kind, cfg, batches, steps, dev_metrics, primary_metric(kind), log=log, progress=progress,
-                 resume=load_state(checkpoints), on_epoch=lambda row, state: save_state(checkpoints, state()))
+                 resume=checkpoints.load(), on_epoch=saved)
     metrics = run_metrics(p, cfg, result, model)
     staged = out.stage()
     save_artifact(staged, p, cfg, model, metrics)
     out.finish(staged)
-    if is_local(out.fs):
-        out.remove(CHECKPOINTS)  # the run is complete: its resume state is no longer needed
-    else:
-        shutil.rmtree(checkpoints, ignore_errors=True)
+    checkpoints.remove()  # the run is complete: its resume state is no longer needed
     return metrics
+
+
+class _Checkpoints:
+    """The training state under OUT/checkpoints: written on local disk, and copied (one PUT) for an output on
+    object storage, so a run restarted on another machine resumes too."""
+
+    def __init__(self, out: OutputDir):
+        self.out = out
+        self.local = out.local_path(CHECKPOINTS) if is_local(out.fs) else tempfile.mkdtemp(prefix="er-checkpoints-")
+        self.remote = None if is_local(out.fs) else f"{out.path}/{CHECKPOINTS}/{STATE_FILE}"
+
+    def load(self) -> dict | None:
+        if self.remote is not None and self.out.fs.exists(self.remote):
+            os.makedirs(self.local, exist_ok=True)
+            self.out.fs.get_file(self.remote, os.path.join(self.local, STATE_FILE))
+        return load_state(self.local)
+
+    def save(self, state: dict) -> None:
+        save_state(self.local, state)
+        if self.remote is not None:
+            self.out.add(CHECKPOINTS)
+            with open(os.path.join(self.local, STATE_FILE), "rb") as f:
+                put_atomic(self.out.fs, self.remote, f.read())
+
+    def remove(self) -> None:
+        self.out.remove(CHECKPOINTS)
+        if self.remote is not None:
+            shutil.rmtree(self.local, ignore_errors=True)

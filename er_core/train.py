@@ -134,6 +134,11 @@ class FitResult:
 STATE_FILE = "train_state.pt"
 
 
+def epoch_score(row: dict, primary: str) -> float:
+    """What ranks epochs (and Tune trials): the dev primary metric, or minus the train loss without a dev set."""
+    return row.get(f"dev_{primary}", -row["train_loss"])
+
+
 def save_state(folder, state: dict) -> None:
     """Write a training state (see `fit`) into `folder`, atomically."""
     import os
@@ -243,7 +248,7 @@ def fit(
             row.update({f"dev_{k}": v for k, v in evaluate_dev().items()})
         history.append(row)
         log(row)
-        metric = row.get(f"dev_{primary}", -row["train_loss"])
+        metric = epoch_score(row, primary)
         if metric > best:
             best, best_epoch, stale = metric, epoch + 1, 0
             # Only trainable tensors change, so only they are kept (not a second copy of the encoder).

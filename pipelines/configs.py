@@ -141,9 +141,9 @@ class Sweep:
         "help": "true or {grace_period, reduction_factor}: stop trials early on the dev metric per epoch"})
     limit: int | dict | None = field(default=None, metadata={"help": "examples per split, int or {split: n}"})
     max_concurrent: int = field(default=2, metadata={"help": "trials in flight at once"})
-    workers: int = field(default=1, metadata={"help": "Ray Train workers per trial"})
+    workers: int = field(default=1, metadata={"help": "workers per trial: 1 trains in the trial's own process, more run Ray Train (data parallel)"})
     resources: dict = field(default_factory=dict, metadata={"help": "{cpus_per_worker, gpus_per_worker} of each worker"})
-    storage_path: str | None = field(default=None, metadata={"help": "Ray Train storage (shared, e.g. s3://, on clusters)"})
+    storage_path: str | None = field(default=None, metadata={"help": "Ray Train storage of trials of several workers (shared, e.g. s3://, on clusters)"})
     storage_options: dict | None = field(default=None, metadata={"help": "fsspec options for an s3:// cache"})
 
     @property

@@ -1,11 +1,13 @@
 """`er sweep SWEEP.yaml`: many tasks x methods x hyper-parameters from one cache, as one Ray Tune experiment.
 
 Phases: load_sweep (parse and validate, every problem reported at once), expand (the grid's trials),
-then a `Tuner` over `run_trial`, a function trainable that runs the usual Ray Train path
-(`train_on_ray`) and reports each epoch to Tune through `TuneReportCallback` (Ray Train V2's Tune
-pattern). Tune brings what a sweep needs: sampled search spaces (`search`, `num_samples`), an ASHA
-scheduler on the dev metric per epoch and per task (`asha`), a concurrency limit, `--resume` of an interrupted
-sweep (its state lives in `<output>/tune`), and a failed trial recorded while the others run.
+then a `Tuner` over `run_trial`, a function trainable. A one-worker trial (the default) trains in its
+own process (`er_core.finetune`, as `er train --workers 0` does) and reports each epoch to Tune; a
+trial of several workers runs the usual Ray Train path (`train_on_ray`) and reports through
+`TuneReportCallback` (Ray Train V2's Tune pattern). Tune brings what a sweep needs: sampled search
+spaces (`search`, `num_samples`), an ASHA scheduler on the dev metric per epoch and per task
+(`asha`), a concurrency limit, `--resume` of an interrupted sweep (its state lives in
+`<output>/tune`), and a failed trial recorded while the others run.
 `full` trials (the baseline: every layer, from raw text) run beside the cached methods.
 
 Exit status: 0 if every trial succeeded or was stopped early by ASHA, 1 if any failed (the table
@@ -365,15 +367,13 @@ def _limit(sweep: Sweep, trial: Trial):
 
 
 def run_trial(config: dict, sweep: Sweep) -> None:
-    """Tune's function trainable: one trial on Ray Train, its epochs reported to Tune as they end.
+    """Tune's function trainable: one trial, in this process or on Ray Train, its epochs reported to Tune as they end.
 
     A trial whose folder is already complete (it finished before the driver died) reports its
     metrics again instead of training; one left incomplete continues from its last epoch."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from er_core.outputs import read_status
-    from pipelines.train_ray import train_on_ray
 
     trial = {t.name: t for t in expand(sweep)}[config["trial"]]
     sampled = {k: v for k, v in config.get("search", {}).items() if trial.method == "lora" or k not in LORA_ONLY}
@@ -387,17 +387,41 @@ def run_trial(config: dict, sweep: Sweep) -> None:
         dev = done.get("dev", {}).get(primary_metric(done["kind"]))
         tune.report({"epoch": len(done.get("history", [])), "dev_score": dev if dev is not None else float("nan"), "final": 1.0})
         return
+    resume = status.get("status") in ("running", "failed") and "request" in status
     try:
-        train_on_ray(sweep.cache, trial.task.path, out_dir, cfg, workers=sweep.workers, cpus_per_worker=sweep.cpus_per_worker,
-                     gpus_per_worker=sweep.gpus_per_worker, storage_options=sweep.storage_options,
-                     limit=_limit(sweep, trial), storage_path=sweep.storage_path, name=f"er-sweep-{trial.name}",
-                     resume=status.get("status") in ("running", "failed") and "request" in status,
-                     callbacks=[TuneReportCallback()])
+        if sweep.workers == 1:
+            _train_in_trial(sweep, trial, cfg, out_dir, resume)
+        else:
+            from ray.tune.integration.ray_train import TuneReportCallback
+
+            from pipelines.train_ray import train_on_ray
+
+            train_on_ray(sweep.cache, trial.task.path, out_dir, cfg, workers=sweep.workers,
+                         cpus_per_worker=sweep.cpus_per_worker, gpus_per_worker=sweep.gpus_per_worker,
+                         storage_options=sweep.storage_options, limit=_limit(sweep, trial), storage_path=sweep.storage_path,
+                         name=f"er-sweep-{trial.name}", resume=resume, callbacks=[TuneReportCallback()])
     except Exception:
         fs, path = url_to_fs(out_dir, sweep.storage_options)
         if fs.exists(path):
             put_atomic(fs, f"{path}/error.txt", traceback.format_exc().encode())
         raise
+
+
+def _train_in_trial(sweep: Sweep, trial: Trial, cfg: TrainConfig, out_dir: str, resume: bool) -> None:
+    """A one-worker trial trains in its own Tune process (it holds the worker's CPUs and GPUs): a Ray Train run
+    around one worker would start six more processes (controller, worker, data and sync actors) for nothing.
+    It checkpoints under its output folder each epoch and reports the epoch to Tune; a killed trial fails."""
+    import torch
+    from ray import tune
+
+    from er_core import finetune
+    from pipelines.train_ray import epoch_scalars
+
+    torch.set_num_threads(max(1, int(sweep.cpus_per_worker)))
+    finetune(sweep.cache, trial.task.path, out_dir, cfg, storage_options=sweep.storage_options, limit=_limit(sweep, trial),
+             log=lambda row: None, progress=False, resume=resume,
+             on_epoch=lambda row, primary: tune.report(epoch_scalars(row, primary)),
+             device="cuda" if sweep.gpus_per_worker > 0 else "cpu")
 
 
 def _progress(total: int):
@@ -439,13 +463,21 @@ def run_trials(sweep: Sweep, trials: list[Trial], max_concurrent: int, resume: b
     from pipelines.train_ray import ray_storage
 
     ensure_ray(address)
+    from pipelines.placement import Cluster, check_shared
+
+    cluster = Cluster.current(local=False)  # trials run on any node, and the driver reads what they write
+    check_shared(sweep.cache, cluster, "cache")
+    check_shared(sweep.output, cluster, "sweep output")
     # Tune's older reporter is silent at verbose=0 (the newer one prints its banner anyway); er prints its own lines.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # Ctrl-C: a KeyboardInterrupt, as in every er command (the sweep is left resumable), not Tune's own handler,
     # which ends fit() as if the sweep were done and hides the trials not yet started.
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     storage = ray_storage(sweep.output, sweep.storage_options)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep), {"CPU": 0.01})  # its Train workers hold the CPUs
+    # A one-worker trial trains in its own process and holds the worker's resources; a bigger one runs Ray Train,
+    # whose workers hold them.
+    resources = ({"CPU": sweep.cpus_per_worker, "GPU": sweep.gpus_per_worker} if sweep.workers == 1 else {"CPU": 0.01})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep), resources)
     if resume:
         experiment, fs = join(storage["storage_path"], "tune"), storage.get("storage_filesystem")
         if not tune.Tuner.can_restore(experiment, storage_filesystem=fs):

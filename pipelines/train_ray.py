@@ -123,8 +123,7 @@ def train_loop_per_worker(config: dict) -> None:
     last = {}
 
     def on_epoch(row, state):
-        scalars = {k: v for k, v in row.items() if isinstance(v, (int, float))}
-        scalars["dev_score"] = row.get(f"dev_{primary_metric(kind)}", -row["train_loss"])  # what a Tune scheduler ranks by
+        scalars = epoch_scalars(row, primary_metric(kind))
         last.update(scalars)
         if rank != 0:
             ray.train.report(scalars)
@@ -157,6 +156,13 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report({**last, "final": 1.0}, checkpoint=ray.train.Checkpoint.from_directory(d))
     else:
         ray.train.report({"final": 1.0})
+
+
+def epoch_scalars(row: dict, primary: str) -> dict:
+    """An epoch's numbers as reported to Ray, with `dev_score`: what a Tune scheduler ranks trials by."""
+    from er_core.train import epoch_score
+
+    return {**{k: v for k, v in row.items() if isinstance(v, (int, float))}, "dev_score": epoch_score(row, primary)}
 
 
 def _report_final_again(checkpoint, rank: int) -> bool:

@@ -21,6 +21,8 @@ def ray_session(s3):
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # As on the local Ray er starts (pipelines.ray_env): no PreemptionWatcher process per Train run on one machine.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     started = not ray.is_initialized()
     if started:
         ray.init(num_cpus=8, include_dashboard=False, object_store_memory=1_000_000_000, log_to_driver=True)

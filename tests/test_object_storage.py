@@ -38,14 +38,15 @@ def test_train_sweep_and_predict_read_and_write_s3(ray_session, s3_task, tiny_ca
     assert [p for p, info in left.items() if info["type"] != "directory" and info.get("size")] == []
     assert json.loads(fs.cat_file(f"{out.removeprefix('s3://')}/.er-output.json"))["status"] == "complete"
 
-    # er sweep: the sweep file, its task and its results on S3 (relative paths are taken from the file's URL)
+    # er sweep: the sweep file, its task and its results on S3 (relative paths are taken from the file's URL);
+    # trials of two workers, so on Ray Train, with Train's storage on S3 (test_jobs runs one-worker trials there)
     sweep = {"cache": "../cache", "output": "../sweep-out", "tasks": ["../task"], "methods": ["reduced"],
-             "defaults": {"epochs": 1}, "resources": {"cpus_per_worker": 0.5}}
+             "defaults": {"epochs": 1}, "workers": 2, "resources": {"cpus_per_worker": 0.5}}
     fs.pipe_file(f"{base.removeprefix('s3://')}/sweeps/sweep.yaml", yaml.safe_dump(sweep).encode())
     assert er(["sweep", f"{base}/sweeps/sweep.yaml"]) == 0
     rows = json.loads(fs.cat_file(f"{base.removeprefix('s3://')}/sweep-out/results.json"))
     assert [r["status"] for r in rows] == ["ok"] and rows[0]["out_dir"].startswith(f"{base}/sweep-out/")
-    assert fs.exists(f"{rows[0]['out_dir'].removeprefix('s3://')}/metrics.json")
+    assert json.loads(fs.cat_file(f"{rows[0]['out_dir'].removeprefix('s3://')}/metrics.json"))["workers"] == 2
 
     # er predict: the model read from S3, predictions written to S3 in one piece
     _, folder, _ = tiny_cache

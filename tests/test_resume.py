@@ -64,6 +64,37 @@ def test_resumed_run_equals_an_uninterrupted_one(tiny_cache, tmp_path, monkeypat
     assert read_status(out)["status"] == "complete" and not (out / "checkpoints").exists()
 
 
+def test_a_run_writing_to_object_storage_resumes_from_its_checkpoint_there(s3, tiny_cache, tmp_path, monkeypatch):
+    """An output on S3 keeps its checkpoint on S3 (a sweep trial may restart on another machine)."""
+    from er_core.storage import url_to_fs
+
+    url, folder, _ = tiny_cache
+    out = f"s3://{s3.bucket}/resume-{tmp_path.name}"
+    fs, path = url_to_fs(out)
+    real = finetune_mod.save_state
+
+    def die_after_first_epoch(folder_, state):
+        real(folder_, state)
+        if state["epoch"] == 1:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(finetune_mod, "save_state", die_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(url, str(folder), out, TrainConfig(**CFG), progress=False, log=lambda r: None)
+    assert not fs.exists(f"{path}/checkpoints/train_state.pt")  # the failing save never reached S3 ...
+    monkeypatch.setattr(finetune_mod, "save_state", real)
+    epochs = []
+    with pytest.raises(KeyboardInterrupt):  # ... this one did: stopped after its first epoch's checkpoint
+        finetune(url, str(folder), out, TrainConfig(**CFG), progress=False, log=lambda r: None, resume=True,
+                 on_epoch=lambda row, primary: epochs.append(row["epoch"]) or (_ for _ in ()).throw(KeyboardInterrupt))
+    assert epochs == [1] and fs.exists(f"{path}/checkpoints/train_state.pt")
+    resumed = finetune(url, str(folder), out, TrainConfig(**CFG), progress=False, log=lambda r: None, resume=True,
+                       on_epoch=lambda row, primary: epochs.append((row["epoch"], primary)))
+    assert epochs == [1, (2, "micro_f1"), (3, "micro_f1")] and [r["after_epoch"] for r in resumed["resumed"]] == [1]
+    assert read_status(out)["status"] == "complete"
+    # (SeaweedFS may keep an emptied folder's name; S3 would not: what counts is that nothing is left in it)
+    assert [p for p, info in fs.find(f"{path}/checkpoints", detail=True).items() if info["type"] != "directory"] == []
+
+
 def test_resume_refuses_a_complete_run(tiny_cache, tmp_path, capsys):
     from pipelines.cli import main as er
 
@@ -136,10 +167,12 @@ def test_killed_train_worker_resumes_from_last_epoch(ray_session, slow_cache, tm
     assert read_status(out)["status"] == "complete"
 
 
-def test_resume_after_kill_9_of_the_driver(slow_cache, tmp_path):
+def test_resume_after_kill_9_of_the_driver(ray_session, slow_cache, tmp_path):
+    """Both drivers join the session's Ray (the dead driver's Train run dies with its job); what a kill leaves of
+    er's own local Ray is tested in test_ray_sessions."""
     url, folder = slow_cache
     out = tmp_path / "run"
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     argv = [sys.executable, "-m", "pipelines.cli", "train", "--cache", url, "--task", str(folder), "--out", str(out),
             "--workers", "1", "--cpus-per-worker", "0.5", "--epochs", "2", "--batch-size", "4", "--patience", "5"]
     driver = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

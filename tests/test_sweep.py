@@ -117,7 +117,10 @@ def test_full_reduced_and_lora_trials_sampled_by_tune_write_one_row_each(ray_ses
     url, folder, _ = tiny_cache
     path = _sweep_file(tmp_path, url, [folder], methods=["full", "reduced", "lora"],
                        search={"lr": {"loguniform": ["1e-3", "3e-3"]}})
+    controllers = len(_actors(ray_session, "TrainController"))
     assert er(["sweep", str(path)]) == 0
+    # One-worker trials train in their Tune process: no Ray Train run (controller, worker, data actors) per trial.
+    assert len(_actors(ray_session, "TrainController")) == controllers and len(_actors(ray_session, "ImplicitFunc")) >= 3
     rows = _rows(tmp_path)
     assert [(r["method"], r["status"]) for r in rows] == [("full", "ok"), ("reduced", "ok"), ("lora", "ok")]
     for r in rows:
@@ -132,6 +135,13 @@ def test_full_reduced_and_lora_trials_sampled_by_tune_write_one_row_each(ray_ses
         assert [r["method"] for r in csv.DictReader(f)] == ["full", "reduced", "lora"]
     out = capsys.readouterr().out
     assert "start tiny-full" in out and "done tiny-lora" in out
+
+
+def _actors(ray, class_name: str) -> list:
+    """Actors of this Ray session whose class name holds `class_name`, dead ones too (the GCS actor table)."""
+    from ray._private.state import state  # this driver's view of the GCS
+
+    return [a for a in state.actor_table(None).values() if class_name in a["ActorClassName"]]
 
 
 def _until(check, timeout: float = 300, what: str = "condition"):
@@ -151,8 +161,9 @@ def test_a_killed_or_failing_trial_is_reported_failed_and_the_others_finish(ray_
     shutil.copytree(folder, broken)
     with open(broken / "train.jsonl", "a") as f:
         f.write(json.dumps({"text": "a sentence never ingested", "label": "inhibitor"}) + "\n")
+    # Enough epochs that the trial still trains after its first checkpoint, when the kill comes.
     path = _sweep_file(tmp_path, url, [folder, broken], max_concurrent=1,
-                       defaults={"epochs": 2, "batch_size": 8, "lr": 3.0e-3}, grid={"seed": [0, 1]})
+                       defaults={"epochs": 6, "patience": 6, "batch_size": 8, "lr": 3.0e-3}, grid={"seed": [0, 1]})
     result = {}
     driver = threading.Thread(target=lambda: result.update(code=er(["sweep", str(path)])))
     driver.start()
@@ -232,11 +243,14 @@ def test_asha_ranks_trials_against_their_own_task_only():
     assert act == {"a-good": "CONTINUE", "b-low": "CONTINUE", "a-bad": "STOP"}
 
 
-def test_resume_after_ctrl_c_and_after_kill_9_of_the_driver_keeps_finished_trials(tiny_cache, tmp_path, ray_tmp):
+@pytest.mark.ray
+def test_resume_after_ctrl_c_and_after_kill_9_of_the_driver_keeps_finished_trials(ray_session, tiny_cache, tmp_path):
+    """Each driver joins the session's Ray (a dead driver's trials die with its job); er's own local Ray, and what is
+    left of it after a kill, are tested in test_ray_sessions and test_console."""
     url, folder, _ = tiny_cache
     path = _sweep_file(tmp_path, url, [folder], max_concurrent=1, defaults={"epochs": 2, "batch_size": 8, "lr": 3.0e-3},
                        grid={"seed": [0, 1, 2]})
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": str(ray_tmp)}
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     argv = [sys.executable, "-m", "pipelines.cli", "sweep", str(path)]
     runs = tmp_path / "runs"
 
