@@ -88,7 +88,9 @@ def test_racing_takers_of_a_stale_lock_never_both_hold_it(url, kind):
         barrier, results = threading.Barrier(3), queue.Queue()
         racers = [threading.Thread(target=_racer, args=(url, ROUNDS, barrier, results)) for _ in range(2)]
     else:
-        ctx = multiprocessing.get_context("fork")  # the racers use only fresh objects; fork spares a torch import each
+        # spawn: racers start clean, as separate writers do, not as copies of this process and its S3 clients
+        # (forked after the threads case, each round waited ~1 s on them: 32 s instead of 2)
+        ctx = multiprocessing.get_context("spawn")
         barrier, results = ctx.Barrier(3), ctx.Queue()
         racers = [ctx.Process(target=_racer, args=(url, ROUNDS, barrier, results)) for _ in range(2)]
     for t in racers:
