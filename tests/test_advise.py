@@ -31,7 +31,7 @@ def test_advise_on_a_bundled_task_probes_every_k_and_follows_its_rule(data_dir, 
     ingest_local([example_input(e) for e in seed.splits["train"]], cache, Recycler.load("bundled", layer=3, max_length=96),
                  progress=False)
     out = tmp_path / "advice"
-    assert er(["advise", "--cache", cache, "--task", str(task_dir), "--budget", "300", "--dev", "100", "--epochs", "2",
+    assert er(["advise", "--cache", cache, "--task", str(task_dir), "--budget", "160", "--dev", "60", "--epochs", "2",
                "--lr", "3e-4", "--out", str(out)]) == 0
     advice = json.loads((out / "advice.json").read_text())
     table = {r["layer"]: r for r in advice["table"]}
