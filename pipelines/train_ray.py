@@ -2,7 +2,8 @@
 
 The driver opens the cache once and reads the task once. It locates the train keys through the key
 index and builds a Ray Dataset that reads only the row groups holding them (`read_rows`, one task per
-shard, every page checksummed), materialized in the object store before training: each epoch is
+shard, every page checksummed), materialized in the object store before training and split there into
+one share per worker (no streaming split, and so no split coordinator, during training): each epoch is
 shuffled from that copy, and nothing is read from storage again. Dev and test are read by the driver
 (the same index path) and shipped to the workers with the task through the object store; rank 0
 evaluates them and broadcasts the scores, so every worker takes the same early-stopping decision.
@@ -108,7 +109,7 @@ def train_loop_per_worker(config: dict) -> None:
                                           parallel_strategy_kwargs={"find_unused_parameters": False} if world > 1 else None)
     core = model.module if hasattr(model, "module") else model
     per_worker = max(1, cfg.batch_size // world)  # the global batch stays cfg.batch_size
-    shard = ray.train.get_dataset_shard("train")
+    shard = config["shares"][rank]
     steps = math.ceil(config["n_train"] / world / per_worker)
     dev = p.data.get("dev")
     resume = None
@@ -298,6 +299,9 @@ def _fit_on_ray(out: OutputDir, cache_url, task_dir, cfg, workers, cpus_per_work
     say(f"reading {n_train} train examples of {p.task.name} " + ("(text)" if cfg.method == "full" else f"from {cache_url}"))
     t0 = time.perf_counter()
     ds = ds.materialize()  # read once: every epoch of every worker is shuffled from this copy
+    # Each worker's share of it, split once here: Ray Train's `datasets=` would start one more actor per run (a
+    # split coordinator) to stream what already sits in the object store.
+    shares = [ds] if workers <= 1 else ds.split(workers, equal=True)
     say(f"read in {time.perf_counter() - t0:.1f} s; training {cfg.method} on {workers or 1} worker(s), at most {cfg.epochs} epochs")
     use_gpu = gpus_per_worker > 0
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
@@ -312,12 +316,11 @@ def _fit_on_ray(out: OutputDir, cache_url, task_dir, cfg, workers, cpus_per_work
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", POLL_S)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "cache": cache_url, "n_train": n_train, "in_process": workers == 0, "threads": max(1, int(cpus_per_worker)),
+        train_loop_config={"cfg": cfg.to_dict(), "cache": cache_url, "n_train": n_train, "shares": shares, "in_process": workers == 0, "threads": max(1, int(cpus_per_worker)),
                            "prepared": ray.put(replace(p, encoder=None, tokenizer=None)),
                            "console": console.sender() if console else None},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        datasets={"train": ds},
         # Checkpoints every node can reach: under OUT on one machine, a shared storage_path (s3://) on a cluster.
         # The same (storage_path, name) later resumes the run.
         run_config=RunConfig(name=name or "run", **storage, failure_config=FailureConfig(max_failures=max_failures),
