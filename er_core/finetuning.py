@@ -27,7 +27,7 @@ from .keys import example_key
 from .metrics import majority_baseline, primary_metric
 from .models import load_encoder
 from .outputs import OutputDir
-from .storage import is_local, put_atomic
+from .storage import is_local
 from .split import lower_fingerprint, split_encoder
 from .task_data import SplitData, iter_batches, join_cache, label_map, require_complete
 from .tasks import ensure_dev, example_input, load_task
@@ -184,13 +184,16 @@ def _finetune(cache_url, task_dir, out: OutputDir, cfg, storage_options, limit, 
         if on_epoch is not None:
             on_epoch(row, primary_metric(kind))
 
-    result = fit(model, kind, cfg, batches, steps, dev_metrics, primary_metric(kind), log=log, progress=progress,
-                 resume=checkpoints.load(), on_epoch=saved)
-    metrics = run_metrics(p, cfg, result, model)
-    staged = out.stage()
-    save_artifact(staged, p, cfg, model, metrics)
-    out.finish(staged)
-    checkpoints.remove()  # the run is complete: its resume state is no longer needed
+    try:
+        result = fit(model, kind, cfg, batches, steps, dev_metrics, primary_metric(kind), log=log, progress=progress,
+                     resume=checkpoints.load(), on_epoch=saved)
+        metrics = run_metrics(p, cfg, result, model)
+        staged = out.stage()
+        save_artifact(staged, p, cfg, model, metrics)
+        out.finish(staged)
+        checkpoints.remove()  # the run is complete: its resume state is no longer needed
+    finally:
+        checkpoints.close()
     return metrics
 
 
@@ -213,10 +216,12 @@ class _Checkpoints:
         save_state(self.local, state)
         if self.remote is not None:
             self.out.add(CHECKPOINTS)
-            with open(os.path.join(self.local, STATE_FILE), "rb") as f:
-                put_atomic(self.out.fs, self.remote, f.read())
+            self.out.fs.put_file(os.path.join(self.local, STATE_FILE), self.remote)  # an object appears whole, or not
 
     def remove(self) -> None:
         self.out.remove(CHECKPOINTS)
+
+    def close(self) -> None:
+        """Drop the local copy of a remote checkpoint, however the run ended (the remote one stays for a resume)."""
         if self.remote is not None:
             shutil.rmtree(self.local, ignore_errors=True)

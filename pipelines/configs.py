@@ -151,6 +151,11 @@ class Sweep:
         return float(self.resources.get("cpus_per_worker", 1.0))
 
     @property
+    def in_trial(self) -> bool:
+        """One worker per trial: it trains in the trial's own process, with no Ray Train run around it."""
+        return self.workers == 1
+
+    @property
     def gpus_per_worker(self) -> float:
         return float(self.resources.get("gpus_per_worker", 0.0))
 

@@ -383,13 +383,15 @@ def run_trial(config: dict, sweep: Sweep) -> None:
     done = _read_metrics(out_dir, sweep.storage_options)
     if done is not None:  # the scheduler and the metric check need what an epoch reports
         from er_core.metrics import primary_metric
+        from er_core.train import epoch_score
 
-        dev = done.get("dev", {}).get(primary_metric(done["kind"]))
-        tune.report({"epoch": len(done.get("history", [])), "dev_score": dev if dev is not None else float("nan"), "final": 1.0})
+        best = done["history"][done["best_epoch"] - 1] if done.get("history") else {}
+        score = epoch_score(best, primary_metric(done["kind"])) if best else float("nan")
+        tune.report({"epoch": len(done.get("history", [])), "dev_score": score, "final": 1.0})
         return
     resume = status.get("status") in ("running", "failed") and "request" in status
     try:
-        if sweep.workers == 1:
+        if sweep.in_trial:
             _train_in_trial(sweep, trial, cfg, out_dir, resume)
         else:
             from ray.tune.integration.ray_train import TuneReportCallback
@@ -463,11 +465,6 @@ def run_trials(sweep: Sweep, trials: list[Trial], max_concurrent: int, resume: b
     from pipelines.train_ray import ray_storage
 
     ensure_ray(address)
-    from pipelines.placement import Cluster, check_shared
-
-    cluster = Cluster.current(local=False)  # trials run on any node, and the driver reads what they write
-    check_shared(sweep.cache, cluster, "cache")
-    check_shared(sweep.output, cluster, "sweep output")
     # Tune's older reporter is silent at verbose=0 (the newer one prints its banner anyway); er prints its own lines.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # Ctrl-C: a KeyboardInterrupt, as in every er command (the sweep is left resumable), not Tune's own handler,
@@ -476,7 +473,7 @@ def run_trials(sweep: Sweep, trials: list[Trial], max_concurrent: int, resume: b
     storage = ray_storage(sweep.output, sweep.storage_options)
     # A one-worker trial trains in its own process and holds the worker's resources; a bigger one runs Ray Train,
     # whose workers hold them.
-    resources = ({"CPU": sweep.cpus_per_worker, "GPU": sweep.gpus_per_worker} if sweep.workers == 1 else {"CPU": 0.01})
+    resources = {"CPU": sweep.cpus_per_worker, "GPU": sweep.gpus_per_worker} if sweep.in_trial else {"CPU": 0.01}
     trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep), resources)
     if resume:
         experiment, fs = join(storage["storage_path"], "tune"), storage.get("storage_filesystem")
@@ -610,6 +607,19 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines + (["failed trials:"] + failed if failed else []))
 
 
+def _check_reachable(sweep: Sweep, address) -> None:
+    """Trials run on any node, and the driver reads what they write: refuse local paths some node cannot see."""
+    from pipelines.placement import Cluster, check_shared
+    from pipelines.ray_env import ensure_ray
+
+    ensure_ray(address)
+    cluster = Cluster.current(local=False)
+    check_shared(sweep.cache, cluster, "cache")
+    check_shared(sweep.output, cluster, "sweep output")
+    for task in sweep.tasks:
+        check_shared(task.path, cluster, "task folder")
+
+
 def main(args) -> int:
     from er_core import open_cache
 
@@ -618,6 +628,7 @@ def main(args) -> int:
     if max_concurrent < 1:
         raise ErError(f"--max-concurrent must be >= 1, got {max_concurrent}")
     open_cache(sweep.cache, storage_options=sweep.storage_options)  # fail once here, not once per trial
+    _check_reachable(sweep, args.address)  # before the output is claimed: a refused sweep leaves nothing behind
     trials = expand(sweep)
     request = {"sweep": json.loads(json.dumps(asdict(sweep), default=str))}
     out = OutputDir.claim(sweep.output, "sweep", overwrite=args.overwrite, resume=args.resume, request=request, flag="output:",

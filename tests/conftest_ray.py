@@ -57,6 +57,13 @@ def ray_tmp():
     shutil.rmtree(folder, ignore_errors=True)
 
 
+def actors_of(class_name: str) -> list:
+    """The actors this Ray session has had (dead ones too: the GCS actor table) whose class name holds `class_name`."""
+    from ray._private.state import state  # this driver's view of the GCS
+
+    return [a for a in state.actor_table(None).values() if class_name in a["ActorClassName"]]
+
+
 def session_processes(ray, marker: str) -> list:
     """Worker processes of this Ray session whose command line holds `marker` (e.g. RayTrainWorker), and no
     one else's: another Ray may run on the machine (a second test run, a user's own)."""

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -72,6 +73,9 @@ def test_a_run_writing_to_object_storage_resumes_from_its_checkpoint_there(s3, t
     out = f"s3://{s3.bucket}/resume-{tmp_path.name}"
     fs, path = url_to_fs(out)
     real = finetune_mod.save_state
+    scratch = tmp_path / "tmp"  # where the local copies of the S3 checkpoint go, and must not stay
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
 
     def die_after_first_epoch(folder_, state):
         real(folder_, state)
@@ -87,6 +91,7 @@ def test_a_run_writing_to_object_storage_resumes_from_its_checkpoint_there(s3, t
         finetune(url, str(folder), out, TrainConfig(**CFG), progress=False, log=lambda r: None, resume=True,
                  on_epoch=lambda row, primary: epochs.append(row["epoch"]) or (_ for _ in ()).throw(KeyboardInterrupt))
     assert epochs == [1] and fs.exists(f"{path}/checkpoints/train_state.pt")
+    assert not list(scratch.glob("er-checkpoints-*"))  # a failed run drops its local copy too
     resumed = finetune(url, str(folder), out, TrainConfig(**CFG), progress=False, log=lambda r: None, resume=True,
                        on_epoch=lambda row, primary: epochs.append((row["epoch"], primary)))
     assert epochs == [1, (2, "micro_f1"), (3, "micro_f1")] and [r["after_epoch"] for r in resumed["resumed"]] == [1]

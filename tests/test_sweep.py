@@ -19,7 +19,7 @@ import yaml
 from er_core import ErError
 from pipelines.cli import main as er
 from pipelines.sweep import expand, load_sweep
-from tests.conftest_ray import session_processes
+from tests.conftest_ray import actors_of, session_processes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -117,10 +117,10 @@ def test_full_reduced_and_lora_trials_sampled_by_tune_write_one_row_each(ray_ses
     url, folder, _ = tiny_cache
     path = _sweep_file(tmp_path, url, [folder], methods=["full", "reduced", "lora"],
                        search={"lr": {"loguniform": ["1e-3", "3e-3"]}})
-    controllers = len(_actors(ray_session, "TrainController"))
+    controllers, trials = len(actors_of("TrainController")), len(actors_of("ImplicitFunc"))
     assert er(["sweep", str(path)]) == 0
     # One-worker trials train in their Tune process: no Ray Train run (controller, worker, data actors) per trial.
-    assert len(_actors(ray_session, "TrainController")) == controllers and len(_actors(ray_session, "ImplicitFunc")) >= 3
+    assert len(actors_of("TrainController")) == controllers and len(actors_of("ImplicitFunc")) - trials == 3
     rows = _rows(tmp_path)
     assert [(r["method"], r["status"]) for r in rows] == [("full", "ok"), ("reduced", "ok"), ("lora", "ok")]
     for r in rows:
@@ -135,13 +135,6 @@ def test_full_reduced_and_lora_trials_sampled_by_tune_write_one_row_each(ray_ses
         assert [r["method"] for r in csv.DictReader(f)] == ["full", "reduced", "lora"]
     out = capsys.readouterr().out
     assert "start tiny-full" in out and "done tiny-lora" in out
-
-
-def _actors(ray, class_name: str) -> list:
-    """Actors of this Ray session whose class name holds `class_name`, dead ones too (the GCS actor table)."""
-    from ray._private.state import state  # this driver's view of the GCS
-
-    return [a for a in state.actor_table(None).values() if class_name in a["ActorClassName"]]
 
 
 def _until(check, timeout: float = 300, what: str = "condition"):
@@ -248,8 +241,9 @@ def test_resume_after_ctrl_c_and_after_kill_9_of_the_driver_keeps_finished_trial
     """Each driver joins the session's Ray (a dead driver's trials die with its job); er's own local Ray, and what is
     left of it after a kill, are tested in test_ray_sessions and test_console."""
     url, folder, _ = tiny_cache
-    path = _sweep_file(tmp_path, url, [folder], max_concurrent=1, defaults={"epochs": 2, "batch_size": 8, "lr": 3.0e-3},
-                       grid={"seed": [0, 1, 2]})
+    # 4 epochs: the third trial is still training, seconds after its first checkpoint, when its driver is killed
+    path = _sweep_file(tmp_path, url, [folder], max_concurrent=1,
+                       defaults={"epochs": 4, "patience": 4, "batch_size": 8, "lr": 3.0e-3}, grid={"seed": [0, 1, 2]})
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     argv = [sys.executable, "-m", "pipelines.cli", "sweep", str(path)]
     runs = tmp_path / "runs"
@@ -270,8 +264,9 @@ def test_resume_after_ctrl_c_and_after_kill_9_of_the_driver_keeps_finished_trial
     assert interrupt(argv, lambda: first.exists() and (runs / "tiny-reduced-seed1").exists(), signal.SIGINT) == 130
     assert json.loads((runs / ".er-output.json").read_text())["status"] == "failed"
     finished = first.stat().st_mtime_ns
-    # --resume, killed -9 while the third trial runs
-    interrupt(argv[:-1] + ["--resume", str(path)], lambda: second.exists() and (runs / "tiny-reduced-seed2").exists(),
+    # --resume, killed -9 while the third trial runs, after its first epoch's checkpoint
+    interrupt(argv[:-1] + ["--resume", str(path)],
+              lambda: second.exists() and (runs / "tiny-reduced-seed2" / "checkpoints" / "train_state.pt").exists(),
               signal.SIGKILL)
     assert not (runs / "results.json").exists()
     done = subprocess.run(argv[:-1] + ["--resume", str(path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
@@ -281,6 +276,8 @@ def test_resume_after_ctrl_c_and_after_kill_9_of_the_driver_keeps_finished_trial
     rows = _rows(tmp_path)
     assert [(r["params"]["seed"], r["status"]) for r in rows] == [(0, "ok"), (1, "ok"), (2, "ok")]
     assert first.stat().st_mtime_ns == finished  # the finished trial was not trained again
+    third = json.loads((runs / "tiny-reduced-seed2" / "metrics.json").read_text())
+    assert third["resumed"] and third["resumed"][0]["after_epoch"] >= 1, third["resumed"]  # from its last epoch
 
 
 @pytest.mark.real

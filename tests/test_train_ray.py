@@ -13,6 +13,7 @@ from er_core.artifacts import load_trained
 from er_core.evaluate import predict, score
 from er_core.task_data import join_cache, label_map
 from pipelines.cli import main as er
+from tests.conftest_ray import actors_of
 
 pytestmark = pytest.mark.ray
 
@@ -26,18 +27,11 @@ TRAIN = ["--epochs", "3", "--lr", "5e-3", "--batch-size", "16", "--seed", "0"]
 TOLERANCE, FLOOR = 0.125, 0.7
 
 
-def _actors(class_name: str) -> int:
-    """How many actors this Ray session has had (dead ones too) whose class name holds `class_name`."""
-    from ray._private.state import state
-
-    return sum(class_name in a["ActorClassName"] for a in state.actor_table(None).values())
-
-
 def test_two_workers_learn_like_one(ray_session, tiny_cache, tmp_path):
     url, folder, _ = tiny_cache
     runs = {}
     sigint = signal.getsignal(signal.SIGINT)
-    splitters = _actors("SplitCoordinator")
+    splitters = len(actors_of("SplitCoordinator"))
     for workers in (1, 2):
         out = tmp_path / f"w{workers}"
         argv = ["train", "--cache", url, "--task", str(folder), "--out", str(out), "--workers", str(workers),
@@ -47,7 +41,7 @@ def test_two_workers_learn_like_one(ray_session, tiny_cache, tmp_path):
     # Ray Train leaves its own SIGINT handler behind; er puts the old one back (Ctrl-C and the ingest heartbeat need it)
     assert signal.getsignal(signal.SIGINT) is sigint
     # Each worker's share is split from the materialized rows in the driver: no split coordinator actor per run.
-    assert _actors("SplitCoordinator") == splitters
+    assert len(actors_of("SplitCoordinator")) == splitters
     one, two = runs[1]["test"]["micro_f1"], runs[2]["test"]["micro_f1"]
     assert runs[2]["workers"] == 2 and runs[2]["train_examples_per_second"] > 0
     assert min(one, two) >= FLOOR and abs(one - two) <= TOLERANCE, (one, two)
