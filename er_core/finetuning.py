@@ -30,7 +30,7 @@ from .outputs import OutputDir
 from .storage import is_local
 from .split import lower_fingerprint, split_encoder
 from .task_data import SplitData, iter_batches, join_cache, label_map, require_complete
-from .tasks import ensure_dev, example_input, load_task
+from .tasks import check_task_folder, ensure_dev, example_input, load_task
 from .train import STATE_FILE, FitResult, TrainConfig, build_model, fit, load_state, save_state, seed_everything
 
 log_ = logging.getLogger("er.train")
@@ -147,6 +147,7 @@ def finetune(cache_url: str, task_dir: str, out_dir: str, cfg: TrainConfig, stor
     an interrupted run from it. `on_epoch(row, primary)` follows each checkpoint with the epoch's row and the
     task's primary metric, e.g. to report the epoch to a scheduler.
     """
+    check_task_folder(task_dir, storage_options)  # a mistyped --task leaves no output folder behind
     request = {"cache": str(cache_url), "task": str(task_dir), "limit": limit, "workers": 0, "cfg": cfg.to_dict()}
     out = OutputDir.claim(str(out_dir), "train", overwrite=overwrite, resume=resume, request=request,
                           storage_options=storage_options)

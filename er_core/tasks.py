@@ -285,6 +285,21 @@ def _labels_from_train(kind: str, train: list[Example]) -> list[str]:
     return []
 
 
+def check_task_folder(folder, storage_options=None) -> None:
+    """Refuse a task folder that is not there (locally: or holds no split files), before a command does any work."""
+    if "://" in str(folder) and not str(folder).startswith("file://"):
+        from .storage import url_to_fs
+
+        fs, path = url_to_fs(str(folder), storage_options)
+        if not fs.isdir(path):
+            raise ErError(f"task folder {folder} does not exist or is not a folder")
+        return
+    local = Path(str(folder).removeprefix("file://"))
+    if not local.is_dir():
+        raise ErError(f"task folder {local} does not exist or is not a directory")
+    _find_split_files(local)
+
+
 def load_task(folder, text_field: str = "text", label_field: str = "label", limit=None, storage_options=None,
               doc_stride: int | None = DOC_STRIDE) -> Task:
     """Read a task folder (local, or a URL such as s3://bucket/tasks/name); the format is detected from the files.
@@ -301,9 +316,8 @@ def load_task(folder, text_field: str = "text", label_field: str = "label", limi
 
         from .storage import url_to_fs
 
+        check_task_folder(folder, storage_options)
         fs, path = url_to_fs(str(folder), storage_options)
-        if not fs.isdir(path):
-            raise ErError(f"task folder {folder} does not exist or is not a folder")
         tmp = tempfile.mkdtemp(prefix="er-task-")
         try:
             local = Path(tmp, path.rstrip("/").rsplit("/", 1)[-1])
@@ -311,9 +325,8 @@ def load_task(folder, text_field: str = "text", label_field: str = "label", limi
             return load_task(local, text_field, label_field, limit, doc_stride=doc_stride)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+    check_task_folder(folder)
     folder = Path(str(folder).removeprefix("file://"))
-    if not folder.is_dir():
-        raise ErError(f"task folder {folder} does not exist or is not a directory")
     limit = _normalize_limit(limit)
     kind, files = _find_split_files(folder)
     readers = {

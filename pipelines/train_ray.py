@@ -41,6 +41,7 @@ from er_core.outputs import OutputDir
 from er_core.secrets import reject_secrets
 from er_core.storage import is_local, read_bytes, url_to_fs
 from er_core.task_data import collate, encode_split, grouped_order, missing_message, padded_states
+from er_core.tasks import check_task_folder
 from pipelines import cache_rows
 
 
@@ -254,6 +255,7 @@ def train_on_ray(cache_url: str, task_dir: str, out_dir: str, cfg: TrainConfig, 
 
     reject_secrets(storage_options)  # they travel in train_loop_config and actor arguments
     cache_url, task_dir = absolute(cache_url), absolute(str(task_dir))
+    check_task_folder(task_dir, storage_options)  # before the output is claimed and Ray started
     request = {"cache": cache_url, "task": task_dir, "limit": limit, "workers": workers, "cpus_per_worker": cpus_per_worker,
                "gpus_per_worker": gpus_per_worker, "storage_path": storage_path, "name": name, "cfg": cfg.to_dict(),
                "max_failures": max_failures}

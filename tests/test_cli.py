@@ -217,3 +217,14 @@ def test_readme_settings_tables_are_the_config_fields():
     assert text.split(begin, 1)[1].split(end, 1)[0].strip() == settings_tables().strip(), \
         "README's settings block is stale: run python -m pipelines.configs README.md"
     assert "| `lr` | `--lr` |" in text and "| `shard_rows` | `--shard-rows` |" in text
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_a_mistyped_task_folder_fails_at_once_and_leaves_no_output(tiny_cache, tmp_path, capsys, workers):
+    """Checked before the output is claimed and before Ray starts (it took 8 s and left a failed output folder)."""
+    url, folder, _ = tiny_cache
+    out = tmp_path / "out"
+    assert main(["train", "--cache", url, "--task", str(folder / "nope"), "--out", str(out), "--workers", workers]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
