@@ -1,11 +1,13 @@
-"""Tokenize example inputs and run them through the frozen lower part, with little padding."""
+"""Tokenize example inputs and run them through the frozen lower part, with little padding.
+
+torch is imported where states are computed: tokenizing (ingestion's read and tokenize tasks, every driver) needs none.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
 import numpy as np
-import torch
 
 from .errors import ErError
 
@@ -134,6 +136,8 @@ def pad_types(types: list | None, T: int) -> torch.Tensor | None:
     """Segment ids of a batch padded with 0 to length T; None when no row has any (the model's default)."""
     if types is None or all(t is None for t in types):
         return None
+    import torch
+
     out = torch.zeros((len(types), T), dtype=torch.long)
     for r, t in enumerate(types):
         if t is not None:
@@ -175,9 +179,16 @@ class Embedder:
         self.autocast = autocast
         self.max_tokens, self.max_batch = max_tokens, max_batch
 
-    @torch.inference_mode()
     def pack(self, rows, codec: str = "fp32"):
         """`rows` (a PackedRows) in length order, with their states encoded by `codec` as `payload` (and `scale`)."""
+        import torch
+
+        with torch.inference_mode():
+            return self._pack(rows, codec)
+
+    def _pack(self, rows, codec: str):
+        import torch
+
         from .codecs import get_codec
 
         if (rows.lengths == 0).any():

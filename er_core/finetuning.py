@@ -63,12 +63,28 @@ def load_checked_encoder(spec, where: str):
     return encoder, tokenizer
 
 
+def checked_tokenizer(spec, where: str):
+    """The cache's tokenizer, with the model's spec checked as load_checked_encoder does, from the remembered spec
+    (model_specs) when there is one: for a driver whose workers load, and check, the weights themselves."""
+    from .models import load_tokenizer
+    from .recycle import cache_spec
+
+    here = cache_spec(spec.model_name, spec.layer, spec.codec, spec.tokenizer.max_length, spec.model_revision)
+    if here.lower_fingerprint != spec.lower_fingerprint:
+        raise CacheMismatchError(f"model {spec.model_name!r} as loaded here differs from the one cache {where} was built with")
+    return load_tokenizer(spec.model_name, spec.model_revision)
+
+
 def setup_data(cache_url: str, task_dir: str, cfg: TrainConfig, storage_options=None, limit=None, text_field="text",
-               splits=None, reader=None) -> Prepared:
-    """Open the cache (or use `reader`), check the model, join the task's splits (all, or `splits`), read once."""
+               splits=None, reader=None, encoder: bool = True) -> Prepared:
+    """Open the cache (or use `reader`), check the model, join the task's splits (all, or `splits`), read once.
+    `encoder=False`: the tokenizer only (Prepared.encoder is None), for a driver whose workers load the model."""
     reader = reader or open_cache(cache_url, storage_options=storage_options)
     spec = reader.spec
-    encoder, tokenizer = load_checked_encoder(spec, cache_url)
+    if encoder:
+        encoder, tokenizer = load_checked_encoder(spec, cache_url)
+    else:
+        encoder, tokenizer = None, checked_tokenizer(spec, cache_url)
     task, dev_source = prepare_task(task_dir, cfg, limit, text_field, storage_options)
     labels = label_map(task) if task.kind != "qa" else None
     source_reader = None if cfg.method == "full" else reader

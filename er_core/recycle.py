@@ -7,21 +7,18 @@ what runs when no Ray is wanted.
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass
 from typing import Iterable
-
-import torch
 
 from .cache import CacheWriter
 from .corpus import KeyClaims
 from .codecs import DEFAULT_CODEC, get_codec
 from .embed import Embedder, Tokenized, is_empty, tokenize, tokenize_rows
 from .errors import ErError
-from .families import num_layers
 from .keys import example_key, tokenizer_settings, window_key
 from .manifest import CacheSpec, Manifest
 from .models import DEFAULT_MODEL, load_encoder
-from .split import lower_fingerprint, resolve_layer, split_encoder
 
 
 @dataclass
@@ -41,6 +38,9 @@ class Recycler:
     @classmethod
     def from_encoder(cls, encoder, tokenizer, name: str, layer, codec=DEFAULT_CODEC, max_length=None,
                      revision: str | None = None) -> "Recycler":
+        from .families import num_layers  # torch: here, where a model is at hand, not at import
+        from .split import lower_fingerprint, resolve_layer, split_encoder
+
         k = resolve_layer(layer, num_layers(encoder.config))
         lower, _ = split_encoder(encoder, k)
         spec = CacheSpec(
@@ -73,6 +73,19 @@ class Recycler:
 
     def embedder(self, device: str = "cpu", autocast=None) -> Embedder:
         return Embedder(self.lower, self.pad_id, device=device, autocast=autocast)
+
+
+def cache_spec(model: str = DEFAULT_MODEL, layer="0.5", codec: str = DEFAULT_CODEC, max_length: int | None = None,
+               revision: str | None = None) -> CacheSpec:
+    """`Recycler.load(...).spec`, without loading the model when its folder's spec is remembered (model_specs)."""
+    from .model_specs import remembered
+    from .models import resolve_model
+
+    get_codec(codec)
+    args = {"model": model, "layer": str(layer), "codec": codec, "max_length": max_length, "revision": revision}
+    folder = resolve_model(model)
+    return remembered(folder if os.path.isdir(folder) else None, args,
+                      lambda: Recycler.load(model, layer, codec, max_length, revision).spec)
 
 
 def cache_rows(tokenizer, settings, inputs: list[dict], keys: list[str] | None = None) -> list[tuple[str, Tokenized]]:

@@ -29,6 +29,7 @@ import functools
 import json
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -41,13 +42,13 @@ import pyarrow as pa
 
 from er_core import ErError, Recycler, ingest_local, open_cache
 from er_core.cache import CacheWriter
-from er_core.manifest import Manifest, ShardInfo
+from er_core.manifest import CacheSpec, Manifest, ShardInfo
 from er_core.cache import Written, packed_table, write_shard
 from er_core.corpus import KeyClaims, batch_token, find_sources, read_source, scan
 from er_core.embed import CPU_BATCH, Embedder, is_empty, token_budget
 from er_core.keys import TokenizerSettings
 from er_core.packed import PackedRows
-from er_core.recycle import cache_rows
+from er_core.recycle import cache_rows, cache_spec
 from er_core.errors import LockLostError
 from er_core.keys import example_key
 from er_core.secrets import reject_secrets
@@ -197,13 +198,22 @@ def write_rows(batch: pa.Table, cache: str, storage_options, run_id: str, codec:
 
 
 def _unwrap(e: BaseException) -> BaseException:
-    """The ErError (bad input, mismatch) behind a Ray task failure, if any, so the CLI prints it plainly."""
-    seen = set()
+    """The ErError (bad input, mismatch) behind a Ray task failure, if any, so the CLI prints it plainly. An actor
+    whose constructor raised (e.g. its model differs from the cache's) dies with only the error's text: it is
+    rebuilt from that."""
+    seen, first = set(), e
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         if isinstance(e, ErError):
             return e
         e = getattr(e, "cause", None) or e.__cause__
+    import er_core.errors
+
+    found = re.findall(r"^er_core\.errors\.(\w+): (.+)$", str(first), flags=re.M) if first is not None else []
+    if found:
+        name, message = found[-1]
+        kind = getattr(er_core.errors, name, None)
+        return (kind if isinstance(kind, type) and issubclass(kind, ErError) else ErError)(message)
     return None
 
 
@@ -323,15 +333,16 @@ def run(corpus: list[str], cache: str, config: IngestConfig | None = None, **kw)
     if not stats.usable:
         raise ErError(f"nothing to ingest into {cache}: " + (f"all {stats.rows} rows of the corpus have an empty "
                       f"{cfg.text_field!r}" if stats.rows else "the corpus has no rows") + "; nothing was written")
-    rec = Recycler.load(cfg.model, cfg.layer, cfg.codec, cfg.max_length, revision)
+    # The driver plans and checks with the spec alone; each actor loads the weights and checks them against it.
+    spec = cache_spec(cfg.model, cfg.layer, cfg.codec, cfg.max_length, revision)
     # Blocks of shard_rows rows, cut per source: the most actor calls the pipeline can make.
     pool = _plan(cache, cfg, blocks=-(-stats.usable // cfg.shard_rows) + len(sources) - 1)
-    writer = CacheWriter(cache, rec.spec, cfg.storage_options)  # fails fast if another run holds the lock
+    writer = CacheWriter(cache, spec, cfg.storage_options)  # fails fast if another run holds the lock
     try:
         if stats.empty:
             writer.count_skipped("empty_text", stats.empty)
         with _Heartbeat(writer):
-            totals, actors = _run_ray(sources, writer, rec, cfg, pool, total=stats.usable)
+            totals, actors = _run_ray(sources, writer, spec, cfg, pool, total=stats.usable)
         manifest = writer.close()
     except BaseException as e:
         writer.abort()
@@ -367,7 +378,7 @@ def _plan(cache: str, cfg: IngestConfig, blocks: int | None = None) -> Pool:
     return pool
 
 
-def _run_ray(sources, writer, rec, cfg: IngestConfig, pool: Pool, total: int):
+def _run_ray(sources, writer, spec: CacheSpec, cfg: IngestConfig, pool: Pool, total: int):
     import ray
 
     if not cfg.progress:  # er draws its own bar; Ray Data's are on only with --verbose (ray_env)
@@ -377,12 +388,12 @@ def _run_ray(sources, writer, rec, cfg: IngestConfig, pool: Pool, total: int):
     reader = open_cache(writer.url, storage_options=writer.storage_options, manifest=writer.manifest)
     claims = ray.remote(KeyClaims).options(num_cpus=0).remote(index=reader.index)  # asks the index per batch: no state read
     try:
-        return _stream(_pipeline(sources, writer, rec, cfg, pool, claims), writer, cfg, claims, total)
+        return _stream(_pipeline(sources, writer, spec, cfg, pool, claims), writer, cfg, claims, total)
     finally:
         ray.kill(claims)
 
 
-def _pipeline(sources, writer, rec, cfg: IngestConfig, pool: Pool, claims):
+def _pipeline(sources, writer, spec: CacheSpec, cfg: IngestConfig, pool: Pool, claims):
     """sources -> rows (read tasks) -> claimed, tokenized, packed (CPU tasks) -> states (actor pool of GPUs)
     -> shard files (CPU tasks) -> ShardInfo rows; without GPUs, the middle three in one actor pool. The streaming
     executor paces the stages (backpressure), so each holds a bounded number of batches."""
@@ -391,7 +402,6 @@ def _pipeline(sources, writer, rec, cfg: IngestConfig, pool: Pool, claims):
     from pipelines.ray_env import worker_env
 
     env = worker_env()
-    spec = rec.spec
     ds = ray.data.from_items([{"src": i} for i in range(len(sources))], override_num_blocks=len(sources))
     rows = ds.map_batches(
         read_rows, batch_size=1, compute=ray.data.TaskPoolStrategy(size=min(len(sources), 4)), runtime_env=env,

@@ -4,6 +4,8 @@ and local multi-node Ray clusters come from plugins."""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,11 +20,20 @@ def pytest_sessionstart(session):
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def pytest_sessionfinish(session):
+    if _SPECS:
+        shutil.rmtree(_SPECS, ignore_errors=True)
+
+
 pytest_plugins = ["tests.conftest_s3", "tests.conftest_ray", "tests.conftest_cluster"]
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The specs er's drivers remember (er_core.model_specs) go to a folder of this run, not the user's ~/.cache;
+# the suite's subprocesses inherit it, as a user's commands share theirs.
+_SPECS = None if "ER_SPECS" in os.environ else tempfile.mkdtemp(prefix="er-specs-")
+os.environ.setdefault("ER_SPECS", _SPECS or "")
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tasks"
 
