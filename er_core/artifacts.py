@@ -12,13 +12,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
-
 from .errors import ArtifactMismatchError, ErError
-from .heads import FullModel, RecycledModel, make_head
 from .manifest import CacheSpec
 from .models import load_encoder
-from .split import split_encoder
 
 META = "er_model.json"
 
@@ -34,6 +30,8 @@ def _tensors(module) -> dict:
 
 def save_trained(out_dir: str | Path, model, meta: dict) -> Path:
     """Save `model` (as built by train.build_model) and its metadata; returns the folder."""
+    from safetensors.torch import save_file  # torch: here, so a driver reading er_model.json needs none
+
     from . import __version__
 
     out = Path(out_dir)
@@ -110,6 +108,11 @@ def load_trained(model_dir: str | Path, encoder=None):
             return load_trained(tmp, encoder)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+    from safetensors.torch import load_file
+
+    from .heads import FullModel, RecycledModel, make_head
+    from .split import split_encoder
+
     meta = read_meta(model_dir)
     d = Path(model_dir)
     tokenizer = None

@@ -36,22 +36,30 @@ def _folder_state(folder: str) -> list:
     return files
 
 
-def remembered(folder: str | None, args: dict, compute: Callable[[], CacheSpec]) -> CacheSpec:
-    """`compute()`, or its result for the same `args` and the same files of `folder` (None: not a local folder)."""
+def remembered(folder: str | None, args: dict, compute: Callable[[], CacheSpec],
+               aliases: Callable[[CacheSpec], list[dict]] = lambda spec: []) -> CacheSpec:
+    """`compute()`, or its result for the same `args` and the same files of `folder` (None: not a local folder).
+    `aliases(spec)`: other arguments that give the same spec (e.g. the defaults resolved), remembered with it."""
     if folder is None or not os.path.isdir(folder):
         return compute()
-    state = {"folder": os.path.realpath(folder), "files": _folder_state(folder), "args": args}
-    entry = specs_home() / (hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest() + ".json")
+    files = _folder_state(folder)
+
+    def entry(a: dict) -> Path:
+        state = {"folder": os.path.realpath(folder), "files": files, "args": a}
+        return specs_home() / (hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest() + ".json")
+
     try:
-        return CacheSpec.from_dict(json.loads(entry.read_text()))
+        return CacheSpec.from_dict(json.loads(entry(args).read_text()))
     except (OSError, ValueError, TypeError, KeyError):
         pass
     spec = compute()
-    try:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = entry.with_name(f".{entry.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(spec.to_dict()))
-        os.replace(tmp, entry)  # readers see a whole entry or none
-    except OSError:
-        pass
+    for a in [args, *aliases(spec)]:
+        path = entry(a)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            tmp.write_text(json.dumps(spec.to_dict()))
+            os.replace(tmp, path)  # readers see a whole entry or none
+        except OSError:
+            pass
     return spec

@@ -82,10 +82,14 @@ def cache_spec(model: str = DEFAULT_MODEL, layer="0.5", codec: str = DEFAULT_COD
     from .models import resolve_model
 
     get_codec(codec)
-    args = {"model": model, "layer": str(layer), "codec": codec, "max_length": max_length, "revision": revision}
+    def args(layer, max_length) -> dict:
+        return {"model": model, "layer": str(layer), "codec": codec, "max_length": max_length, "revision": revision}
+
     folder = resolve_model(model)
-    return remembered(folder if os.path.isdir(folder) else None, args,
-                      lambda: Recycler.load(model, layer, codec, max_length, revision).spec)
+    # Also under the layer and max length it resolved to: what a cache's spec (er train's check) asks with.
+    return remembered(folder if os.path.isdir(folder) else None, args(layer, max_length),
+                      lambda: Recycler.load(model, layer, codec, max_length, revision).spec,
+                      lambda spec: [args(spec.layer, spec.tokenizer.max_length)])
 
 
 def cache_rows(tokenizer, settings, inputs: list[dict], keys: list[str] | None = None) -> list[tuple[str, Tokenized]]:
