@@ -25,12 +25,19 @@ PROBES = {
     "import er_core": "import er_core",
     "er --help": "import sys; sys.argv = ['er', '--help']\nfrom pipelines.cli import main\ntry: main()\nexcept SystemExit: pass",
     "ingest worker: MiniLM split at 3": "from er_core.recycle import Recycler; Recycler.load('bundled', layer=3)",
+    # What the driver of `er ingest` needs before its pipeline starts: the code, and the cache spec of the model
+    # (remembered per model folder since er_core.model_specs; an older checkout loads the model for it).
+    "ingest driver: code + spec of MiniLM at 3": (
+        "import pipelines.ingest\nfrom er_core.recycle import Recycler\n"
+        "try:\n    from er_core.recycle import cache_spec\n"
+        "except ImportError:\n    cache_spec = lambda *a: Recycler.load(*a).spec\ncache_spec('bundled', 3)"),
+    "ingest read task: its code": "import pipelines.ingest",
     "train worker: reduced MiniLM from 3": (
         "import pipelines.train_ray\nfrom er_core import TrainConfig\nfrom er_core.models import load_encoder\n"
         "from er_core.train import build_model\nbuild_model(load_encoder()[0], 3, 'classification', 2, TrainConfig(method='reduced'))"),
 }
 REPORT_LINE = ("import json, sys; print(json.dumps({'modules': len(sys.modules), 'peft': 'peft' in sys.modules, "
-               "'deberta': any('deberta' in m for m in sys.modules)}))")
+               "'deberta': any('deberta' in m for m in sys.modules), 'torch': 'torch' in sys.modules}))")
 
 
 def _run(checkout: Path, code: str) -> tuple[float, dict]:
@@ -64,16 +71,17 @@ def markdown(res: dict, against: str | None, reps: int) -> str:
     head = "| probe | " + " | ".join(f"{s}: median s (modules)" for s in sides) + " |"
     rows = [head, "|---" * (len(sides) + 1) + "|"]
     for probe, by in res.items():
-        cells = [f"{by[s]['median']:.2f} ({by[s]['modules']}{', peft' if by[s]['peft'] else ''}"
-                 f"{', DeBERTa' if by[s]['deberta'] else ''})" for s in sides]
+        cells = [f"{by[s]['median']:.2f} ({by[s]['modules']}{', torch' if by[s].get('torch') else ''}"
+                 f"{', peft' if by[s]['peft'] else ''}{', DeBERTa' if by[s]['deberta'] else ''})" for s in sides]
         rows.append(f"| {probe} | " + " | ".join(cells) + " |")
     when = time.strftime("%Y-%m-%d")
     intro = (f"## Start-up (`python -m benchmarks.bench_startup{' --against DIR' if against else ''}`)\n\n"
              f"Fresh Python processes, wall to wall, median of {reps}, on {os.cpu_count()} cores, measured {when}"
              + (f"; \"before\" is a checkout of {against}, run alternately with \"now\" from the same venv" if against else "")
-             + ". Modules: `len(sys.modules)` at the end of the probe; peft/DeBERTa: whether the probe loaded them. "
+             + ". Modules: `len(sys.modules)` at the end of the probe; torch/peft/DeBERTa: whether the probe loaded them. "
              "A worker pays for torch and transformers either way, so its start barely moves; what it no longer loads "
-             "is the code of model families it does not run.\n")
+             "is the code of model families it does not run. The ingest driver's spec comes from ~/.cache/er/specs after its "
+             "first run (the median hides that one).\n")
     return intro + "\n" + "\n".join(rows) + "\n"
 
 

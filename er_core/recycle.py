@@ -82,6 +82,7 @@ def cache_spec(model: str = DEFAULT_MODEL, layer="0.5", codec: str = DEFAULT_COD
     from .models import resolve_model
 
     get_codec(codec)
+
     def args(layer, max_length) -> dict:
         return {"model": model, "layer": str(layer), "codec": codec, "max_length": max_length, "revision": revision}
 

@@ -97,9 +97,9 @@ def test_empty_folder_is_fine_and_a_file_is_not(tiny_cache, tmp_path):
 
 def test_failure_while_writing_leaves_nothing_that_looks_complete(tiny_cache, tmp_path, monkeypatch):
     url, folder, _ = tiny_cache
-    import er_core.artifacts as artifacts
+    import safetensors.torch as st  # what er_core.artifacts saves with (imported where it saves)
 
-    real, calls = artifacts.save_file, []
+    real, calls = st.save_file, []
 
     def fail_second(*a, **kw):  # the head's file fails after the upper layers' file is written
         calls.append(a)
@@ -107,7 +107,7 @@ def test_failure_while_writing_leaves_nothing_that_looks_complete(tiny_cache, tm
             raise OSError("disk full (injected)")
         return real(*a, **kw)
 
-    monkeypatch.setattr(artifacts, "save_file", fail_second)
+    monkeypatch.setattr(st, "save_file", fail_second)
     out = tmp_path / "run"
     with pytest.raises(OSError, match="injected"):
         finetune(url, str(folder), str(out), TrainConfig(epochs=1), progress=False, log=lambda r: None)
@@ -117,7 +117,7 @@ def test_failure_while_writing_leaves_nothing_that_looks_complete(tiny_cache, tm
         read_meta(out)
 
     # a crash in the middle of moving the staged files into place: still not complete
-    monkeypatch.setattr(artifacts, "save_file", real)
+    monkeypatch.setattr(st, "save_file", real)
     import er_core.outputs as outputs
 
     real_replace, moved = outputs.os.replace, []
