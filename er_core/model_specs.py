@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -57,7 +58,7 @@ def remembered(folder: str | None, args: dict, compute: Callable[[], CacheSpec],
         path = entry(a)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")  # unique on a home shared between hosts
             tmp.write_text(json.dumps(spec.to_dict()))
             os.replace(tmp, path)  # readers see a whole entry or none
         except OSError:
