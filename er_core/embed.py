@@ -6,10 +6,14 @@ torch is imported where states are computed: tokenizing (ingestion's read and to
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import ErError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass

@@ -64,24 +64,31 @@ def load_checked_encoder(spec, where: str):
 
 
 def checked_tokenizer(spec, where: str):
-    """The cache's tokenizer, with the model's spec checked as load_checked_encoder does, from the remembered spec
-    (model_specs) when there is one: for a driver whose workers load, and check, the weights themselves."""
+    """The cache's tokenizer, with the model checked against the cache by its spec rather than its weights: the
+    remembered one (model_specs), or, if that differs, a freshly computed one. For a driver whose workers load,
+    and check, the weights themselves."""
+    from .keys import tokenizer_fingerprint
     from .models import load_tokenizer
     from .recycle import cache_spec
 
-    here = cache_spec(spec.model_name, spec.layer, spec.codec, spec.tokenizer.max_length, spec.model_revision)
-    if here.lower_fingerprint != spec.lower_fingerprint:
+    def here(fresh: bool):
+        return cache_spec(spec.model_name, spec.layer, spec.codec, spec.tokenizer.max_length, spec.model_revision, fresh=fresh)
+
+    if here(False).lower_fingerprint != spec.lower_fingerprint and here(True).lower_fingerprint != spec.lower_fingerprint:
         raise CacheMismatchError(f"model {spec.model_name!r} as loaded here differs from the one cache {where} was built with")
-    return load_tokenizer(spec.model_name, spec.model_revision)
+    tokenizer = load_tokenizer(spec.model_name, spec.model_revision)
+    if tokenizer_fingerprint(tokenizer) != spec.tokenizer.fingerprint:
+        raise CacheMismatchError(f"the tokenizer of {spec.model_name!r} here differs from the one cache {where} was built with")
+    return tokenizer
 
 
 def setup_data(cache_url: str, task_dir: str, cfg: TrainConfig, storage_options=None, limit=None, text_field="text",
-               splits=None, reader=None, encoder: bool = True) -> Prepared:
+               splits=None, reader=None, load_model: bool = True) -> Prepared:
     """Open the cache (or use `reader`), check the model, join the task's splits (all, or `splits`), read once.
-    `encoder=False`: the tokenizer only (Prepared.encoder is None), for a driver whose workers load the model."""
+    `load_model=False`: the tokenizer only (Prepared.encoder is None), for a driver whose workers load the model."""
     reader = reader or open_cache(cache_url, storage_options=storage_options)
     spec = reader.spec
-    if encoder:
+    if load_model:
         encoder, tokenizer = load_checked_encoder(spec, cache_url)
     else:
         encoder, tokenizer = None, checked_tokenizer(spec, cache_url)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import os
 from dataclasses import dataclass
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from .cache import CacheWriter
 from .corpus import KeyClaims
@@ -19,6 +19,9 @@ from .errors import ErError
 from .keys import example_key, tokenizer_settings, window_key
 from .manifest import CacheSpec, Manifest
 from .models import DEFAULT_MODEL, load_encoder
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -76,21 +79,23 @@ class Recycler:
 
 
 def cache_spec(model: str = DEFAULT_MODEL, layer="0.5", codec: str = DEFAULT_CODEC, max_length: int | None = None,
-               revision: str | None = None) -> CacheSpec:
-    """`Recycler.load(...).spec`, without loading the model when its folder's spec is remembered (model_specs)."""
+               revision: str | None = None, fresh: bool = False) -> CacheSpec:
+    """`Recycler.load(...).spec`, without loading the model when its folder's spec is remembered (model_specs).
+    `fresh`: load it, and remember what it gives (after a worker found the remembered spec wrong)."""
     from .model_specs import remembered
     from .models import resolve_model
 
     get_codec(codec)
 
     def args(layer, max_length) -> dict:
-        return {"model": model, "layer": str(layer), "codec": codec, "max_length": max_length, "revision": revision}
+        return {"model": str(model), "layer": str(layer), "codec": codec, "revision": revision,
+                "max_length": None if max_length is None else int(max_length)}
 
-    folder = resolve_model(model)
+    folder = resolve_model(str(model))
     # Also under the layer and max length it resolved to: what a cache's spec (er train's check) asks with.
     return remembered(folder if os.path.isdir(folder) else None, args(layer, max_length),
                       lambda: Recycler.load(model, layer, codec, max_length, revision).spec,
-                      lambda spec: [args(spec.layer, spec.tokenizer.max_length)])
+                      lambda spec: [args(spec.layer, spec.tokenizer.max_length)], fresh=fresh)
 
 
 def cache_rows(tokenizer, settings, inputs: list[dict], keys: list[str] | None = None) -> list[tuple[str, Tokenized]]:

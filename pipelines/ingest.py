@@ -49,7 +49,7 @@ from er_core.embed import CPU_BATCH, Embedder, is_empty, token_budget
 from er_core.keys import TokenizerSettings
 from er_core.packed import PackedRows
 from er_core.recycle import cache_rows, cache_spec
-from er_core.errors import LockLostError
+from er_core.errors import CacheMismatchError, LockLostError
 from er_core.keys import example_key
 from er_core.secrets import reject_secrets
 from pipelines.configs import AUTOCAST, IngestConfig
@@ -201,20 +201,27 @@ def _unwrap(e: BaseException) -> BaseException:
     """The ErError (bad input, mismatch) behind a Ray task failure, if any, so the CLI prints it plainly. An actor
     whose constructor raised (e.g. its model differs from the cache's) dies with only the error's text: it is
     rebuilt from that."""
-    seen, first = set(), e
+    from ray.exceptions import ActorDiedError
+
+    seen, died = set(), None
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         if isinstance(e, ErError):
             return e
+        died = died or (e if isinstance(e, ActorDiedError) and "creation task" in str(e) else None)
         e = getattr(e, "cause", None) or e.__cause__
+    if died is None:
+        return None
     import er_core.errors
 
-    found = re.findall(r"^er_core\.errors\.(\w+): (.+)$", str(first), flags=re.M) if first is not None else []
-    if found:
-        name, message = found[-1]
-        kind = getattr(er_core.errors, name, None)
-        return (kind if isinstance(kind, type) and issubclass(kind, ErError) else ErError)(message)
-    return None
+    # The exception that ended the constructor is the traceback's last: after any "During handling..." context.
+    last = re.split(r"^(?:During handling of the above exception|The above exception was the direct cause).*$",
+                    str(died), flags=re.M)[-1]
+    found = re.search(r"^er_core\.errors\.(\w+): (.+)", last, flags=re.M | re.S)
+    if found is None:
+        return None
+    kind = getattr(er_core.errors, found.group(1), None)
+    return (kind if isinstance(kind, type) and issubclass(kind, ErError) else ErError)(found.group(2).strip())
 
 
 class _Heartbeat:
@@ -333,11 +340,18 @@ def run(corpus: list[str], cache: str, config: IngestConfig | None = None, **kw)
     if not stats.usable:
         raise ErError(f"nothing to ingest into {cache}: " + (f"all {stats.rows} rows of the corpus have an empty "
                       f"{cfg.text_field!r}" if stats.rows else "the corpus has no rows") + "; nothing was written")
-    # The driver plans and checks with the spec alone; each actor loads the weights and checks them against it.
+    # The driver plans and checks with the spec alone (remembered per model folder: er_core.model_specs); each actor
+    # loads the weights and checks them against it. A mismatch is checked once more with a freshly computed spec.
     spec = cache_spec(cfg.model, cfg.layer, cfg.codec, cfg.max_length, revision)
     # Blocks of shard_rows rows, cut per source: the most actor calls the pipeline can make.
     pool = _plan(cache, cfg, blocks=-(-stats.usable // cfg.shard_rows) + len(sources) - 1)
-    writer = CacheWriter(cache, spec, cfg.storage_options)  # fails fast if another run holds the lock
+    try:
+        writer = CacheWriter(cache, spec, cfg.storage_options)  # fails fast if another run holds the lock
+    except CacheMismatchError:
+        fresh = _refreshed(spec, cfg, revision)
+        if fresh is None:
+            raise
+        spec, writer = fresh, CacheWriter(cache, fresh, cfg.storage_options)
     try:
         if stats.empty:
             writer.count_skipped("empty_text", stats.empty)
@@ -347,6 +361,9 @@ def run(corpus: list[str], cache: str, config: IngestConfig | None = None, **kw)
     except BaseException as e:
         writer.abort()
         cause = _unwrap(e)
+        if isinstance(cause, CacheMismatchError) and _refreshed(spec, cfg, revision) is not None:
+            raise CacheMismatchError(f"{cause}. er's remembered spec of {cfg.model!r} was out of date (its files were "
+                                     f"replaced keeping their times?) and is now refreshed: run the command again") from None
         if cause is not None and cause is not e:
             raise cause from None
         raise
@@ -357,6 +374,12 @@ def run(corpus: list[str], cache: str, config: IngestConfig | None = None, **kw)
         raise ErError(f"{totals['claimed'] - totals['inputs']} claimed examples were not written (a worker failed and its "
                       f"retry was batched differently); the cache is valid but incomplete: re-run the same command")
     return Report(manifest, _summary(totals, stats.empty, time.perf_counter() - t0, manifest, cache), actors)
+
+
+def _refreshed(spec: CacheSpec, cfg: IngestConfig, revision: str | None) -> CacheSpec | None:
+    """The model's spec computed afresh from its weights (and remembered), if it differs from `spec`; else None."""
+    fresh = cache_spec(cfg.model, cfg.layer, cfg.codec, cfg.max_length, revision, fresh=True)
+    return fresh if fresh != spec else None
 
 
 def ingest(corpus, cache, **kw) -> Manifest:

@@ -295,7 +295,7 @@ def _fit_on_ray(out: OutputDir, cache_url, task_dir, cfg, workers, cpus_per_work
     check_shared(checkpoints, cluster, "checkpoint folder (under --out; or give --storage-path s3://...)")
     storage = ray_storage(checkpoints, storage_options)
     reader = open_cache(cache_url, storage_options=storage_options)  # opened once for the whole run
-    p = setup_data(cache_url, task_dir, cfg, storage_options, limit, splits=("dev", "test"), reader=reader, encoder=False)
+    p = setup_data(cache_url, task_dir, cfg, storage_options, limit, splits=("dev", "test"), reader=reader, load_model=False)
     ds, n_train = train_dataset(reader, p, cfg, storage_options)
     say = (lambda line: print(line, file=sys.stderr, flush=True)) if progress else (lambda line: None)
     say(f"reading {n_train} train examples of {p.task.name} " + ("(text)" if cfg.method == "full" else f"from {cache_url}"))

@@ -164,7 +164,7 @@ def test_scheduled_ingest_twice_submits_once_and_adds_nothing_the_second_time(jo
 
 def test_losing_the_worker_node_mid_ingest_then_rerunning_gives_a_clean_runs_keys(jobs, tiny_bert, tmp_path):
     """Last in this module: it takes the worker node away (SIGKILL to its whole process group, as a lost machine)."""
-    from er_core import open_cache
+    from er_core import Recycler, open_cache
     from er_core.keys import example_key
 
     cluster, client, fs, base = jobs
@@ -196,6 +196,7 @@ def test_losing_the_worker_node_mid_ingest_then_rerunning_gives_a_clean_runs_key
     assert verify.returncode == 0, f"(first run: {first})\n" + verify.stdout + verify.stderr
 
     reader = open_cache(cache)
+    assert not reader.spec.diff(Recycler.load(tiny_bert, 2, "fp32").spec)  # the spec the run planned with is the model's
     got = list(reader.keys())
     want = {example_key({"text": t}, reader.spec.tokenizer) for t in texts}  # the keys a plain loop gives them
     assert len(got) == len(set(got)) == len(texts)  # nothing lost, nothing twice

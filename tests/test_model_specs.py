@@ -1,7 +1,7 @@
 """Drivers plan and check with a model folder's remembered spec (er_core.model_specs); the workers check the weights.
 
 A remembered spec must equal the loaded one, be computed again when the folder's files change, spare a driver
-torch and transformers, and, when wrong, fail a run before anything is committed rather than cache other states.
+torch and transformers, and, when wrong, fail a run before anything is committed rather than cache other states, and be refreshed.
 """
 
 from __future__ import annotations
@@ -44,9 +44,15 @@ def test_a_remembered_spec_is_the_loaded_one_until_the_folder_changes(tiny_bert,
         # as a cache's spec asks for it (er train's check): the layer and max length resolved
         assert cache_spec(str(model), first.layer, "fp16", first.tokenizer.max_length) == first
 
-    enc = AutoModel.from_pretrained(model)  # new weights in the same folder: a new spec, not the remembered one
+    # New weights in the same folder, of the same size and with the old times put back (as `cp -p` or rsync would):
+    # a new spec, not the remembered one.
+    weights = model / "model.safetensors"
+    st = weights.stat()
+    enc = AutoModel.from_pretrained(model)
     enc.embeddings.word_embeddings.weight.data.add_(0.5)
     enc.save_pretrained(model)
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert weights.stat().st_size == st.st_size
     again = cache_spec(str(model), "1", "fp16")
     assert again.lower_fingerprint != first.lower_fingerprint
     assert again == Recycler.load(str(model), "1", "fp16").spec
@@ -67,30 +73,58 @@ def _spoil(specs: Path) -> None:
         entry.write_text(json.dumps({**json.loads(entry.read_text()), "lower_fingerprint": "0" * 64}))
 
 
-def test_a_wrong_remembered_spec_fails_the_ingest_before_anything_is_committed(ray_session, tiny_bert, tmp_path, specs):
+def _spoiled(specs: Path) -> bool:
+    return any(json.loads(e.read_text())["lower_fingerprint"] == "0" * 64 for e in specs.glob("*.json"))
+
+
+def test_a_wrong_remembered_spec_fails_an_ingest_before_any_commit_and_is_refreshed(ray_session, tiny_bert, tmp_path,
+                                                                                      specs):
+    from er_core import open_cache
+    from er_core.keys import example_key
     from pipelines.ingest import run
 
-    corpus = tmp_path / "c.jsonl"
-    corpus.write_text("".join(json.dumps({"text": f"the protein {i} binds"}) + "\n" for i in range(20)))
+    def corpus(n: int) -> list[str]:
+        path = tmp_path / f"c{n}.jsonl"
+        path.write_text("".join(json.dumps({"text": f"the protein {i} binds"}) + "\n" for i in range(n)))
+        return [str(path)]
+
+    cache = tmp_path / "cache"
+    args = dict(model=tiny_bert, layer="1", codec="fp16", progress=False)
     cache_spec(tiny_bert, "1", "fp16")
     _spoil(specs)
-    with pytest.raises(CacheMismatchError, match="on this worker does not match"):  # the actor's check, in one line
-        run([str(corpus)], str(tmp_path / "cache"), model=tiny_bert, layer="1", codec="fp16", progress=False)
-    assert not (tmp_path / "cache" / "manifest.json").exists()
-    assert not list((tmp_path / "cache").rglob("*.parquet"))
+    # A new cache: the actors' check fails the run in one line; nothing is committed, and the entry is refreshed.
+    with pytest.raises(CacheMismatchError, match="on this worker does not match.*now refreshed: run the command again"):
+        run(corpus(20), str(cache), **args)
+    assert not (cache / "manifest.json").exists() and not list(cache.rglob("*.parquet"))
+    assert not _spoiled(specs)
+    run(corpus(20), str(cache), **args)
+    # An existing cache: the driver finds its spec differs from the cache's, computes it afresh, and goes on.
+    _spoil(specs)
+    run(corpus(30), str(cache), **args)
+    reader = open_cache(str(cache))
+    assert not reader.spec.diff(Recycler.load(tiny_bert, "1", "fp16").spec) and not _spoiled(specs)
+    assert set(reader.keys()) == {example_key({"text": f"the protein {i} binds"}, reader.spec.tokenizer) for i in range(30)}
 
 
-def test_a_wrong_remembered_spec_stops_a_training_driver(tiny_bert, tiny_task, tmp_path, specs):
+def test_a_training_driver_refreshes_a_wrong_entry_and_refuses_a_changed_model(tiny_bert, tiny_task, tmp_path, specs):
+    from transformers import AutoModel
+
     from er_core import ingest_local
     from er_core.finetuning import setup_data
     from er_core.tasks import example_input, load_task
     from er_core.train import TrainConfig
 
+    model = shutil.copytree(tiny_bert, tmp_path / "model")
     cache = str(tmp_path / "cache")
-    rec = Recycler.load(tiny_bert, "1", "fp16")
+    rec = Recycler.load(str(model), "1", "fp16")
     ingest_local([example_input(e) for exs in load_task(tiny_task).splits.values() for e in exs], cache, rec, progress=False)
-    p = setup_data(cache, str(tiny_task), TrainConfig(), encoder=False)
+    p = setup_data(cache, str(tiny_task), TrainConfig(), load_model=False)
     assert p.encoder is None and p.data["train"].items
     _spoil(specs)
+    setup_data(cache, str(tiny_task), TrainConfig(), load_model=False)
+    assert not _spoiled(specs)
+    enc = AutoModel.from_pretrained(model)  # the model changed since the cache was built
+    enc.embeddings.word_embeddings.weight.data.add_(0.5)
+    enc.save_pretrained(model)
     with pytest.raises(CacheMismatchError, match="differs from the one cache"):
-        setup_data(cache, str(tiny_task), TrainConfig(), encoder=False)
+        setup_data(cache, str(tiny_task), TrainConfig(), load_model=False)
