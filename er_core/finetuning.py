@@ -54,12 +54,16 @@ def prepare_task(task_dir: str, cfg: TrainConfig, limit=None, text_field="text",
     return ensure_dev(load_task(task_dir, limit=limit, text_field=text_field, storage_options=storage_options), cfg.seed)
 
 
+def _model_changed(spec, where: str) -> CacheMismatchError:
+    return CacheMismatchError(f"model {spec.model_name!r} as loaded here differs from the one cache {where} was built with")
+
+
 def load_checked_encoder(spec, where: str):
     """The cache's model as loaded here, refused unless its lower layers are the ones the cache was built with."""
     encoder, tokenizer = load_encoder(spec.model_name, spec.model_revision)
     lower, _ = split_encoder(encoder, spec.layer)
     if lower_fingerprint(lower) != spec.lower_fingerprint:
-        raise CacheMismatchError(f"model {spec.model_name!r} as loaded here differs from the one cache {where} was built with")
+        raise _model_changed(spec, where)
     return encoder, tokenizer
 
 
@@ -75,7 +79,7 @@ def checked_tokenizer(spec, where: str):
         return cache_spec(spec.model_name, spec.layer, spec.codec, spec.tokenizer.max_length, spec.model_revision, fresh=fresh)
 
     if here(False).lower_fingerprint != spec.lower_fingerprint and here(True).lower_fingerprint != spec.lower_fingerprint:
-        raise CacheMismatchError(f"model {spec.model_name!r} as loaded here differs from the one cache {where} was built with")
+        raise _model_changed(spec, where)
     tokenizer = load_tokenizer(spec.model_name, spec.model_revision)
     if tokenizer_fingerprint(tokenizer) != spec.tokenizer.fingerprint:
         raise CacheMismatchError(f"the tokenizer of {spec.model_name!r} here differs from the one cache {where} was built with")

@@ -362,8 +362,8 @@ def run(corpus: list[str], cache: str, config: IngestConfig | None = None, **kw)
         writer.abort()
         cause = _unwrap(e)
         if isinstance(cause, CacheMismatchError) and _refreshed(spec, cfg, revision) is not None:
-            raise CacheMismatchError(f"{cause}. er's remembered spec of {cfg.model!r} was out of date (its files were "
-                                     f"replaced keeping their times?) and is now refreshed: run the command again") from None
+            raise CacheMismatchError(f"{cause}. er's remembered spec of {cfg.model!r} (~/.cache/er/specs) was out of "
+                                     f"date and is now refreshed: run the command again") from None
         if cause is not None and cause is not e:
             raise cause from None
         raise
