@@ -23,7 +23,7 @@ then cost about as much as the training itself.
 
 Two caches of the bundled MiniLM cut at k=3 (fp16), built first (not timed):
   * task-only: `er ingest TASK --cache C1 --model bundled --layer 3` (every split of the task);
-  * 30x: a copy of C1 plus 29x as many filler rows, written through `er_core.cache.CacheWriter`
+  * 30x: a copy of C1 plus 29x as many filler rows, written through `er_core.store.CacheWriter`
     (random keys, 16-64 random token ids, random normal states of width H, fp16; shards of 512 rows
     and a commit every 16 shards, as `er ingest` writes them). The encoder never runs for filler
     rows: training reads only the task's rows, so their values do not matter, only their number and
@@ -94,7 +94,7 @@ def _er(args: list[str], log: Path, profile: bool = False) -> float:
 def add_filler(cache: Path, rows: int, seed: int = 0) -> dict:
     """Add `rows` filler rows to `cache`: random keys, 16-64 random ids, random fp16-range states."""
     from er_core import open_cache
-    from er_core.cache import CacheWriter
+    from er_core.store.writer import CacheWriter
 
     spec = open_cache(str(cache)).spec
     rng = np.random.default_rng(seed)
@@ -121,7 +121,7 @@ def _cache_stats(cache: Path) -> dict:
     from er_core import open_cache
 
     m = open_cache(str(cache)).manifest
-    return {"rows": m.totals["rows"], "bytes": m.totals["bytes"], "shards": len(m.shards), "index_segments": len(m.index)}
+    return {"rows": m.totals["rows"], "bytes": m.totals["bytes"], "shards": m.totals["shards"], "index_segments": len(m.index)}
 
 
 def build_caches(task: Path, work: Path, factor: int = 30) -> dict:

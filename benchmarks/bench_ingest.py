@@ -74,7 +74,7 @@ def _ray(corpus: Path, cache: Path, shape: dict) -> dict:
 def _int8_bytes_per_token(fp16_cache: Path, out: Path) -> float:
     # Stored size does not depend on the values (states are stored uncompressed): re-encode the rows, shard by shard.
     from er_core import open_cache
-    from er_core.cache import encode_table, write_shard
+    from er_core.store.writer import encode_table, write_shard
 
     reader = open_cache(str(fp16_cache))
     size = tokens = 0

@@ -90,7 +90,7 @@ def task_rows(rec, folder: Path) -> list[tuple[str, np.ndarray]]:
 
 def placement(n: int, n_runs: int, n_scattered: int) -> tuple[np.ndarray, np.ndarray]:
     """Row positions of the `runs` task (whole row groups, spread evenly) and the `scattered` one (one by one)."""
-    from er_core.cache import GROUP_ROWS
+    from er_core.store.writer import GROUP_ROWS
 
     groups, need = n // GROUP_ROWS, math.ceil(n_runs / GROUP_ROWS)
     assert groups >= need, f"a cache of {n} rows cannot hold a task of {n_runs} rows in whole row groups"
@@ -103,7 +103,7 @@ def placement(n: int, n_runs: int, n_scattered: int) -> tuple[np.ndarray, np.nda
 
 def build_cache(url: str, rec, n: int, rows_at: dict, shard_rows: int, seed: int) -> dict:
     """Write `n` rows (the tasks' rows at their positions, random filler elsewhere) through CacheWriter."""
-    from er_core.cache import CacheWriter, encode_table, write_shard
+    from er_core.store.writer import CacheWriter, encode_table, write_shard
 
     rng = np.random.default_rng(seed)
     t0, pending = time.perf_counter(), 0
@@ -125,8 +125,8 @@ def build_cache(url: str, rec, n: int, rows_at: dict, shard_rows: int, seed: int
                 w.commit()
                 pending = 0
     m = w.manifest
-    return {"rows": m.totals["rows"], "shards": len(m.shards), "index_segments": len(m.index),
-            "bytes": sum(s.bytes for s in m.shards), "index_bytes": sum(s.bytes for s in m.index),
+    return {"rows": m.totals["rows"], "shards": m.totals["shards"], "index_segments": len(m.index),
+            "bytes": m.totals["bytes"], "index_bytes": sum(s.bytes for s in m.index),
             "seconds": round(time.perf_counter() - t0, 1)}
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from er_core import Recycler, TrainConfig, ingest_local, load_task, open_cache
-from er_core.codecs import get_codec
+from er_core.store.codecs import get_codec
 from er_core.evaluate import forward
 from er_core.heads import HEADS, FullModel, RecycledModel, make_head
 from er_core.split import split_encoder

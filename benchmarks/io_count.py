@@ -13,7 +13,7 @@ its prestarted ones, which delayed the first read tasks by 20-60 s on this machi
 nothing up front: each hook is applied when its module is first imported. Each process appends one
 line per read to `$ER_IO_COUNT_DIR/reads-<pid>.log`. The hooks sit at the lowest level er's reads go through:
 - local disk: `LocalFileOpener.read` (and readline, readlines, _fetch_range), which fsspec's `cat_file`,
-  `cat_ranges` and `open` all use, and er_core.storage's `_local_read` (read_versioned: the manifest and
+  `cat_ranges` and `open` all use, and er_core.store.storage's `_local_read` (read_versioned: the manifest and
   lock compare-and-swap of writers);
 - S3: `S3FileSystem._call_s3`, counting the `ContentLength` of every `get_object` reply (cat_file,
   cat_ranges, open, and er's versioned reads alike); other requests are logged with 0 bytes, so the
@@ -59,7 +59,7 @@ def install() -> None:
     if not os.environ.get(ENV) or _state.get("installed"):
         return
     _state["installed"] = True
-    patches = {"fsspec.implementations.local": _hook_local, "er_core.storage": _hook_er, "s3fs.core": _hook_s3}
+    patches = {"fsspec.implementations.local": _hook_local, "er_core.store.storage": _hook_er, "s3fs.core": _hook_s3}
     for name, patch in list(patches.items()):
         if name in sys.modules:  # imported already (the driver): patch now
             patch(sys.modules[name])

@@ -7,15 +7,15 @@ subclasses of ErError, in `er_core.errors`).
 
 __version__ = "0.1.0"
 
-# Names are imported on first use (PEP 562), so `import er_core.cache` in a Ray Data task does not pay for
+# Names are imported on first use (PEP 562), so `import er_core.store` in a Ray Data task does not pay for
 # torch and transformers: a worker that only reads the cache starts in a second, not in tens.
 _EXPORTS = {
     "load_encoder": "models",  # a Hugging Face encoder by id or folder (the bundled MiniLM by default)
     "split_encoder": "split",  # lower (layers 0..k-1) and upper (k..L) parts, exact
     "Recycler": "recycle",  # a model split at k with its cache spec: embeds texts for a cache
     "ingest_local": "recycle",  # texts through the lower part into a cache, in this process
-    "open_cache": "cache",  # read a cache: manifest, key lookup, rows
-    "CacheSpec": "manifest",  # what a cache holds: model, layer, codec, tokenizer
+    "open_cache": "store",  # read a cache: manifest, key lookup, rows
+    "CacheSpec": "store",  # what a cache holds: model, layer, codec, tokenizer
     "load_task": "tasks",  # a task folder: classification, NER or QA
     "Task": "tasks",
     "Example": "tasks",

@@ -17,7 +17,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 
-from .cache import open_cache
+from .store import open_cache
 from .errors import ErError
 from .evaluate import evaluate
 from .finetuning import cache_task, setup_data

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from .errors import ArtifactMismatchError, ErError
-from .manifest import CacheSpec
+from .store import CacheSpec
 from .models import load_encoder
 
 META = "er_model.json"
@@ -54,7 +54,7 @@ def save_trained(out_dir: str | Path, model, meta: dict) -> Path:
 def read_meta(model_dir: str | Path, storage_options: dict | None = None) -> dict:
     """er_model.json of a complete trained model (a local folder or a URL such as s3://...)."""
     from .outputs import require_complete_output
-    from .storage import read_bytes, url_to_fs
+    from .store import read_bytes, url_to_fs
 
     require_complete_output(str(model_dir), storage_options=storage_options)
     fs, path = url_to_fs(str(model_dir), storage_options)
@@ -98,7 +98,7 @@ def load_trained(model_dir: str | Path, encoder=None):
         import shutil
         import tempfile
 
-        from .storage import url_to_fs
+        from .store import url_to_fs
 
         read_meta(model_dir)  # refuse an incomplete one before copying it
         fs, path = url_to_fs(str(model_dir))

@@ -24,8 +24,8 @@ import pyarrow as pa
 
 from .embed import is_empty
 from .errors import DataFormatError, ErError
-from .index import key_digests
-from .storage import url_to_fs
+from .store import key_digests
+from .store import url_to_fs
 from .tasks import is_task_folder, pair_input
 
 __all__ = [

@@ -193,7 +193,7 @@ class Embedder:
     def _pack(self, rows, codec: str):
         import torch
 
-        from .codecs import get_codec
+        from .store import get_codec
 
         if (rows.lengths == 0).any():
             raise ErError("cannot embed an example with zero tokens")
@@ -227,7 +227,7 @@ class Embedder:
 
     def __call__(self, ids: list[np.ndarray], types: list | None = None) -> list[np.ndarray]:
         """States of each id sequence as float32 (length, H) arrays; `types`: each one's segment ids or None."""
-        from .packed import PackedRows
+        from .store import PackedRows
 
         if any(len(x) == 0 for x in ids):
             raise ErError("cannot embed an example with zero tokens")

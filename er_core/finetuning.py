@@ -18,16 +18,16 @@ from pathlib import Path
 from typing import Callable
 
 from .artifacts import cache_meta, save_trained
-from .cache import open_cache
+from .store import open_cache
 from .devices import model_device
 from .errors import CacheMismatchError
 from .evaluate import evaluate
-from .index import key_digests
+from .store import key_digests
 from .keys import example_key
 from .metrics import majority_baseline, primary_metric
 from .models import load_encoder
 from .outputs import OutputDir
-from .storage import is_local
+from .store import is_local
 from .split import lower_fingerprint, split_encoder
 from .task_data import SplitData, iter_batches, join_cache, label_map, require_complete
 from .tasks import check_task_folder, ensure_dev, example_input, load_task

@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
-from .manifest import CacheSpec
+from .store import CacheSpec
 
 MEMO_VERSION = 1  # bump when what a spec holds, or how it is computed, changes
 

@@ -22,7 +22,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from .errors import ErError
-from .storage import is_local, put_atomic, read_bytes, url_to_fs
+from .store import is_local, put_atomic, read_bytes, url_to_fs
 
 MARKER = ".er-output.json"
 STATUSES = ("running", "complete", "failed")

@@ -13,7 +13,7 @@ from .artifacts import check_cache, load_trained
 from .embed import Embedder
 from .errors import ErError
 from .evaluate import decode, forward, qa_span
-from .manifest import CacheSpec
+from .store import CacheSpec
 from .task_data import Item, collate, encode_examples
 from .tasks import Example, LabelMap
 

@@ -11,13 +11,13 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable
 
-from .cache import CacheWriter
+from .store import CacheWriter
 from .corpus import KeyClaims
-from .codecs import DEFAULT_CODEC, get_codec
+from .store import DEFAULT_CODEC, get_codec
 from .embed import Embedder, Tokenized, is_empty, tokenize, tokenize_rows
 from .errors import ErError
 from .keys import example_key, tokenizer_settings, window_key
-from .manifest import CacheSpec, Manifest
+from .store import CacheSpec, Manifest
 from .models import DEFAULT_MODEL, load_encoder
 
 if TYPE_CHECKING:
@@ -175,7 +175,7 @@ def _first_usable(inputs: Iterable[dict]):
 
 def ensure_cached(url: str, inputs: list[dict], storage_options: dict | None = None) -> int:
     """Ingest, with the cache's own model and settings, the inputs it lacks; returns how many were added."""
-    from .cache import open_cache
+    from .store import open_cache
 
     reader = open_cache(url, storage_options=storage_options)
     s = reader.spec

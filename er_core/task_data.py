@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .codecs import get_codec
+from .store import get_codec
 from .embed import is_strided, pad_types, tokenize, windows
 from .errors import CacheMismatchError, ErError
 from .heads import IGNORE

@@ -288,7 +288,7 @@ def _labels_from_train(kind: str, train: list[Example]) -> list[str]:
 def check_task_folder(folder, storage_options=None) -> None:
     """Refuse a task folder that is not there (locally: or holds no split files), before a command does any work."""
     if "://" in str(folder) and not str(folder).startswith("file://"):
-        from .storage import url_to_fs
+        from .store import url_to_fs
 
         fs, path = url_to_fs(str(folder), storage_options)
         if not fs.isdir(path):
@@ -314,7 +314,7 @@ def load_task(folder, text_field: str = "text", label_field: str = "label", limi
         import shutil
         import tempfile
 
-        from .storage import url_to_fs
+        from .store import url_to_fs
 
         check_task_folder(folder, storage_options)
         fs, path = url_to_fs(str(folder), storage_options)

@@ -6,7 +6,7 @@ import json
 
 from er_core.advise import AdviseConfig, advise, format_advice
 from er_core.outputs import OutputDir
-from er_core.storage import put_atomic
+from er_core.store import put_atomic
 
 
 def main(args) -> int:

@@ -9,7 +9,7 @@ import sys
 from dataclasses import fields
 
 from er_core import ErError
-from er_core.storage import StorageConfig
+from er_core.store import StorageConfig
 from er_core.train_config import TrainConfig
 from pipelines.configs import (INGEST_FLAGLESS, SWEEP_FLAGS, IngestConfig, Sweep, TrainRun, add_flags, field_docs,
                                storage_options)
@@ -121,13 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="er-advice", help="a new or empty folder: advice.json and the probe caches")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier er advise output at --out")
 
-    p = sub.add_parser("cache", help="inspect, verify, repair or upgrade a cache")
-    p.add_argument("action", choices=["info", "verify", "repair", "upgrade"], help="info: print the manifest; verify: "
+    p = sub.add_parser("cache", help="inspect, verify, repair, compact or upgrade a cache")
+    p.add_argument("action", choices=["info", "verify", "repair", "compact", "upgrade"], help="info: print the manifest; verify: "
                    "check every shard and index segment; repair: drop bad or missing shards from the manifest (one "
                    "commit, under the writer lock), delete their files, and say how many examples a re-ingest of the "
-                   "corpus will recompute; upgrade: rewrite a cache of an older format in place (one commit)")
+                   "corpus will recompute; compact: merge small shards (incremental runs leave many) and the index "
+                   "segments into fewer, in one commit, while readers keep reading; upgrade: rewrite a cache of an "
+                   "older format in place (one commit)")
     p.add_argument("url", help="cache URL")
     p.add_argument("--repair", action="store_true", help="with verify: repair what it finds")
+    p.add_argument("--shard-rows", type=int, default=None, help="with compact: rows per merged shard; shards under half "
+                   "of it are merged (default: the largest shard's rows)")
+    p.add_argument("--retain", type=float, default=None, help="with compact: seconds the merged-away files stay for "
+                   "readers of older versions, before a later writer deletes them (default $ER_RETAIN, else 86400)")
     p.add_argument("--json", action="store_true", help="print JSON")
     _storage_args(p)
 
@@ -169,6 +175,8 @@ def cmd_cache(args) -> int:
         return _repair(args)
     if args.action == "upgrade":
         return _upgrade(args)
+    if args.action == "compact":
+        return _compact(args)
     reader = open_cache(args.url, storage_options=storage_options(args))
     m = reader.manifest
     if args.action == "info":
@@ -190,14 +198,14 @@ def cmd_cache(args) -> int:
     problems = reader.verify()
     for p in problems:
         print(f"PROBLEM: {p}", file=sys.stderr)
-    print(f"{len(m.shards)} shards checked, {len(problems)} problem(s)")
+    print(f"{m.totals['shards']} shards checked, {len(problems)} problem(s)")
     if problems:
         print(f"repair with: er cache repair {args.url}", file=sys.stderr)
     return 1 if problems else 0
 
 
 def _repair(args) -> int:
-    from er_core.cache import repair_cache
+    from er_core.store import repair_cache
 
     rep = repair_cache(args.url, storage_options=storage_options(args))
     if args.json:
@@ -212,8 +220,28 @@ def _repair(args) -> int:
     return 0
 
 
+def _compact(args) -> int:
+    from er_core.store import compact_cache
+    from er_core.store.writer import RETAIN
+
+    def progress(done, total):
+        print(f"\rmerged {done}/{total} small shards", end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+    rep = compact_cache(args.url, storage_options=storage_options(args), shard_rows=args.shard_rows,
+                        retain=RETAIN if args.retain is None else args.retain, progress=None if args.json else progress)
+    if args.json:
+        print(json.dumps(rep, indent=1))
+    elif rep["compacted"]:
+        print(f"compacted {args.url} (generation {rep['generation']}): {rep['shards_before']} shards -> {rep['shards_after']} "
+              f"({rep['merged']} small ones merged into {rep['written']}), {rep['segments']} index segment(s); merged-away "
+              f"files are deleted by a later writer after {rep['retained_seconds']:g} s")
+    else:
+        print(f"{args.url}: nothing to compact ({rep['shards']} shards, {rep['segments']} index segment(s))")
+    return 0
+
+
 def _upgrade(args) -> int:
-    from er_core.cache import upgrade_cache
+    from er_core.store import upgrade_cache
 
     def progress(done, total):
         print(f"\rrewrote {done}/{total} shards", end="" if done < total else "\n", file=sys.stderr, flush=True)
@@ -253,7 +281,7 @@ def _fail(args, e: Exception) -> int:
     """Every failure ends in one `er` line; the traceback only with --verbose or ER_DEBUG=1."""
     import traceback
 
-    from er_core.storage import explain_storage_error
+    from er_core.store import explain_storage_error
 
     if _verbose(args):
         traceback.print_exception(e)

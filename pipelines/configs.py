@@ -15,10 +15,10 @@ import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
-from er_core.codecs import CODECS, DEFAULT_CODEC
+from er_core.store import CODECS, DEFAULT_CODEC
 from er_core.errors import ErError
 from er_core.models import DEFAULT_MODEL
-from er_core.storage import StorageConfig
+from er_core.store import StorageConfig
 from er_core.train_config import METHODS, TrainConfig
 
 AUTOCAST = {"bf16": "bfloat16", "fp16": "float16"}  # ingest's --dtype on GPU -> torch dtype names

@@ -41,13 +41,14 @@ import numpy as np
 import pyarrow as pa
 
 from er_core import ErError, Recycler, ingest_local, open_cache
-from er_core.cache import CacheWriter
-from er_core.manifest import CacheSpec, Manifest, ShardInfo
-from er_core.cache import Written, packed_table, write_shard
+from er_core.store import CacheWriter
+from er_core.store import CacheSpec, Manifest, ShardInfo
+from er_core.store import Written, packed_table, shard_name, write_shard
+from er_core.store.writer import ROWS
 from er_core.corpus import KeyClaims, batch_token, find_sources, read_source, scan
 from er_core.embed import CPU_BATCH, Embedder, is_empty, token_budget
 from er_core.keys import TokenizerSettings
-from er_core.packed import PackedRows
+from er_core.store import PackedRows
 from er_core.recycle import cache_rows, cache_spec
 from er_core.errors import CacheMismatchError, LockLostError
 from er_core.keys import example_key
@@ -182,16 +183,16 @@ def write_rows(batch: pa.Table, cache: str, storage_options, run_id: str, codec:
     out = []
     for i in range(batch.num_rows):
         rows = PackedRows.from_arrow(batch, i)
-        info, digests, lengths = ShardInfo(path="", rows=0, tokens=0, bytes=0, sha256=""), b"", b""
+        info, digests, material = ShardInfo(path="", rows=0, tokens=0, bytes=0, sha256=""), b"", b""
         if len(rows):
-            w = write_shard(cache, f"part-{run_id}-{uuid.uuid4().hex[:12]}.parquet", packed_table(rows, codec), storage_options)
-            info, digests, lengths = w.info, w.digests.tobytes(), w.lengths.tobytes()
+            w = write_shard(cache, shard_name(run_id), packed_table(rows, codec), storage_options)
+            info, digests, material = w.info, w.digests.tobytes(), w.rows.tobytes()
         row = {k: getattr(info, k) for k in _INFO_FIELDS}
-        row.update(digests=digests, lengths=lengths,  # for the index
+        row.update(digests=digests, material=material,  # for the index
                    **{k: batch.column(k)[i].as_py() for k in ("seen", "seconds", "actor", "device", "node", "resources")},
                    inputs=batch.column("inputs")[i].as_py() if info.path else 0)
         out.append(row)
-    return {k: np.array([r[k] for r in out], dtype=object if k in ("digests", "lengths") else None) for k in out[0]}
+    return {k: np.array([r[k] for r in out], dtype=object if k in ("digests", "material") else None) for k in out[0]}
 
 
 # ---------------------------------------------------------------- planning
@@ -318,10 +319,9 @@ def _alive_nodes() -> dict[str, str]:
 
 def recorded_revision(cache: str, storage_options=None) -> str | None:
     """The model revision an existing cache was built at (None for a new cache, or one built without)."""
-    from er_core.cache import _load_manifest
-    from er_core.storage import url_to_fs
+    from er_core.store import open_state
 
-    m = _load_manifest(*url_to_fs(cache, storage_options))
+    m = open_state(cache, storage_options)
     return m.spec.model_revision if m else None
 
 
@@ -408,7 +408,7 @@ def _run_ray(sources, writer, spec: CacheSpec, cfg: IngestConfig, pool: Pool, to
         ray.data.DataContext.get_current().enable_progress_bars = False
 
     # Claims ask the index about each batch's keys: neither the cached keys nor any state is ever read whole.
-    reader = open_cache(writer.url, storage_options=writer.storage_options, manifest=writer.manifest)
+    reader = writer.reader()
     claims = ray.remote(KeyClaims).options(num_cpus=0).remote(index=reader.index)  # asks the index per batch: no state read
     try:
         return _stream(_pipeline(sources, writer, spec, cfg, pool, claims), writer, cfg, claims, total)
@@ -491,7 +491,7 @@ def _consume(rows, writer: CacheWriter, cfg: IngestConfig, totals: dict, actors:
                                        "resources": json.loads(r["resources"])})
         if r["path"]:
             info = ShardInfo(**{k: _py(r[k]) for k in _INFO_FIELDS})
-            writer.add_shard(Written(info, np.frombuffer(r["digests"], dtype="S16"), np.frombuffer(r["lengths"], dtype=np.int32)))
+            writer.add_shard(Written(info, np.frombuffer(r["digests"], dtype="S16"), np.frombuffer(r["material"], dtype=ROWS)))
             for k in ("rows", "tokens", "bytes", "truncated"):
                 totals[k] += getattr(info, k)
             totals["shards"] += 1
@@ -501,7 +501,7 @@ def _consume(rows, writer: CacheWriter, cfg: IngestConfig, totals: dict, actors:
                 bar.set_postfix_str(f"{rate:,.0f} tokens/s", refresh=False)  # shown at the bar's next redraw
         if pending and (pending >= cfg.commit_every or time.monotonic() - last >= cfg.commit_seconds):
             m = writer.commit()
-            log.info("committed generation %d: %d shards, %d rows", m.generation, len(m.shards), m.totals["rows"])
+            log.info("committed generation %d: %d shards, %d rows", m.generation, m.totals["shards"], m.totals["rows"])
             pending, last = 0, time.monotonic()
 
 

@@ -21,14 +21,14 @@ from pathlib import Path
 import numpy as np
 
 from er_core import ErError, open_cache
-from er_core.cache import CacheReader
+from er_core.store import CacheReader
 from er_core.corpus import find_sources, read_source
 from er_core.embed import is_empty
 from er_core.keys import example_key
-from er_core.manifest import Manifest
+from er_core.store import Manifest
 from er_core.outputs import claim_file, commit_file, temp_sibling
 from er_core.secrets import reject_secrets
-from er_core.storage import is_local, url_to_fs
+from er_core.store import is_local, url_to_fs
 from er_core.tasks import Example
 
 
@@ -58,8 +58,9 @@ def _columns(rows) -> dict:
 
 @functools.lru_cache(maxsize=4)
 def _reader(url: str, manifest_json: str, storage_options_json: str) -> CacheReader:
-    """One reader per worker process: shard footers and connections are reused across batches."""
-    return CacheReader(url, Manifest.from_json(manifest_json, url), json.loads(storage_options_json))
+    """One reader per worker process and version: index buckets and connections are reused across batches. The
+    version's state is its spec and index segments (a few KB), never a shard list."""
+    return CacheReader(url, Manifest.from_dict(json.loads(manifest_json), url), json.loads(storage_options_json))
 
 
 def read_hits(batch, url: str, manifest_json: str, storage_options_json: str):
@@ -87,7 +88,7 @@ class Predictor:
     def __init__(self, model_dirs, spec_json, record=False):
         import torch
 
-        from er_core.manifest import CacheSpec
+        from er_core.store import CacheSpec
         from er_core.predict import MultiTaskPredictor
 
         spec = CacheSpec.from_dict(json.loads(spec_json))
@@ -124,7 +125,7 @@ def predict(cache_url: str, model_dirs: list[str], corpus: list[str], out: str, 
     reject_secrets(storage_options)  # they travel in actor arguments
     cache_url, model_dirs = absolute(cache_url), [absolute(str(d)) for d in model_dirs]
     claim_file(out, overwrite, _is_predictions, storage_options)  # before any work: never replace what er did not write
-    reader = open_cache(cache_url, storage_options=storage_options)  # opened once; actors get its manifest
+    reader = open_cache(cache_url, storage_options=storage_options)  # opened once; read tasks get this version's state
     spec = reader.spec
     for d in model_dirs:  # refuse before any work starts
         check_cache(read_meta(d), spec, d)
@@ -139,7 +140,7 @@ def predict(cache_url: str, model_dirs: list[str], corpus: list[str], out: str, 
                                           "storage_options": storage_options})
     if any(read_meta(d)["method"] != "full" for d in model_dirs):  # `full` models read nothing
         rows = rows.map_batches(read_hits, batch_size=BATCH, num_cpus=0.5, runtime_env=env, fn_kwargs={
-            "url": cache_url, "manifest_json": reader.manifest.to_json(), "storage_options_json": json.dumps(storage_options)})
+            "url": cache_url, "manifest_json": json.dumps(reader.manifest.to_dict()), "storage_options_json": json.dumps(storage_options)})
     else:
         rows = rows.map_batches(_no_states, batch_size=BATCH)
     preds = rows.map_batches(

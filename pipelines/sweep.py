@@ -30,7 +30,7 @@ from pathlib import Path
 from er_core import ErError, TrainConfig
 from er_core.train_config import METHODS  # full: the baseline, every layer from raw text (the cache names the model)
 from er_core.outputs import OutputDir
-from er_core.storage import put_atomic, url_to_fs
+from er_core.store import put_atomic, url_to_fs
 from er_core.secrets import find_secrets
 from pipelines.configs import Sweep, TaskEntry
 
@@ -56,7 +56,7 @@ class Trial:
 def load_sweep(path, check_paths: bool = True) -> Sweep:
     """Read a YAML or TOML sweep file (local or s3://); relative paths are taken from the file's folder."""
     if "://" in str(path):
-        from er_core.storage import read_bytes, url_to_fs
+        from er_core.store import read_bytes, url_to_fs
 
         url = str(path)
         fs, p = url_to_fs(url)

@@ -1,8 +1,8 @@
 """Ray Train: one task from the cache on `num_workers` data-parallel TorchTrainer workers.
 
 The driver opens the cache once and reads the task once. It locates the train keys through the key
-index and builds a Ray Dataset that reads only the row groups holding them (`read_rows`, one task per
-shard, every page checksummed), materialized in the object store before training and split there into
+index and builds a Ray Dataset that reads only those rows' bytes (`read_rows`, PLAN_ROWS rows a task,
+each row checked against its entry's crc), materialized in the object store before training and split there into
 one share per worker (no streaming split, and so no split coordinator, during training): each epoch is
 shuffled from that copy, and nothing is read from storage again. Dev and test are read by the driver
 (the same index path) and shipped to the workers with the task through the object store; rank 0
@@ -35,16 +35,17 @@ from pathlib import Path
 import numpy as np
 
 from er_core import ErError, TrainConfig, open_cache
-from er_core.cache import CacheReader
+from er_core.store import CacheReader
 from er_core.finetuning import CHECKPOINTS, Prepared, setup_data
 from er_core.outputs import OutputDir
 from er_core.secrets import reject_secrets
-from er_core.storage import is_local, read_bytes, url_to_fs
+from er_core.store import is_local, read_bytes, url_to_fs
 from er_core.task_data import collate, encode_split, grouped_order, missing_message, padded_states
 from er_core.tasks import check_task_folder
 from pipelines import cache_rows
 
 
+PLAN_ROWS = 512  # rows a read task fetches: large enough to merge neighbours, small enough to read in parallel
 POLL_S = "0.5"  # how often Train's controller polls its workers, unless RAY_TRAIN_HEALTH_CHECK_INTERVAL_S says
 
 
@@ -62,7 +63,7 @@ def _from_target_list(kind: str, t: np.ndarray):
 
 def _train_batches(shard, spec, kind, batch_size, seed, epoch, pad_id):
     """Length-grouped, padded batches from this worker's share of the train rows (states, or ids for `full`)."""
-    from er_core.codecs import get_codec
+    from er_core.store import get_codec
 
     codec = get_codec(spec.codec)
     for chunk in shard.iter_batches(batch_size=batch_size * 32, batch_format="numpy", local_shuffle_buffer_size=batch_size * 64,
@@ -184,7 +185,7 @@ def _report_final_again(checkpoint, rank: int) -> bool:
 
 
 def train_dataset(reader: CacheReader, p: Prepared, cfg: TrainConfig, storage_options=None):
-    """The task's train rows with targets: a Ray Dataset reading only the row groups that hold them."""
+    """The task's train rows with targets: a Ray Dataset reading only those rows' bytes."""
     import ray.data
 
     kind = p.task.kind
@@ -203,14 +204,13 @@ def train_dataset(reader: CacheReader, p: Prepared, cfg: TrainConfig, storage_op
         if lengths[at[it.key]] != len(it.input_ids):
             raise ErError(f"train example {it.example.id}: the cache holds {lengths[at[it.key]]} tokens for its key, "
                           f"the tokenizer gives {len(it.input_ids)}; the cache {reader.url} is inconsistent")
-    # One plan row per example (duplicate texts keep their own labels), grouped by shard.
-    pos = np.array([at[it.key] for it in items])
-    plan_locs = locs.take(pos)
-    groups, rows = plan_locs.column("group").to_numpy(), plan_locs.column("row").to_numpy()
-    keys = plan_locs.column("key").to_pylist()
-    plan = [{"shard": json.dumps(asdict(shard)), "groups": groups[sel].tolist(), "rows": rows[sel].tolist(),
-             "keys": [keys[i] for i in sel], "targets": [_target_list(kind, items[i].target) for i in sel]}
-            for shard, sel in reader.by_shard(plan_locs)]
+    # One plan entry per example (duplicate texts keep their own labels), in shard order so that neighbouring rows
+    # are fetched together, cut into read tasks of PLAN_ROWS rows.
+    plan_locs = locs.take(np.array([at[it.key] for it in items]))
+    order = np.argsort(plan_locs.column("name").to_numpy(zero_copy_only=False), kind="stable")
+    plan = [{"locs": cache_rows.plan_bytes(plan_locs.take(sel)),
+             "targets": [_target_list(kind, items[i].target) for i in sel.tolist()]}
+            for sel in np.array_split(order, max(1, -(-len(order) // PLAN_ROWS)))]
     ds = ray.data.from_items(plan, override_num_blocks=len(plan)).map_batches(
         cache_rows.read_rows, batch_size=1, batch_format="numpy", num_cpus=0.5,
         fn_kwargs={"url": reader.url, "spec_json": json.dumps(p.spec.to_dict()),

@@ -2,7 +2,7 @@
 
 Load it with `pytest_plugins = ["tests.conftest_s3"]` in tests/conftest.py (or `-p tests.conftest_s3`).
 While the session runs, the AWS_* variables point at the server, so code that only reads the
-environment (s3fs, fsspec, pyarrow, er_core.storage) reaches it with no extra arguments.
+environment (s3fs, fsspec, pyarrow, er_core.store.storage) reaches it with no extra arguments.
 """
 
 from __future__ import annotations

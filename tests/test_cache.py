@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from er_core import ErError, open_cache
-from er_core.cache import CacheWriter
+from er_core.store.writer import CacheWriter
 from er_core.errors import CacheCorruptError, CacheLockedError, CacheMismatchError
-from er_core.codecs import CODECS
+from er_core.store.codecs import CODECS
 from er_core.recycle import Recycler, ingest_local
-from er_core.storage import read_lock, url_to_fs
+from er_core.store.storage import read_lock, url_to_fs
 from er_core.task_data import grouped_order
 
 H = 32
@@ -63,7 +63,7 @@ def test_round_trip_within_stated_bound(tmp_path, rec, codec):
             w.add(k, ids, h)
     r = open_cache(str(tmp_path / "c"))
     got = r.load()
-    assert len(got) == len(rows) and len(r.manifest.shards) == 3
+    assert len(got) == len(rows) and len(r.shards()) == 3
     for k, ids, h in rows:
         i = got.index[k]
         x = got.hidden(i)
@@ -90,7 +90,7 @@ def test_no_padding_stored_bytes_scale_with_real_tokens(tmp_path, rec):
     assert short["tokens"] == 64 * 5 and long["tokens"] == 64 * 40
     payload = 2 * H  # fp16 bytes per token of hidden states; ids add up to 4 more
     assert long["bytes"] - short["bytes"] == pytest.approx(64 * 35 * (payload + 4), rel=0.1)
-    t = pq.read_table(tmp_path / "long" / open_cache(str(tmp_path / "long")).manifest.shards[0].path)
+    t = pq.read_table(tmp_path / "long" / open_cache(str(tmp_path / "long")).shards()[0].path)
     assert all(len(b) == 40 * payload for b in t.column("hidden").to_pylist())
 
 
@@ -112,8 +112,7 @@ def test_files_are_plain_parquet(tmp_path, rec):
     with CacheWriter(str(tmp_path / "c"), rec.spec) as w:
         for k, ids, h in _rows(5):
             w.add(k, ids, h)
-    m = open_cache(str(tmp_path / "c")).manifest
-    df = pd.read_parquet(tmp_path / "c" / m.shards[0].path)
+    df = pd.read_parquet(tmp_path / "c" / open_cache(str(tmp_path / "c")).shards()[0].path)
     assert list(df.columns) == ["key", "length", "input_ids", "hidden", "scale", "truncated"]
     row = df.iloc[0]
     assert np.frombuffer(row["hidden"], "<f4").reshape(row["length"], H).shape == (row["length"], H)
@@ -123,7 +122,7 @@ def test_mismatched_model_layer_tokenizer_are_refused(tmp_path, rec):
     url = str(tmp_path / "c")
     with CacheWriter(url, rec.spec) as w:
         w.add("a", np.array([2, 3], np.int32), np.zeros((2, H), np.float32))
-    before = (tmp_path / "c" / "manifest.json").read_bytes()
+    before = sorted(os.listdir(tmp_path / "c" / "_log"))
     with pytest.raises(CacheMismatchError, match="layer k: cache has 2, requested 3"):
         open_cache(url, expect=_spec(rec, layer=3))
     with pytest.raises(CacheMismatchError, match="model: cache was built with"):
@@ -135,7 +134,7 @@ def test_mismatched_model_layer_tokenizer_are_refused(tmp_path, rec):
         open_cache(url, expect=_spec(rec, tokenizer=tok))
     with pytest.raises(CacheMismatchError, match="codec"):
         CacheWriter(url, _spec(rec, codec="int8"))
-    assert (tmp_path / "c" / "manifest.json").read_bytes() == before
+    assert sorted(os.listdir(tmp_path / "c" / "_log")) == before  # nothing committed
     assert read_lock(*url_to_fs(url)) is None  # released
 
 
@@ -144,7 +143,7 @@ def test_corrupted_shard_is_refused_by_name(tmp_path, rec):
     with CacheWriter(url, rec.spec, shard_rows=5) as w:
         for k, ids, h in _rows(10):
             w.add(k, ids, h)
-    shard = open_cache(url).manifest.shards[1]
+    shard = open_cache(url).shards()[1]
     p = tmp_path / "c" / shard.path
     data = bytearray(p.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -155,11 +154,11 @@ def test_corrupted_shard_is_refused_by_name(tmp_path, rec):
     assert len(problems) == 1 and shard.path in problems[0]
 
 
-def test_truncated_manifest_is_a_clear_error(tmp_path, rec):
+def test_truncated_commit_is_a_clear_error(tmp_path, rec):
     url = str(tmp_path / "c")
     with CacheWriter(url, rec.spec) as w:
         w.add("a", np.array([2, 3], np.int32), np.zeros((2, H), np.float32))
-    m = tmp_path / "c" / "manifest.json"
+    m = tmp_path / "c" / "_log" / "00000000000000000001.json"
     m.write_bytes(m.read_bytes()[:100])
     with pytest.raises(CacheCorruptError, match="truncated or not valid JSON"):
         open_cache(url)
@@ -178,8 +177,9 @@ def test_failed_write_leaves_previous_cache_and_no_orphans(tmp_path, rec):
             for k, ids, h in _rows(6, seed=3):
                 w.add("new" + k, ids, h)
             raise RuntimeError("crash mid-run")
-    after = open_cache(url).manifest  # only the fence's writer stamp changed
-    assert (after.shards, after.generation) == (before.shards, before.generation) and after.writer == w.run_id
+    after = open_cache(url).manifest  # only the fence's writer stamp was committed: one version, nothing added
+    assert (after.index, after.totals, after.generation) == (before.index, before.totals, before.generation + 1)
+    assert after.writer == w.run_id
     assert len(os.listdir(tmp_path / "c" / "shards")) > 2  # the crashed run's shards exist, unlisted
     assert len(open_cache(url).load()) == 4
     with CacheWriter(url, rec.spec):  # the next writer removes them: their run released its lock
@@ -219,7 +219,7 @@ def test_ingest_local_matches_plain_lower_and_handles_edge_inputs(tmp_path, rec)
         np.testing.assert_allclose(rows.hidden(i), ref.numpy(), atol=1e-5)
     # incremental: a second run over a grown corpus adds only the new key
     m2 = ingest_local(({"text": t} for t in texts + ["the gene"]), url, rec, progress=False)
-    assert m2.totals["rows"] == 4 and m2.generation == m.generation + 1
+    assert m2.totals["rows"] == 4 and m2.generation == m.generation + 2  # the writer's stamp, then its commit
 
 
 def test_keys_depend_on_text_and_tokenizer_settings(rec):
@@ -234,11 +234,26 @@ def test_keys_depend_on_text_and_tokenizer_settings(rec):
     assert a == example_key({"text": "x"}, replace(rec.spec.tokenizer, name="elsewhere"))
 
 
+def _as_format_3(url: str) -> None:
+    """Rewrite a cache's metadata the way er wrote formats 1-3: one manifest.json listing every shard, no log."""
+    import shutil
+    from dataclasses import asdict
+
+    r = open_cache(url)
+    m = {"format": "er-embedding-cache", "format_version": 3, "generation": 1, "created": 0.0, "updated": 0.0,
+         "writer": "", "spec": r.spec.to_dict(), "totals": r.manifest.totals, "skipped": r.manifest.skipped,
+         "next_id": r.manifest.next_id, "shards": [asdict(s) for s in r.shards()],
+         "index": [{"path": s.path, "rows": s.rows, "bytes": s.bytes, "sha256": s.sha256} for s in r.manifest.index]}
+    shutil.rmtree(f"{url}/_log")
+    open(f"{url}/manifest.json", "w").write(json.dumps(m))
+
+
 def _as_format_1(url: str) -> None:
     """Rewrite a cache the way er wrote format 1: plain Parquet shards, no index, whole-file sha256 only."""
     import hashlib
 
     root = url
+    _as_format_3(url)
     m = json.loads(open(f"{root}/manifest.json").read())
     for s in m["shards"]:
         t = pq.read_table(f"{root}/{s['path']}")
@@ -255,7 +270,7 @@ def _as_format_1(url: str) -> None:
 
 
 def test_format_1_cache_is_refused_with_a_hint_then_upgraded_in_place(tmp_path, rec, capsys):
-    from er_core.cache import upgrade_cache
+    from er_core.store import upgrade_cache
     from er_core.errors import CacheFormatError
     from pipelines.cli import main
 
@@ -272,8 +287,8 @@ def test_format_1_cache_is_refused_with_a_hint_then_upgraded_in_place(tmp_path, 
     assert main(["cache", "upgrade", url]) == 0
     assert "upgraded" in capsys.readouterr().out
     r = open_cache(url)
-    assert r.verify() == [] and len(r.manifest.shards) == 3 and r.manifest.totals["rows"] == 150
-    assert sorted(os.listdir(tmp_path / "c" / "shards")) == sorted(s.path.split("/")[1] for s in r.manifest.shards)
+    assert r.verify() == [] and len(r.shards()) == 3 and r.manifest.totals["rows"] == 150
+    assert sorted(os.listdir(tmp_path / "c" / "shards")) == sorted(s.path.split("/")[1] for s in r.shards())
     got = r.load([k for k, _, _ in rows[::-1]])
     assert sorted(got.keys) == sorted(k for k, _, _ in rows)
     for k, ids, h in rows:
@@ -285,10 +300,11 @@ def _as_format_2(url: str) -> None:
     """Rewrite a cache's index the way er wrote format 2: Parquet segments in 4096-entry row groups."""
     import hashlib
 
-    from er_core.parquet_io import to_parquet
+    from er_core.store.parquet_io import to_parquet
 
+    entries = open_cache(url).index.entries().select(["digest", "shard", "length"])
+    _as_format_3(url)
     m = json.loads(open(f"{url}/manifest.json").read())
-    entries = open_cache(url).index.entries()
     for p in m["index"]:
         os.remove(f"{url}/{p['path']}")
     data, footer = to_parquet(entries.sort_by("digest"), 4096, "zstd", statistics=["digest"])
@@ -299,7 +315,7 @@ def _as_format_2(url: str) -> None:
     open(f"{url}/manifest.json", "w").write(json.dumps(m))
 
 
-def test_format_2_cache_is_refused_with_a_hint_then_its_index_rewritten(tmp_path, rec, capsys):
+def test_format_2_cache_is_refused_with_a_hint_then_rewritten(tmp_path, rec, capsys):
     from er_core.errors import CacheFormatError
     from pipelines.cli import main
 
@@ -308,35 +324,36 @@ def test_format_2_cache_is_refused_with_a_hint_then_its_index_rewritten(tmp_path
     with CacheWriter(url, rec.spec, shard_rows=40) as w:
         for k, ids, h in rows:
             w.add(k, ids, h)
-    shards = {p: (tmp_path / "c" / "shards" / p).read_bytes() for p in os.listdir(tmp_path / "c" / "shards")}
     _as_format_2(url)
     with pytest.raises(CacheFormatError, match=f"format version 2 .*er cache upgrade {url}"):
         open_cache(url)
     assert main(["cache", "upgrade", url]) == 0
-    assert "from format version 2 to 3" in capsys.readouterr().out
+    assert "from format version 2 to 4" in capsys.readouterr().out
     r = open_cache(url)
-    assert r.verify() == [] and r.manifest.format_version == 3
+    assert r.verify() == [] and r.manifest.format_version == 4 and not (tmp_path / "c" / "manifest.json").exists()
     assert os.listdir(tmp_path / "c" / "index") == [r.manifest.index[0].path.split("/")[1]]  # the old segment is gone
-    assert {p: (tmp_path / "c" / "shards" / p).read_bytes() for p in os.listdir(tmp_path / "c" / "shards")} == shards
+    assert sorted(os.listdir(tmp_path / "c" / "shards")) == sorted(s.path.split("/")[1] for s in r.shards())
     got = r.load([k for k, _, _ in rows])
     for k, ids, h in rows:
         assert np.array_equal(got.hidden(got.index[k]), h)
 
 
 def _entries(n: int, seed: int):
-    from er_core.index import key_digests, shard_entries
+    from er_core.store.index import key_digests, shard_entries
 
     keys = [f"key-{seed}-{i}" for i in range(n)]
-    return keys, shard_entries(key_digests(keys), 0, np.full(n, 5), 64)
+    rows = {c: np.zeros(n) for c in ("crc", "ids_at", "hidden_at", "scale_at", "ids_crc")}
+    rows.update(length=np.full(n, 5), row=np.arange(n))
+    return keys, shard_entries(key_digests(keys), 0, "part-000000000000-000000000001.parquet", rows)
 
 
 def _segment(tmp_path, n: int):
     import hashlib
 
-    from er_core.index import Index, SegmentInfo, segment_bytes
+    from er_core.store.index import Index, SegmentInfo, segment_bytes
 
     keys, t = _entries(n, 0)
-    data, _, rows = segment_bytes([t])
+    data, rows = segment_bytes([t], [])
     (tmp_path / "seg.idx").write_bytes(data)
     fs, root = url_to_fs(str(tmp_path))
     return keys, data, lambda: Index(fs, root, [SegmentInfo("seg.idx", rows, len(data), hashlib.sha256(data).hexdigest())], str(tmp_path))
@@ -345,7 +362,7 @@ def _segment(tmp_path, n: int):
 def test_index_lookups_read_bytes_in_proportion_to_the_keys_not_the_cache(tmp_path, monkeypatch):
     import fsspec
 
-    from er_core import index
+    from er_core.store import index
 
     monkeypatch.setattr(index, "COALESCE", 0)
     keys, data, open_index = _segment(tmp_path, 20_000)
@@ -362,12 +379,12 @@ def test_index_lookups_read_bytes_in_proportion_to_the_keys_not_the_cache(tmp_pa
     got = ix.locate(keys[:10] + ["absent"])
     assert sorted(got.column("key").to_pylist()) == sorted(keys[:10])
     per_bucket = index.BUCKET_ENTRIES * index.RECORD.itemsize
-    assert 0 < sum(read) < 10 * 4 * per_bucket and sum(read) * 50 < len(data)  # 10 buckets (about 5 KB) of 640 KB
+    assert 0 < sum(read) < 10 * 4 * per_bucket and sum(read) * 50 < len(data)  # 10 buckets (about 10 KB) of 1.2 MB
     assert set(got.column("shard").to_pylist()) == {0} and set(got.column("length").to_pylist()) == {5}
 
 
 def test_a_corrupt_index_bucket_is_refused_and_the_rest_still_read(tmp_path):
-    from er_core.index import RECORD
+    from er_core.store.index import RECORD
 
     keys, data, open_index = _segment(tmp_path, 3000)
     bad = bytearray(data)
@@ -379,14 +396,14 @@ def test_a_corrupt_index_bucket_is_refused_and_the_rest_still_read(tmp_path):
     with pytest.raises(CacheCorruptError, match="seg.idx of .* fails its checksum"):
         ix.entries()
     broken = np.frombuffer(bytes(data[: 3000 * RECORD.itemsize]), RECORD)["digest"][100]
-    from er_core.index import key_digests
+    from er_core.store.index import key_digests
 
     fine = [k for k, d in zip(keys, key_digests(keys)) if d[:1] != broken[:1]][:50]  # keys in other buckets
     assert ix.locate(fine).num_rows == 50
 
 
 def test_a_corrupt_index_is_found_by_verify_and_rebuilt_by_repair(tmp_path, rec):
-    from er_core.cache import repair_cache
+    from er_core.store import repair_cache
 
     url = str(tmp_path / "c")
     rows = _rows(60, seed=9)
@@ -430,12 +447,12 @@ def test_locating_keys_reads_the_index_not_the_states(tmp_path, rec):
         r = open_cache(url)
         locs = r.locate(["k5", "k7", "nope"])
         assert locs.column("key").to_pylist() == ["k5", "k7"]
-        assert opened and all("/index/" in p or p.endswith("/manifest.json") for p in opened)
+        assert opened and all("/index/" in p or "/_log/" in p for p in opened)
         opened.clear()
         got = r.read_located(locs, ["hidden", "length"])
     finally:
         fsspec.implementations.local.LocalFileSystem._open = real_open
-    shard = r.shards[locs.column("shard")[0].as_py()]
+    shard = {s.id: s for s in r.shards()}[locs.column("shard")[0].as_py()]
     assert got.column("key").to_pylist() == ["k5", "k7"]
     assert np.array_equal(r.decode(got["length"][0].as_py(), got["hidden"][0].as_py(), None), rows[5][2])
     assert {p.rsplit("/", 1)[-1] for p in opened} <= {shard.path.rsplit("/", 1)[-1]}
@@ -445,7 +462,7 @@ def test_a_reader_fetches_each_index_bucket_once(tmp_path, rec, monkeypatch):
     """Lookups one after another (a task's splits, a predictor's batches) fetch an index bucket once, whatever the order."""
     import fsspec
 
-    from er_core import index
+    from er_core.store import index
 
     monkeypatch.setattr(index, "BUCKET_ENTRIES", 4)  # many buckets per segment
     monkeypatch.setattr(index, "COALESCE", 0)

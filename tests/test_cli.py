@@ -81,7 +81,7 @@ def test_every_train_flag_is_a_config_field_and_every_field_a_flag():
 def test_every_ingest_flag_is_a_config_field_and_every_field_a_flag():
     from dataclasses import fields
 
-    from er_core.storage import StorageConfig
+    from er_core.store.storage import StorageConfig
     from pipelines.configs import INGEST_FLAGLESS, IngestConfig
 
     ingest = build_parser()._subparsers._group_actions[0].choices["ingest"]

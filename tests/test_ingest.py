@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 
 from er_core import open_cache
-from er_core.cache import CacheWriter
+from er_core.store.writer import CacheWriter
 from er_core.errors import CacheLockedError, DataFormatError
 from er_core.corpus import find_sources, read_source
 from er_core.recycle import Recycler, ingest_local
-from er_core.storage import read_lock, url_to_fs
+from er_core.store.storage import read_lock, url_to_fs
 from pipelines.cli import main as er
 from pipelines.ingest import read_rows, run
 from pipelines.placement import Cluster, Node, Pool, plan_pool
@@ -342,7 +342,7 @@ def test_local_mode_ids_and_cache_info_verify(tmp_path, tiny_bert, rec, capsys):
     capsys.readouterr()
     assert er(["cache", "info", url]) == 0 and "rows        30" in capsys.readouterr().out
     assert er(["cache", "verify", url]) == 0
-    shard = Path(url) / open_cache(url).manifest.shards[0].path
+    shard = Path(url) / open_cache(url).shards()[0].path
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))

@@ -40,7 +40,7 @@ def jobs(s3, ray_cluster, tiny_bert, tmp_path_factory):
     """(cluster, Jobs API client, s3fs filesystem, s3:// base): the tiny task uploaded to S3."""
     from ray.job_submission import JobSubmissionClient
 
-    from er_core.storage import url_to_fs
+    from er_core.store.storage import url_to_fs
 
     # s3 is set up first (argument order), so the nodes started after it carry the credentials in their environment.
     assert ray_cluster.env.get("AWS_ENDPOINT_URL") == os.environ["AWS_ENDPOINT_URL"], "the cluster started before S3"

@@ -8,7 +8,7 @@ import json
 import pytest
 import yaml
 
-from er_core.storage import url_to_fs
+from er_core.store.storage import url_to_fs
 from pipelines.cli import main as er
 
 pytestmark = pytest.mark.ray

@@ -8,10 +8,10 @@ import pyarrow as pa
 import pytest
 import torch
 
-from er_core.cache import SCHEMA, encode_table, packed_table
-from er_core.codecs import CODECS, get_codec
+from er_core.store.writer import SCHEMA, encode_table, packed_table
+from er_core.store.codecs import CODECS, get_codec
 from er_core.embed import Embedder, Tokenized
-from er_core.packed import PackedRows, ranges
+from er_core.store.packed import PackedRows, ranges
 
 RNG = np.random.default_rng(0)
 LENS = [3, 1, 8, 5, 2, 7, 4]

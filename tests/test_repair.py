@@ -9,7 +9,7 @@ import uuid
 from pathlib import Path
 
 from er_core import open_cache
-from er_core.storage import url_to_fs
+from er_core.store.storage import url_to_fs
 from pipelines.cli import main as er
 from tests.conftest import WORDS
 
@@ -38,7 +38,7 @@ def test_corrupt_shard_is_dropped_and_a_reingest_restores_every_example(tmp_path
     opts = ["--cache", url, "--model", tiny_bert, "--layer", "2", "--codec", "fp32", "--local"]
     assert er(["ingest", a, *opts]) == 0 and er(["ingest", a, b, *opts]) == 0  # two shards
     before = _keys(url)
-    bad = open_cache(url).manifest.shards[0]
+    bad = open_cache(url).shards()[0]
     _flip_a_byte(url, bad.path)
     capsys.readouterr()
 
@@ -66,7 +66,7 @@ def test_repair_on_s3_then_a_ray_reingest(ray_session, s3, tmp_path, tiny_bert, 
     fast = dict(model=tiny_bert, layer=2, codec="fp32", actors=2, threads=1, progress=False, shard_rows=16)
     run([corpus], url, **fast)
     before = _keys(url)
-    corrupt, missing = open_cache(url).manifest.shards[1:3]
+    corrupt, missing = open_cache(url).shards()[1:3]
     _flip_a_byte(url, corrupt.path)
     fs, root = url_to_fs(url)
     fs.rm_file(f"{root}/{missing.path}")

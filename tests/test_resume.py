@@ -67,7 +67,7 @@ def test_resumed_run_equals_an_uninterrupted_one(tiny_cache, tmp_path, monkeypat
 
 def test_a_run_writing_to_object_storage_resumes_from_its_checkpoint_there(s3, tiny_cache, tmp_path, monkeypatch):
     """An output on S3 keeps its checkpoint on S3 (a sweep trial may restart on another machine)."""
-    from er_core.storage import url_to_fs
+    from er_core.store.storage import url_to_fs
 
     url, folder, _ = tiny_cache
     out = f"s3://{s3.bucket}/resume-{tmp_path.name}"

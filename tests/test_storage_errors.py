@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from er_core.storage import explain_storage_error, url_to_fs
+from er_core.store.storage import explain_storage_error, url_to_fs
 from pipelines.cli import main as er
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -33,12 +33,12 @@ def big_cache(tiny_bert, tmp_path_factory):
     url = str(base / "cache")
     task = load_task(folder)
     ingest_local((example_input(e) for exs in task.splits.values() for e in exs), url, rec, progress=False)
-    task_shard = open_cache(url).manifest.shards[0].path
+    task_shard = open_cache(url).shards()[0].path
     rnd = random.Random(1)
     for s in range(19):
         texts = [" ".join(rnd.choice(WORDS) for _ in range(rnd.randint(4, 12))) + f" filler{s}x{i}" for i in range(24)]
         ingest_local(({"text": t} for t in texts), url, rec, progress=False)
-    assert len(open_cache(url).manifest.shards) == 20
+    assert len(open_cache(url).shards()) == 20
     return url, folder, task_shard
 
 

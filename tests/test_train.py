@@ -11,7 +11,7 @@ import torch
 from er_core import TrainConfig, finetune, ingest_local, load_task, open_cache
 from er_core.errors import ArtifactMismatchError
 from er_core.artifacts import check_cache, load_trained
-from er_core.codecs import get_codec
+from er_core.store.codecs import get_codec
 from er_core.evaluate import predict
 from er_core.heads import FullModel, RecycledModel, make_head
 from er_core.recycle import Recycler

@@ -21,7 +21,7 @@ import uuid
 from dataclasses import dataclass, field
 
 
-from .errors import CacheLockedError, ErError, LockLostError, StorageError
+from ..errors import CacheLockedError, ErError, LockLostError, StorageError
 
 log = logging.getLogger("er.storage")
 

@@ -1,14 +1,20 @@
-"""The key index: where each cached example lives, found without reading any hidden state.
+"""The key index: where each cached example lives, down to its bytes, found without reading any hidden state.
 
-An entry is (digest, shard, group, row, length): the 16-byte digest of the example's key, the id of
-the shard holding it, the row group and the row within it, and its token count. Each commit writes
-the entries of the shards it adds as one segment, `index/seg-<run>-<generation>.idx`:
+An entry (RECORD, 64 bytes) holds the 16-byte digest of the example's key, the id of the shard holding
+it, the shard's file name (`shards/part-<run>-<tag>.parquet`, 24 hex digits kept as 12 bytes), the byte offsets
+of the row's token ids, states and scales in that file, a crc32 of the states and scales and one of the
+token ids (so each read is checked on exactly what it fetched), its token count and its row in the shard. So a reader fetches one row's own bytes with nothing else read first: no
+footer, no shard list (parquet_io.row_offsets says why the offsets are exact).
 
-    entries      rows x 32 bytes, sorted by digest (RECORD)
+Each commit writes the entries of the shards it adds as one segment, `index/seg-<run>-<generation>.idx`:
+
+    entries      rows x 64 bytes, sorted by digest (RECORD)
     buckets      (B + 1) x (start u32, crc32 u32): bucket b holds the entries whose digest starts with b
                  (its top `bits` bits, B = 2**bits, about BUCKET_ENTRIES entries each); the crc covers the
                  bucket's start, end and entries, so every bucket read is checked on its own
-    trailer      b"ERIX", bits (u32), rows (u64)
+    shards       JSON list of the segment's shards (manifest.ShardInfo): what only checks, compaction and
+                 repairs need, so opening a cache never reads a list of every shard
+    trailer      b"ERI4", bits (u32), rows (u64), shards' length (u64), shards' crc32 (u32)
 
 Digests are hashes, so buckets are even. Locating N keys reads, per segment, the bucket table entries
 and the buckets of those keys only (nearby ranges merged up to COALESCE bytes apart): bytes grow
@@ -22,28 +28,33 @@ one, so lookups open a bounded number of files however many commits a cache has 
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 import struct
 from bisect import bisect_right
 import zlib
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
 
-from .errors import CacheCorruptError
+from ..errors import CacheCorruptError
 
-BUCKET_ENTRIES = 16  # mean entries a bucket holds: the unit a lookup reads (about 0.5 KB)
+BUCKET_ENTRIES = 16  # mean entries a bucket holds: the unit a lookup reads (about 1 KB)
 COALESCE = 4096  # ranges closer than this are fetched in one request
 MAX_SEGMENTS = 8
-CACHED_ENTRIES = 1_000_000  # index entries an Index keeps after reading them (about 32 MB), least recently used dropped
-MAGIC = b"ERIX"
-RECORD = np.dtype([("digest", "S16"), ("shard", "<i4"), ("group", "<i4"), ("row", "<i4"), ("length", "<i4")])
+CACHED_ENTRIES = 1_000_000  # index entries an Index keeps after reading them (about 64 MB), least recently used dropped
+MAGIC = b"ERI4"
+RECORD = np.dtype([("digest", "S16"), ("shard", "<i4"), ("length", "<i4"), ("name", "V12"), ("crc", "<u4"),
+                   ("ids_at", "<u4"), ("hidden_at", "<u4"), ("scale_at", "<u4"), ("ids_crc", "<u4"), ("row", "<i4")])
 _BUCKET = np.dtype([("start", "<u4"), ("crc", "<u4")])
-_TRAILER = struct.Struct("<4sIQ")
-SCHEMA = pa.schema([("digest", pa.binary(16)), ("shard", pa.int32()), ("group", pa.int32()), ("row", pa.int32()),
-                    ("length", pa.int32())])
+_TRAILER = struct.Struct("<4sIQQI")
+_UINT = ("crc", "ids_at", "hidden_at", "scale_at", "ids_crc")
+SCHEMA = pa.schema([(c, pa.binary(16) if c == "digest" else pa.binary(12) if c == "name" else
+                     pa.uint32() if c in _UINT else pa.int32()) for c in RECORD.names])
+SHARD_NAME = re.compile(r"part-([0-9a-f]{12})-([0-9a-f]{12})\.parquet")
 
 
 @dataclass(frozen=True)
@@ -52,7 +63,7 @@ class SegmentInfo:
     rows: int
     bytes: int
     sha256: str
-    footer_sha256: str = ""  # unused since format 3 (the layout follows from rows and bytes)
+    shards: int = 0  # shards whose entries it holds
 
 
 def key_digests(keys: Iterable[str]) -> np.ndarray:
@@ -74,13 +85,32 @@ def digests_of(col) -> np.ndarray:
     return np.frombuffer(arr.buffers()[1], dtype="S16", count=len(arr), offset=arr.offset * 16).copy()
 
 
-def shard_entries(digests: np.ndarray, shard: int, lengths, group_rows: int) -> pa.Table:
-    """Index entries of one shard whose rows are in `digests` order, in row groups of `group_rows`."""
+def shard_entries(digests: np.ndarray, shard: int, name: str, rows: dict) -> pa.Table:
+    """Index entries of one shard (file `name`) whose rows are in `digests` order; `rows` holds the per-row
+    columns (length, crc, ids_at, hidden_at, scale_at, ids_crc, row)."""
     n = len(digests)
-    pos = np.arange(n, dtype=np.int32)
-    return pa.table({"digest": digest_array(digests), "shard": pa.array(np.full(n, shard, np.int32)),
-                     "group": pa.array(pos // group_rows), "row": pa.array(pos % group_rows),
-                     "length": pa.array(np.asarray(lengths, dtype=np.int32))}, schema=SCHEMA)
+    cols = {"shard": np.full(n, shard, np.int32), **{c: rows[c] for c in RECORD.names[2:] if c != "name"}}
+    return pa.table({"digest": digest_array(digests), "name": _binary([name_bytes(name)] * n, 12),
+                     **{c: pa.array(np.asarray(cols[c], RECORD[c]), SCHEMA.field(c).type) for c in cols}},
+                    schema=SCHEMA)
+
+
+def name_bytes(name: str) -> bytes:
+    """A shard file's name as the 12 bytes an entry keeps (`part-<12 hex>-<12 hex>.parquet`, the folder left off)."""
+    m = SHARD_NAME.fullmatch(name.rsplit("/", 1)[-1])
+    if not m:
+        raise ValueError(f"shard name {name!r} is not part-<12 hex digits>-<12 hex digits>.parquet")
+    return bytes.fromhex(m[1] + m[2])
+
+
+def shard_path(name: bytes) -> str:
+    """A shard's file, relative to the cache root, from an entry's 12 name bytes."""
+    h = bytes(name).hex()
+    return f"shards/part-{h[:12]}-{h[12:]}.parquet"
+
+
+def _binary(values: list[bytes], width: int) -> pa.Array:
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), len(values), [None, pa.py_buffer(b"".join(values))])
 
 
 def _bits(rows: int) -> int:
@@ -96,13 +126,15 @@ def _crc(start: int, end: int, entries: bytes) -> int:
     return zlib.crc32(entries, zlib.crc32(struct.pack("<II", start, end)))
 
 
-def segment_bytes(entries: list[pa.Table]) -> tuple[bytes, str, int]:
-    """One segment file from entry tables: (file bytes, "" (no footer), rows)."""
+def segment_bytes(entries: list[pa.Table], shards: list) -> tuple[bytes, int]:
+    """One segment file from entry tables and the ShardInfo of every shard they point into: (file bytes, rows)."""
     t = pa.concat_tables(entries) if entries else SCHEMA.empty_table()
     rec = np.empty(t.num_rows, RECORD)
     rec["digest"] = digests_of(t.column("digest"))
-    for c in ("shard", "group", "row", "length"):
-        rec[c] = t.column(c).to_numpy()
+    rec["name"] = _fixed(t.column("name"), 12).view("V12")
+    for c in RECORD.names:
+        if c not in ("digest", "name"):
+            rec[c] = t.column(c).to_numpy()
     rec = rec[np.argsort(rec["digest"], kind="stable")]
     bits = _bits(len(rec))
     starts = np.searchsorted(_bucket(rec["digest"], bits), np.arange((1 << bits) + 1)).astype(np.uint32)
@@ -112,7 +144,16 @@ def segment_bytes(entries: list[pa.Table]) -> tuple[bytes, str, int]:
     for b in range(len(starts) - 1):
         s, e = int(starts[b]), int(starts[b + 1])
         table["crc"][b] = _crc(s, e, body[s * RECORD.itemsize: e * RECORD.itemsize])
-    return body + table.tobytes() + _TRAILER.pack(MAGIC, bits, len(rec)), "", len(rec)
+    listing = json.dumps([x if isinstance(x, dict) else asdict(x) for x in shards], separators=(",", ":")).encode()
+    trailer = _TRAILER.pack(MAGIC, bits, len(rec), len(listing), zlib.crc32(listing))
+    return body + table.tobytes() + listing + trailer, len(rec)
+
+
+def _fixed(col, width: int) -> np.ndarray:
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if len(arr) == 0:
+        return np.empty(0, dtype=f"S{width}")
+    return np.frombuffer(arr.buffers()[1], dtype=f"S{width}", count=len(arr), offset=arr.offset * width).copy()
 
 
 def _coalesce(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -133,7 +174,8 @@ class _Segment:
         self.bits = _bits(seg.rows)
         self.buckets = 1 << self.bits
         self.table_at = seg.rows * RECORD.itemsize
-        if self.table_at + (self.buckets + 1) * _BUCKET.itemsize + _TRAILER.size != seg.bytes:
+        self.listing_at = self.table_at + (self.buckets + 1) * _BUCKET.itemsize
+        if self.listing_at + _TRAILER.size > seg.bytes:
             raise CacheCorruptError(f"{where}: {seg.bytes} bytes does not fit {seg.rows} entries (`er cache repair`)")
 
     def fetch(self, spans: list[tuple[int, int]]) -> list[tuple[int, bytes]]:
@@ -180,7 +222,7 @@ class _Segment:
     def everything(self) -> np.ndarray:
         """Every entry, every bucket checked."""
         data = self.fetch([(0, self.seg.bytes)])[0][1]
-        magic, bits, rows = _TRAILER.unpack(data[-_TRAILER.size:])
+        magic, bits, rows, _, _ = _TRAILER.unpack(data[-_TRAILER.size:])
         if (magic, bits, rows) != (MAGIC, self.bits, self.seg.rows):
             raise CacheCorruptError(f"{self.where} has a bad trailer; refusing to read it (`er cache repair`)")
         table = np.frombuffer(data[self.table_at: self.table_at + (self.buckets + 1) * _BUCKET.itemsize], _BUCKET)
@@ -192,6 +234,17 @@ class _Segment:
             if _crc(s, e, data[s * RECORD.itemsize: e * RECORD.itemsize]) != int(table["crc"][b]):
                 raise CacheCorruptError(f"{self.where} fails its checksum (bucket {b}); refusing to read it (`er cache repair`)")
         return np.frombuffer(data[: self.table_at], RECORD)
+
+    def shards(self) -> list[dict]:
+        """The segment's shard list (checked against its crc): two ranged reads, none of the entries."""
+        (_, tail), = self.fetch([(self.seg.bytes - _TRAILER.size, self.seg.bytes)])
+        magic, bits, rows, n, crc = _TRAILER.unpack(tail)
+        if (magic, bits, rows) != (MAGIC, self.bits, self.seg.rows) or self.listing_at + n + _TRAILER.size != self.seg.bytes:
+            raise CacheCorruptError(f"{self.where} has a bad trailer; refusing to read it (`er cache repair`)")
+        (_, listing), = self.fetch([(self.listing_at, self.listing_at + n)]) if n else [(0, b"")]
+        if zlib.crc32(listing) != crc:
+            raise CacheCorruptError(f"{self.where} fails its checksum (shard list); refusing to read it (`er cache repair`)")
+        return json.loads(listing) if n else []
 
 
 class Index:
@@ -241,6 +294,11 @@ class Index:
         pos = order[np.searchsorted(dig[order], rec["digest"])]  # back to the caller's keys
         return _table(rec).append_column("key", pa.array([keys[i] for i in pos], pa.string()))
 
+    def shards(self) -> list[dict]:
+        """Every shard the segments point into (ShardInfo fields), in commit order."""
+        out = [s for seg in self.segments for s in self._segment(seg).shards()]
+        return sorted(out, key=lambda s: s["id"])
+
     def entries(self, columns: list[str] | None = None) -> pa.Table:
         """Every entry (for merges, repairs and checks): index bytes only, never hidden states."""
         recs = [self._segment(s).everything() for s in self.segments]
@@ -248,8 +306,13 @@ class Index:
 
 
 def _table(rec: np.ndarray) -> pa.Table:
-    return pa.table({"digest": digest_array(rec["digest"]), **{c: pa.array(rec[c], pa.int32()) for c in SCHEMA.names[1:]}},
-                    schema=SCHEMA)
+    def col(c):
+        if c in ("digest", "name"):
+            w = RECORD[c].itemsize
+            return pa.FixedSizeBinaryArray.from_buffers(pa.binary(w), len(rec), [None, pa.py_buffer(np.ascontiguousarray(rec[c]).tobytes())])
+        return pa.array(np.ascontiguousarray(rec[c]), SCHEMA.field(c).type)
+
+    return pa.table({c: col(c) for c in RECORD.names}, schema=SCHEMA)
 
 
 def merge_plan(segments: list[SegmentInfo]) -> list[SegmentInfo]:

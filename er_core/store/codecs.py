@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import ErError
+from ..errors import ErError
 
 
 def _f32_to_bf16(x: np.ndarray) -> np.ndarray:
