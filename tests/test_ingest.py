@@ -166,7 +166,7 @@ def test_error_inside_a_read_task_names_file_and_line(ray_session, tiny_bert, tm
     bad.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"body": "no text"}) + "\n")
     with pytest.raises(DataFormatError, match=r"bad\.jsonl:2: missing field 'text'"):
         run([str(bad)], str(tmp_path / "cache"), model=tiny_bert, **FAST)
-    assert not (tmp_path / "cache" / "manifest.json").exists()
+    assert not (tmp_path / "cache" / "_log").exists()
     assert read_lock(*url_to_fs(str(tmp_path / "cache"))) is None  # released
 
 
@@ -187,7 +187,7 @@ def test_killed_run_keeps_last_commit_and_rerun_completes(ray_session, rec, tiny
                             start_new_session=True)
     try:
         deadline = time.monotonic() + 120
-        while not (url / "manifest.json").exists():
+        while not (url / "_log" / "00000000000000000001.json").exists():
             assert proc.poll() is None, "er ingest exited before its first commit"
             assert time.monotonic() < deadline, "no commit within 120 s"
             time.sleep(0.05)
@@ -295,7 +295,7 @@ def test_bad_input_fails_before_anything_is_committed(tmp_path, tiny_bert, capsy
     cache = tmp_path / "cache"
     assert er(["ingest", str(good), str(tmp_path / name), "--cache", str(cache), "--model", tiny_bert, "--layer", "2"]) == 2
     assert re.search(match, capsys.readouterr().err)
-    assert not (cache / "manifest.json").exists() and not (cache / "_writer.lock").exists()
+    assert not (cache / "_log").exists() and not (cache / "_writer.lock").exists()
 
 
 @pytest.mark.parametrize("local", [False, True], ids=["ray", "local"])

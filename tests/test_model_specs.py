@@ -95,7 +95,7 @@ def test_a_wrong_remembered_spec_fails_an_ingest_before_any_commit_and_is_refres
     # A new cache: the actors' check fails the run in one line; nothing is committed, and the entry is refreshed.
     with pytest.raises(CacheMismatchError, match="on this worker does not match.*now refreshed: run the command again"):
         run(corpus(20), str(cache), **args)
-    assert not (cache / "manifest.json").exists() and not list(cache.rglob("*.parquet"))
+    assert not (cache / "_log").exists() and not list(cache.rglob("*.parquet"))
     assert not _spoiled(specs)
     run(corpus(20), str(cache), **args)
     # An existing cache: the driver finds its spec differs from the cache's, computes it afresh, and goes on.

@@ -196,4 +196,4 @@ def test_a_question_that_leaves_no_room_for_its_context_is_refused_in_one_line(t
     inp = example_input(Example("q", text=LONG, text_pair="the gene", answers=(), stride=stride))
     with pytest.raises(ErError, match=r"leaves no room for (its context|the second) at max length 48; raise --max-length"):
         ingest_local([inp], str(tmp_path / "c"), rec, progress=False)
-    assert not (tmp_path / "c" / "manifest.json").exists()
+    assert not (tmp_path / "c" / "_log").exists()

@@ -53,7 +53,7 @@ def test_no_ray_process_outlives_er(how, tiny_bert, tmp_path, ray_tmp):
     proc = subprocess.Popen(cmd, env=_env(ray_tmp), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
-        while not (cache / "manifest.json").exists():  # the actors run: every kind of Ray process is up
+        while not (cache / "_log" / "00000000000000000001.json").exists():  # the actors run: every kind of Ray process is up
             assert proc.poll() is None, (tmp_path / "er.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "no commit within 300 s"
             time.sleep(0.1)

@@ -1,0 +1,201 @@
+"""The store at scale: row-level reads, the commit log (flat opens and commits), compaction under readers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import fsspec
+import numpy as np
+import pytest
+
+from er_core.recycle import Recycler
+from er_core.store import compact_cache, open_cache
+from er_core.store import log as commit_log
+from er_core.store.writer import CacheWriter
+
+H = 32
+
+
+@pytest.fixture(scope="module")
+def spec(tiny_bert):
+    return Recycler.load(tiny_bert, layer=2, codec="fp16").spec
+
+
+def _rows(n, seed=0, start=0):
+    rng = np.random.default_rng(seed)
+    for i in range(start, start + n):
+        L = int(rng.integers(4, 24))
+        yield f"k{i}", rng.integers(0, 100, L).astype(np.int32), rng.standard_normal((L, H)).astype(np.float32)
+
+
+class _Counted:
+    """Bytes and requests of every ranged read of local files, by file kind."""
+
+    def __init__(self, monkeypatch):
+        self.bytes, self.requests = {}, {}
+        real = fsspec.implementations.local.LocalFileSystem.cat_ranges
+
+        def counting(fs, paths, starts, ends, *a, **kw):
+            for p, s, e in zip(paths, starts, ends):
+                kind = "shards" if "/shards/" in p else "index" if "/index/" in p else "other"
+                self.bytes[kind] = self.bytes.get(kind, 0) + e - s
+                self.requests[kind] = self.requests.get(kind, 0) + 1
+            return real(fs, paths, starts, ends, *a, **kw)
+
+        monkeypatch.setattr(fsspec.implementations.local.LocalFileSystem, "cat_ranges", counting)
+
+
+def test_a_scattered_sample_reads_its_own_rows_bytes_not_their_row_groups(tmp_path, spec, monkeypatch):
+    url = str(tmp_path / "c")
+    rows = list(_rows(4096))
+    with CacheWriter(url, spec, shard_rows=1024) as w:
+        for k, ids, h in rows:
+            w.add(k, ids, h)
+    sample = rows[::97]  # about one row in 97: each in its own row group of 64
+    own = sum(len(ids) * H * 2 for _, ids, _ in sample)  # fp16 states
+    r = open_cache(url)
+    counted = _Counted(monkeypatch)
+    got = r.load([k for k, _, _ in sample])
+    assert counted.bytes["shards"] <= 2 * own  # was ~64x: a whole row group per row
+    assert counted.requests["shards"] <= 2 * len(sample)  # states and token ids, no footer
+    for k, ids, h in sample:
+        i = got.index[k]
+        assert np.array_equal(np.asarray(got.input_ids[i]), ids)
+        np.testing.assert_allclose(got.hidden(i), h, rtol=2**-10, atol=1e-3)
+
+
+def test_neighbouring_rows_are_fetched_in_one_request(tmp_path, spec, monkeypatch):
+    url = str(tmp_path / "c")
+    rows = list(_rows(600))
+    with CacheWriter(url, spec, shard_rows=600) as w:
+        for k, ids, h in rows:
+            w.add(k, ids, h)
+    r = open_cache(url)
+    locs = r.locate([k for k, _, _ in rows[100:164]])  # one row group's run
+    counted = _Counted(monkeypatch)
+    r.read_located(locs, ["hidden", "length"])
+    assert counted.requests["shards"] == 1
+
+
+def test_a_row_whose_bytes_changed_is_refused(tmp_path, spec):
+    url = str(tmp_path / "c")
+    rows = list(_rows(50))
+    with CacheWriter(url, spec) as w:
+        for k, ids, h in rows:
+            w.add(k, ids, h)
+    r = open_cache(url)
+    at = r.locate(["k7"]).column("hidden_at")[0].as_py()
+    path = tmp_path / "c" / r.shards()[0].path
+    data = bytearray(path.read_bytes())
+    data[at + 3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    from er_core.errors import CacheCorruptError
+
+    with pytest.raises(CacheCorruptError, match="fails its checksum"):
+        open_cache(url).load(["k7"])
+    assert len(open_cache(url).load(["k8"])) == 1  # other rows still read
+
+
+def test_opening_reads_one_checkpoint_and_at_most_a_checkpoints_worth_of_commits(tmp_path, spec):
+    url = str(tmp_path / "c")
+    sizes = []
+    with CacheWriter(url, spec, shard_rows=4) as w:
+        for i in range(3 * commit_log.CHECKPOINT_EVERY + 5):
+            for k, ids, h in _rows(4, seed=i, start=4 * i):
+                w.add(k, ids, h)
+            w.commit()
+            read = []
+            state = open_cache(url).manifest
+            commit_log.read_state(*fsspec.core.url_to_fs(url), url, counter=read.append)
+            sizes.append(len(read))
+            assert len(state.index) <= 9 and state.totals["rows"] == 4 * (i + 1)
+    assert max(sizes) <= commit_log.CHECKPOINT_EVERY + 2  # pointer + checkpoint + the commits after it
+    assert any(name.endswith(".checkpoint.json") for name in os.listdir(tmp_path / "c" / "_log"))
+    # the state never lists shards: its size follows the index segments, which merging keeps few
+    last = sorted(p for p in os.listdir(tmp_path / "c" / "_log") if p.endswith(".checkpoint.json"))[-1]
+    assert os.path.getsize(tmp_path / "c" / "_log" / last) < 8192
+
+
+def test_two_writers_cannot_both_win_a_version(tmp_path, spec):
+    url = str(tmp_path / "c")
+    with CacheWriter(url, spec) as w:
+        w.add("a", np.array([1, 2], np.int32), np.zeros((2, H), np.float32))
+    fs, root = fsspec.core.url_to_fs(url)
+    state = commit_log.read_state(fs, root, url)
+    rec = commit_log.record(state, spec, "someone", "stamp")
+    commit_log.commit(fs, root, url, state, rec)
+    from er_core.store.storage import PreconditionFailed
+
+    with pytest.raises(PreconditionFailed):
+        commit_log.commit(fs, root, url, state, commit_log.record(state, spec, "other", "stamp"))
+
+
+def _incremental(url, spec, runs=30, per_run=5):
+    rows = []
+    for i in range(runs):
+        with CacheWriter(url, spec, shard_rows=per_run) as w:
+            for k, ids, h in _rows(per_run, seed=i, start=per_run * i):
+                w.add(k, ids, h)
+                rows.append((k, ids, h))
+    return rows
+
+
+def test_compaction_merges_small_shards_while_an_open_reader_keeps_reading(tmp_path, spec):
+    url = str(tmp_path / "c")
+    rows = _incremental(url, spec)
+    keys = [k for k, _, _ in rows]
+    before = open_cache(url)  # a reader of the version before compaction (a training that is running)
+    assert before.manifest.totals["shards"] == 30
+    want = before.load(keys)
+    rep = compact_cache(url, shard_rows=64)
+    assert rep["compacted"] and rep["shards_after"] == 3 and rep["segments"] == 1
+    again = before.load(keys)  # its files are kept for the retention
+    assert all(np.array_equal(again.hidden(again.index[k]), want.hidden(want.index[k])) for k in keys)
+    after = open_cache(url)
+    assert after.verify() == [] and after.manifest.totals["rows"] == len(rows) and len(after.shards()) == 3
+    got = after.load(keys)
+    assert all(np.array_equal(got.hidden(got.index[k]), want.hidden(want.index[k])) for k in keys)
+    assert len(os.listdir(tmp_path / "c" / "shards")) == 33  # merged-away files stay for older readers
+    CacheWriter(url, spec, retain=0).close()  # a later writer after the retention removes them
+    assert sorted(os.listdir(tmp_path / "c" / "shards")) == sorted(s.path.split("/")[1] for s in after.shards())
+    assert open_cache(url).verify() == []
+
+
+_SLOW_COMPACT = """
+import sys, time
+from er_core.store import maintenance, writer
+real = writer.write_shard
+def slow(*a, **kw):
+    out = real(*a, **kw)
+    print("wrote", flush=True)
+    time.sleep(30)
+    return out
+maintenance.write_shard = slow
+maintenance.compact_cache(sys.argv[1], shard_rows=64)
+"""
+
+
+def test_kill_9_mid_compaction_loses_nothing(tmp_path, spec):
+    url = str(tmp_path / "c")
+    rows = _incremental(url, spec, runs=12)
+    before = open_cache(url).manifest
+    p = subprocess.Popen([sys.executable, "-c", _SLOW_COMPACT, url], stdout=subprocess.PIPE, text=True,
+                         cwd=os.path.dirname(os.path.dirname(__file__)))
+    try:
+        assert p.stdout.readline().strip() == "wrote"  # one merged shard written, not committed
+        os.kill(p.pid, signal.SIGKILL)
+    finally:
+        p.wait(timeout=30)
+    r = open_cache(url)
+    # only the compaction's writer stamp was committed: the same shards and index
+    assert (r.manifest.index, r.manifest.totals) == (before.index, before.totals) and r.verify() == []
+    got = r.load([k for k, _, _ in rows])
+    assert len(got) == len(rows)
+    time.sleep(0.1)
+    assert compact_cache(url, shard_rows=64)["compacted"]  # the next writer takes the dead run's lock
+    r = open_cache(url)
+    assert r.verify() == [] and len(r.load([k for k, _, _ in rows])) == len(rows)
