@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from .artifacts import cache_meta, save_trained
-from .store import open_cache
+from .store import Manifest, open_cache
 from .devices import model_device
 from .errors import CacheMismatchError
 from .evaluate import evaluate
@@ -167,12 +167,13 @@ def save_artifact(folder, p: Prepared, cfg: TrainConfig, model, metrics: dict) -
 
 def finetune(cache_url: str, task_dir: str, out_dir: str, cfg: TrainConfig, storage_options=None, limit=None, log=print,
              progress=True, ingest_missing=False, overwrite=False, resume=False, device: str = "cpu",
-             on_epoch: Callable[[dict, str], None] | None = None) -> dict:
+             on_epoch: Callable[[dict, str], None] | None = None, snapshot: Manifest | None = None) -> dict:
     """Train, evaluate on dev and test, save the artefact and `metrics.json` into `out_dir`; return the metrics.
 
     A checkpoint is written under `out_dir` after every epoch (on object storage too); `resume=True` continues
     an interrupted run from it. `on_epoch(row, primary)` follows each checkpoint with the epoch's row and the
-    task's primary metric, e.g. to report the epoch to a scheduler.
+    task's primary metric, e.g. to report the epoch to a scheduler. `snapshot`: a version of the cache already
+    opened (a sweep's driver opens it once for every trial); else the latest is opened here.
     """
     check_task_folder(task_dir, storage_options)  # a mistyped --task leaves no output folder behind
     request = {"cache": str(cache_url), "task": str(task_dir), "limit": limit, "workers": 0, "cfg": cfg.to_dict()}
@@ -180,18 +181,19 @@ def finetune(cache_url: str, task_dir: str, out_dir: str, cfg: TrainConfig, stor
                           storage_options=storage_options)
     try:
         return _finetune(cache_url, task_dir, out, cfg, storage_options, limit, log, progress, ingest_missing, device,
-                         on_epoch)
+                         on_epoch, snapshot)
     except BaseException as e:
         out.fail(f"{type(e).__name__}: {e}")
         raise
 
 
 def _finetune(cache_url, task_dir, out: OutputDir, cfg, storage_options, limit, log, progress, ingest_missing, device,
-              on_epoch) -> dict:
+              on_epoch, snapshot=None) -> dict:
     if ingest_missing and cfg.method != "full":
         cache_task(cache_url, task_dir, storage_options, limit)
     seed_everything(cfg.seed)
-    p = setup_data(cache_url, task_dir, cfg, storage_options, limit)
+    reader = open_cache(cache_url, storage_options=storage_options, manifest=snapshot) if snapshot else None
+    p = setup_data(cache_url, task_dir, cfg, storage_options, limit, reader=reader)
     if p.dev_source != "dev split":
         log_.warning("%s: dev for early stopping is %s", p.task.name, p.dev_source)
     kind = p.task.kind

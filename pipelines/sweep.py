@@ -366,12 +366,15 @@ def _limit(sweep: Sweep, trial: Trial):
     return trial.task.limit if trial.task.limit is not None else sweep.limit
 
 
-def run_trial(config: dict, sweep: Sweep) -> None:
+def run_trial(config: dict, sweep: Sweep, snapshot: dict | None = None) -> None:
     """Tune's function trainable: one trial, in this process or on Ray Train, its epochs reported to Tune as they end.
 
     A trial whose folder is already complete (it finished before the driver died) reports its
-    metrics again instead of training; one left incomplete continues from its last epoch."""
+    metrics again instead of training; one left incomplete continues from its last epoch. `snapshot`: the version
+    of the cache the driver opened (its state, a few KB), so no trial opens the cache again."""
     from ray import tune
+
+    from er_core.store import Manifest
 
     from er_core.outputs import read_status
 
@@ -390,9 +393,10 @@ def run_trial(config: dict, sweep: Sweep) -> None:
         tune.report({"epoch": len(done.get("history", [])), "dev_score": score, "final": 1.0})
         return
     resume = status.get("status") in ("running", "failed") and "request" in status
+    state = Manifest.from_dict(snapshot, sweep.cache) if snapshot else None
     try:
         if sweep.in_trial:
-            _train_in_trial(sweep, trial, cfg, out_dir, resume)
+            _train_in_trial(sweep, trial, cfg, out_dir, resume, state)
         else:
             from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -401,7 +405,7 @@ def run_trial(config: dict, sweep: Sweep) -> None:
             train_on_ray(sweep.cache, trial.task.path, out_dir, cfg, workers=sweep.workers,
                          cpus_per_worker=sweep.cpus_per_worker, gpus_per_worker=sweep.gpus_per_worker,
                          storage_options=sweep.storage_options, limit=_limit(sweep, trial), storage_path=sweep.storage_path,
-                         name=f"er-sweep-{trial.name}", resume=resume, callbacks=[TuneReportCallback()])
+                         name=f"er-sweep-{trial.name}", resume=resume, callbacks=[TuneReportCallback()], snapshot=state)
     except Exception:
         fs, path = url_to_fs(out_dir, sweep.storage_options)
         if fs.exists(path):
@@ -409,7 +413,7 @@ def run_trial(config: dict, sweep: Sweep) -> None:
         raise
 
 
-def _train_in_trial(sweep: Sweep, trial: Trial, cfg: TrainConfig, out_dir: str, resume: bool) -> None:
+def _train_in_trial(sweep: Sweep, trial: Trial, cfg: TrainConfig, out_dir: str, resume: bool, snapshot=None) -> None:
     """A one-worker trial trains in its own Tune process (it holds the worker's CPUs and GPUs): a Ray Train run
     around one worker would start six more processes (controller, worker, data and sync actors) for nothing.
     It checkpoints under its output folder each epoch and reports the epoch to Tune; a killed trial fails."""
@@ -423,7 +427,7 @@ def _train_in_trial(sweep: Sweep, trial: Trial, cfg: TrainConfig, out_dir: str, 
     finetune(sweep.cache, trial.task.path, out_dir, cfg, storage_options=sweep.storage_options, limit=_limit(sweep, trial),
              log=lambda row: None, progress=False, resume=resume,
              on_epoch=lambda row, primary: tune.report(epoch_scalars(row, primary)),
-             device="cuda" if sweep.gpus_per_worker > 0 else "cpu")
+             device="cuda" if sweep.gpus_per_worker > 0 else "cpu", snapshot=snapshot)
 
 
 def _progress(total: int):
@@ -457,7 +461,8 @@ def _done(trials) -> int:
     return sum(t.status in ("TERMINATED", "ERROR") for t in trials)
 
 
-def run_trials(sweep: Sweep, trials: list[Trial], max_concurrent: int, resume: bool = False, address=None):
+def run_trials(sweep: Sweep, trials: list[Trial], max_concurrent: int, resume: bool = False, address=None,
+               snapshot: dict | None = None):
     """The Tune experiment under `<output>/tune`: started, or restored with --resume. Returns its ResultGrid."""
     from ray import tune
 
@@ -474,7 +479,7 @@ def run_trials(sweep: Sweep, trials: list[Trial], max_concurrent: int, resume: b
     # A one-worker trial trains in its own process and holds the worker's resources; a bigger one runs Ray Train,
     # whose workers hold them.
     resources = {"CPU": sweep.cpus_per_worker, "GPU": sweep.gpus_per_worker} if sweep.in_trial else {"CPU": 0.01}
-    trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep), resources)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep, snapshot=snapshot), resources)
     if resume:
         experiment, fs = join(storage["storage_path"], "tune"), storage.get("storage_filesystem")
         if not tune.Tuner.can_restore(experiment, storage_filesystem=fs):
@@ -627,7 +632,8 @@ def main(args) -> int:
     max_concurrent = getattr(args, "max_concurrent", sweep.max_concurrent)  # the flag, else the file's
     if max_concurrent < 1:
         raise ErError(f"--max-concurrent must be >= 1, got {max_concurrent}")
-    open_cache(sweep.cache, storage_options=sweep.storage_options)  # fail once here, not once per trial
+    # Opened once: every trial reads this version (fails once here, not once per trial).
+    snapshot = open_cache(sweep.cache, storage_options=sweep.storage_options).manifest.to_dict()
     _check_reachable(sweep, args.address)  # before the output is claimed: a refused sweep leaves nothing behind
     trials = expand(sweep)
     request = {"sweep": json.loads(json.dumps(asdict(sweep), default=str))}
@@ -642,7 +648,7 @@ def main(args) -> int:
     print(f"== er sweep {args.sweep}: {len(trials) * sweep.num_samples} trials, at most {max_concurrent} at once, "
           f"cache {sweep.cache}{' (resumed)' if args.resume else ''}")
     try:
-        grid = run_trials(sweep, trials, max_concurrent, resume=args.resume, address=args.address)
+        grid = run_trials(sweep, trials, max_concurrent, resume=args.resume, address=args.address, snapshot=snapshot)
         rows = result_rows(sweep, trials, grid)
         for r in rows:  # an early-stopped trial leaves only its epoch checkpoints: no model, so nothing to keep
             if r["status"] == "stopped":

@@ -247,9 +247,10 @@ def ray_storage(url: str, storage_options=None) -> dict:
 def train_on_ray(cache_url: str, task_dir: str, out_dir: str, cfg: TrainConfig, workers: int = 1, cpus_per_worker: float = 1.0,
                  gpus_per_worker: float = 0.0, storage_options=None, limit=None, address=None, storage_path=None,
                  name: str | None = None, ingest_missing: bool = False, overwrite: bool = False, resume: bool = False,
-                 max_failures: int = 3, callbacks=None, progress: bool = False) -> dict:
+                 max_failures: int = 3, callbacks=None, progress: bool = False, snapshot=None) -> dict:
     """Run one training on Ray Train; the artefact and metrics.json end up in `out_dir`.
     `callbacks`: Ray Train callbacks, e.g. Tune's TuneReportCallback when a sweep trial runs it.
+    `snapshot`: a version of the cache already opened (a sweep's); else the latest is opened here, once.
     `progress`: a bar per epoch and a line per epoch on stderr (train_progress)."""
     from pipelines.ray_env import absolute
 
@@ -263,7 +264,8 @@ def train_on_ray(cache_url: str, task_dir: str, out_dir: str, cfg: TrainConfig, 
                           storage_options=storage_options)
     try:
         metrics = _fit_on_ray(out, cache_url, task_dir, cfg, workers, cpus_per_worker, gpus_per_worker, storage_options,
-                              limit, address, storage_path, name, ingest_missing, max_failures, callbacks, progress)
+                              limit, address, storage_path, name, ingest_missing, max_failures, callbacks, progress,
+                              snapshot)
     except BaseException as e:
         out.fail(f"{type(e).__name__}: {e}")
         raise
@@ -271,7 +273,7 @@ def train_on_ray(cache_url: str, task_dir: str, out_dir: str, cfg: TrainConfig, 
 
 
 def _fit_on_ray(out: OutputDir, cache_url, task_dir, cfg, workers, cpus_per_worker, gpus_per_worker, storage_options, limit,
-                address, storage_path, name, ingest_missing, max_failures, callbacks, progress=False) -> dict:
+                address, storage_path, name, ingest_missing, max_failures, callbacks, progress=False, snapshot=None) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -294,7 +296,8 @@ def _fit_on_ray(out: OutputDir, cache_url, task_dir, cfg, workers, cpus_per_work
     check_shared(cache_url, cluster, "cache")
     check_shared(checkpoints, cluster, "checkpoint folder (under --out; or give --storage-path s3://...)")
     storage = ray_storage(checkpoints, storage_options)
-    reader = open_cache(cache_url, storage_options=storage_options)  # opened once for the whole run
+    # Opened once for the whole run: workers get located rows, never the cache.
+    reader = open_cache(cache_url, storage_options=storage_options, manifest=None if ingest_missing else snapshot)
     p = setup_data(cache_url, task_dir, cfg, storage_options, limit, splits=("dev", "test"), reader=reader, load_model=False)
     ds, n_train = train_dataset(reader, p, cfg, storage_options)
     say = (lambda line: print(line, file=sys.stderr, flush=True)) if progress else (lambda line: None)

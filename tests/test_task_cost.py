@@ -1,5 +1,5 @@
 """A task costs what the task needs: in a cache of 20 shards, training one task reads only the shard that holds
-it, and an incremental ingest of new texts reads no hidden state at all.
+it, an incremental ingest of new texts reads no hidden state at all, and each command opens the cache once.
 
 Each case runs `er` in a subprocess with its own local Ray, and with tests/io_probe on PYTHONPATH: every Python
 process of the run (driver, Ray Data tasks, Train workers) logs the files it opens for reading.
@@ -57,11 +57,36 @@ def _shards_read(reads: list[str], url: str) -> set[str]:
     return {p[len(url) + 1:] for p in reads if p.startswith(f"{url}/shards/")}
 
 
-def test_training_reads_only_the_shard_holding_the_task(big_cache, tmp_path, ray_tmp):
+def _log_reads(log: Path, url: str) -> list[tuple[int, str]]:
+    """(pid, file) of every read of the cache's commit log, in every process of the run."""
+    out = []
+    for line in log.read_text().splitlines():
+        pid, path = line.split(" ", 1)
+        if path.startswith(f"{url}/_log/"):
+            out.append((int(pid), path[len(url) + 6:]))
+    return out
+
+
+def _one_open(url: str) -> list[str]:
+    """The files one open of the cache reads: the checkpoint pointer, the checkpoint, the commits after it, and the
+    absent next commit that ends the scan."""
+    import fsspec
+
+    from er_core.store import log as commit_log
+
+    read = []
+    state = commit_log.read_state(*fsspec.core.url_to_fs(url), url, counter=read.append)
+    return [p[len("_log/"):] for p in read] + [commit_log.commit_path(state.generation + 1)[len("_log/"):]]
+
+
+def test_training_reads_only_the_shard_holding_the_task_and_opens_the_cache_once(big_cache, tmp_path, ray_tmp):
     url, folder, task_shard = big_cache
     reads = _run(["train", "--cache", url, "--task", str(folder), "--out", str(tmp_path / "out"), "--workers", "1",
                   "--epochs", "2", "--cpus-per-worker", "0.5"], tmp_path, ray_tmp)
     assert _shards_read(reads, url) == {task_shard}
+    opened = _log_reads(tmp_path / "reads.log", url)
+    assert len({pid for pid, _ in opened}) == 1  # the driver's: workers and read tasks get located rows
+    assert sorted(f for _, f in opened) == sorted(_one_open(url))  # one open: README's count
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert len(metrics["history"]) == 2 and "test" in metrics
 
@@ -76,3 +101,18 @@ def test_incremental_ingest_reads_no_hidden_state(big_cache, tiny_bert, tmp_path
     assert any(p.startswith(f"{url}/index/") for p in reads)  # the probe sees the run's reads
     assert _shards_read(reads, url) == set()
     assert open_cache(url).manifest.totals["rows"] == before + 10
+
+
+def test_a_sweep_of_three_trials_opens_the_cache_once(big_cache, tmp_path, ray_tmp):
+    import yaml
+
+    url, folder, _ = big_cache
+    sweep = {"cache": url, "output": str(tmp_path / "runs"), "tasks": [str(folder)], "methods": ["reduced"],
+             "grid": {"lr": [1.0e-3, 2.0e-3, 3.0e-3]}, "max_concurrent": 1,
+             "defaults": {"epochs": 1, "batch_size": 32}, "resources": {"cpus_per_worker": 0.5}}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    _run(["sweep", str(tmp_path / "sweep.yaml")], tmp_path, ray_tmp)
+    assert len(json.loads((tmp_path / "runs" / "results.json").read_text())) == 3
+    opened = _log_reads(tmp_path / "reads.log", url)
+    assert len({pid for pid, _ in opened}) == 1  # the sweep's driver: trials get its version
+    assert sorted(f for _, f in opened) == sorted(_one_open(url))
