@@ -14,7 +14,9 @@
 #
 # The job runs on the cluster's nodes, with their er and their credentials (instance role, their
 # environment); this host needs only the ray CLI. ER names er on the nodes (default `er`). Extra
-# arguments go to `er ingest` (e.g. --layer 6 --codec int8). Exit status: 0 when the job SUCCEEDED.
+# arguments go to `er ingest` (e.g. --layer 6 --codec int8). ER_COMPACT=1 runs `er cache compact CACHE`
+# in the same job after a successful ingest: each run adds a few small shards, and compaction merges them
+# (readers that are running keep their version). Exit status: 0 when the job SUCCEEDED.
 set -euo pipefail
 
 : "${CORPUS:?set CORPUS, e.g. s3://corpus/incoming/}"
@@ -37,13 +39,15 @@ if ! flock -n 9; then
 fi
 echo $$ >"$LOCK"
 
-log "submit $ID to $ADDRESS: er ingest $CORPUS --cache $CACHE $*"
+compact=()   # the job's entrypoint runs in a shell on the cluster: `&&` chains the compaction there
+[[ ${ER_COMPACT:-0} == 1 ]] && compact=("&&" $ER cache compact "$CACHE")
+log "submit $ID to $ADDRESS: er ingest $CORPUS --cache $CACHE $* ${compact[*]}"
 start=$SECONDS
 set +e
 # 9>&-: the ray CLI must not hand the lock on to anything it starts.
 # shellcheck disable=SC2086  # ER may be several words, e.g. "python -m pipelines.cli"
 out=$(ray job submit --address "$ADDRESS" --submission-id "$ID" --no-wait -- \
-  $ER ingest "$CORPUS" --cache "$CACHE" "$@" 9>&- 2>&1)
+  $ER ingest "$CORPUS" --cache "$CACHE" "$@" "${compact[@]}" 9>&- 2>&1)
 rc=$?
 set -e
 printf '%s\n' "$out" | while IFS= read -r line; do log "  $line"; done

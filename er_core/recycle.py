@@ -114,17 +114,19 @@ def ingest_local(
     progress: bool = True,
     total: int | None = None,
     stats: dict | None = None,
+    known: Manifest | None = None,
 ) -> Manifest:
     """Add every input not yet cached to the cache at `url`, in one process. Empty texts are skipped and counted.
 
     Inputs with no non-empty text at all are refused before the cache is touched: no lock, no folder, no manifest.
+    `known`: the cache's state as the caller opened it (only later commits are read).
     """
     inputs, empty = _first_usable(inputs)
     if inputs is None:
         raise ErError(f"nothing to ingest into {url}: " + (f"all {empty} inputs have an empty text" if empty else "no inputs")
                       + "; check the corpus and its text field. Nothing was written")
     embed = recycler.embedder()
-    with CacheWriter(url, recycler.spec, storage_options) as writer:
+    with CacheWriter(url, recycler.spec, storage_options, known=known) as writer:
         seen = KeyClaims(index=writer.reader().index)  # asks the key index: no hidden state is read
         if empty:
             writer.count_skipped("empty_text", empty)

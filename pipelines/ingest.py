@@ -33,17 +33,14 @@ import re
 import signal
 import threading
 import time
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field, fields
 
 import numpy as np
 import pyarrow as pa
 
-from er_core import ErError, Recycler, ingest_local, open_cache
-from er_core.store import CacheWriter
-from er_core.store import CacheSpec, Manifest, ShardInfo
-from er_core.store import Written, packed_table, shard_name, write_shard
+from er_core import ErError, Recycler, ingest_local
+from er_core.store import CacheSpec, CacheWriter, Manifest, ShardInfo, Written, open_state, packed_table, shard_name, write_shard
 from er_core.store.writer import ROWS
 from er_core.corpus import KeyClaims, batch_token, find_sources, read_source, scan
 from er_core.embed import CPU_BATCH, Embedder, is_empty, token_budget
@@ -317,12 +314,6 @@ def _alive_nodes() -> dict[str, str]:
 # ---------------------------------------------------------------- driver
 
 
-def recorded_revision(cache: str, storage_options=None) -> str | None:
-    """The model revision an existing cache was built at (None for a new cache, or one built without)."""
-    from er_core.store import open_state
-
-    m = open_state(cache, storage_options)
-    return m.spec.model_revision if m else None
 
 
 def run(corpus: list[str], cache: str, config: IngestConfig | None = None, **kw) -> Report:
@@ -332,9 +323,12 @@ def run(corpus: list[str], cache: str, config: IngestConfig | None = None, **kw)
     cache = absolute(cache)  # Ray workers write the shards from their own folder
     t0 = time.perf_counter()
     sources = find_sources(corpus, cfg.storage_options)
-    revision = cfg.model_revision or recorded_revision(cache, cfg.storage_options)
+    state = open_state(cache, cfg.storage_options)  # the one open: the writer reads only the commits after it
+    # An existing cache was built at a model revision (or none): keep it.
+    revision = cfg.model_revision or (state.spec.model_revision if state else None)
     if cfg.local:  # one pass; ingest_local refuses an empty corpus itself
-        return _run_local(sources, cache, Recycler.load(cfg.model, cfg.layer, cfg.codec, cfg.max_length, revision), cfg, t0)
+        return _run_local(sources, cache, Recycler.load(cfg.model, cfg.layer, cfg.codec, cfg.max_length, revision), cfg, t0,
+                          state)
     # Bad or empty input fails here, before the cache is touched (no folder, lock or manifest).
     stats = scan(sources, cfg.text_field, cfg.id_field, cfg.storage_options, cfg.limit)
     if not stats.usable:
@@ -346,12 +340,12 @@ def run(corpus: list[str], cache: str, config: IngestConfig | None = None, **kw)
     # Blocks of shard_rows rows, cut per source: the most actor calls the pipeline can make.
     pool = _plan(cache, cfg, blocks=-(-stats.usable // cfg.shard_rows) + len(sources) - 1)
     try:
-        writer = CacheWriter(cache, spec, cfg.storage_options)  # fails fast if another run holds the lock
+        writer = CacheWriter(cache, spec, cfg.storage_options, known=state)  # fails fast if another run holds the lock
     except CacheMismatchError:
         fresh = _refreshed(spec, cfg, revision)
         if fresh is None:
             raise
-        spec, writer = fresh, CacheWriter(cache, fresh, cfg.storage_options)
+        spec, writer = fresh, CacheWriter(cache, fresh, cfg.storage_options, known=state)
     try:
         if stats.empty:
             writer.count_skipped("empty_text", stats.empty)
@@ -516,11 +510,8 @@ class _IdKeyed(Recycler):
         return inputs["_id"]
 
 
-def _run_local(sources, cache, rec, cfg: IngestConfig, t0: float) -> Report:
-    try:
-        before = open_cache(cache, storage_options=cfg.storage_options).manifest.totals
-    except ErError:
-        before = {"rows": 0, "tokens": 0, "bytes": 0, "truncated": 0, "shards": 0}
+def _run_local(sources, cache, rec, cfg: IngestConfig, t0: float, state) -> Report:
+    before = state.totals if state else dict.fromkeys(("rows", "tokens", "bytes", "truncated", "shards"), 0)
     if cfg.id_field:
         rec = _IdKeyed(**{f.name: getattr(rec, f.name) for f in fields(rec)})
     counts = {"seen": 0, "empty": 0}
@@ -532,7 +523,7 @@ def _run_local(sources, cache, rec, cfg: IngestConfig, t0: float) -> Report:
                 yield r.inputs if cfg.id_field is None else {**r.inputs, "_id": r.ident}
 
     claims: dict = {}
-    manifest = ingest_local(inputs(), cache, rec, cfg.storage_options, progress=cfg.progress, stats=claims)
+    manifest = ingest_local(inputs(), cache, rec, cfg.storage_options, progress=cfg.progress, stats=claims, known=state)
     totals = {k: manifest.totals[k] - before[k] for k in ("rows", "tokens", "bytes", "truncated", "shards")}
     totals.update(seen=counts["seen"], claimed=claims.get("claimed", totals["rows"]))
     summary = _summary(totals, counts["empty"], time.perf_counter() - t0, manifest, cache)

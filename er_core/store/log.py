@@ -52,17 +52,20 @@ def _json(fs, root: str, rel: str, url: str):
         raise CacheCorruptError(f"{rel} of {url} is truncated or not valid JSON ({e}); the cache cannot be read") from None
 
 
-def read_state(fs, root: str, url: str, counter=None, upgrading: bool = False) -> Manifest | None:
+def read_state(fs, root: str, url: str, counter=None, upgrading: bool = False, since: Manifest | None = None) -> Manifest | None:
     """The cache's latest state (None: no cache; a format 1-3 cache is refused unless `upgrading`).
+    `since`: a state read earlier, brought up to date with the commits after it (no checkpoint read).
     `counter`, if given, is called with each file read."""
-    state, version = None, 0
+    state, version = since, since.generation if since else 0
     try:
+        if since is not None:
+            raise FileNotFoundError  # start from `since`
         version = int(_json(fs, root, LAST_CHECKPOINT, url)["version"])
         state = Manifest.from_dict(_json(fs, root, checkpoint_path(version), url), f"{checkpoint_path(version)} of {url}")
         if counter:
             counter(LAST_CHECKPOINT), counter(checkpoint_path(version))
     except FileNotFoundError:
-        state, version = None, 0
+        state, version = since, since.generation if since else 0
     except (KeyError, TypeError, ValueError):
         raise CacheCorruptError(f"{LAST_CHECKPOINT} of {url} is malformed; the cache cannot be read") from None
     while True:

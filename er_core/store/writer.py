@@ -154,7 +154,7 @@ class CacheWriter:
     """
 
     def __init__(self, url: str, spec: CacheSpec, storage_options: dict | None = None, shard_rows: int = 1024,
-                 lock_ttl: float = 600.0, retain: float = RETAIN, upgrading: bool = False):
+                 lock_ttl: float = 600.0, retain: float = RETAIN, upgrading: bool = False, known: Manifest | None = None):
         self.url, self.storage_options, self.shard_rows, self.retain = url, storage_options, shard_rows, retain
         self.fs, self.root = url_to_fs(url, storage_options)
         self._upgrading = upgrading
@@ -168,7 +168,7 @@ class CacheWriter:
         self._buf: list[tuple] = []
         self._seq = 0
         try:
-            self._fence(spec)
+            self._fence(spec, known)
             if not upgrading:  # an old-format cache's files are listed in its manifest.json, not the log
                 self._remove_orphans()
         except BaseException:
@@ -176,9 +176,10 @@ class CacheWriter:
             raise
         self.spec = self.manifest.spec
 
-    def _fence(self, spec: CacheSpec) -> None:
-        """Commit a version of this run's, so that the previous holder's next commit fails."""
-        state = commit_log.read_state(self.fs, self.root, self.url, upgrading=self._upgrading)
+    def _fence(self, spec: CacheSpec, known: Manifest | None) -> None:
+        """Commit a version of this run's, so that the previous holder's next commit fails. `known`: the state the
+        caller opened before taking the lock; only the commits after it are read."""
+        state = commit_log.read_state(self.fs, self.root, self.url, upgrading=self._upgrading, since=known)
         self.manifest = state or Manifest(spec=spec)  # generation 0: no commit yet
         prev = self.lock.replaced
         if state is None and (prev is None or self.lock.ended(prev)):
