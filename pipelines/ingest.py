@@ -114,13 +114,16 @@ def tokenize_rows(batch, claims, settings: TokenizerSettings, revision: str | No
     window of a long QA context), and pack them into one row of contiguous buffers."""
     import ray
 
-    keys = batch["key"]
+    keys, t0 = batch["key"], time.perf_counter()
     mask = ray.get(claims.claim.remote(list(keys), batch_token(batch["src"], batch["row"])))
+    t1 = time.perf_counter()
     rows = []
     if mask.any():  # the read stage's keys (content hashes, or --id-field ids)
         rows = cache_rows(_tokenizer(settings, revision), settings, [json.loads(s) for s in batch["input"][mask]],
                           list(keys[mask]))
-    return PackedRows.of(rows).to_arrow(seen=len(keys), inputs=int(mask.sum()))
+    packed = PackedRows.of(rows)
+    stages = {"claim": t1 - t0, "tokenize": time.perf_counter() - t1}
+    return packed.to_arrow(seen=len(keys), inputs=int(mask.sum()), stages=json.dumps(stages))
 
 
 class EmbedStates:
@@ -155,13 +158,15 @@ class EmbedStates:
     def __call__(self, batch: pa.Table) -> pa.Table:
         out = []
         for i in range(batch.num_rows):
-            t0 = time.perf_counter()
+            started, t0 = time.time(), time.perf_counter()  # wall clock: the driver measures from the command's start
             rows = PackedRows.from_arrow(batch, i)
             if len(rows):
                 rows = self.embed.pack(rows, self.codec)
+            seconds = time.perf_counter() - t0
+            stages = {**json.loads(batch.column("stages")[i].as_py()), "embed": seconds}
             out.append(rows.to_arrow(seen=batch.column("seen")[i].as_py(), inputs=batch.column("inputs")[i].as_py(),
-                                     seconds=time.perf_counter() - t0, actor=self.actor, device=self.device, node=self.node,
-                                     resources=json.dumps(self.resources, sort_keys=True)))
+                                     seconds=seconds, started=started, stages=json.dumps(stages), actor=self.actor,
+                                     device=self.device, node=self.node, resources=json.dumps(self.resources, sort_keys=True)))
         return pa.concat_tables(out)
 
 
@@ -181,14 +186,16 @@ def write_rows(batch: pa.Table, cache: str, storage_options, run_id: str, codec:
     manifest entry and index material go back to the driver, which commits."""
     out = []
     for i in range(batch.num_rows):
+        t0 = time.perf_counter()
         rows = PackedRows.from_arrow(batch, i)
         info, digests, lengths = ShardInfo(path="", rows=0, tokens=0, bytes=0, sha256=""), b"", b""
         if len(rows):
             w = write_shard(cache, f"part-{run_id}-{uuid.uuid4().hex[:12]}.parquet", packed_table(rows, codec), storage_options)
             info, digests, lengths = w.info, w.digests.tobytes(), w.lengths.tobytes()
         row = {k: getattr(info, k) for k in _INFO_FIELDS}
-        row.update(digests=digests, lengths=lengths,  # for the index
-                   **{k: batch.column(k)[i].as_py() for k in ("seen", "seconds", "actor", "device", "node", "resources")},
+        stages = {**json.loads(batch.column("stages")[i].as_py()), "write": time.perf_counter() - t0}
+        row.update(digests=digests, lengths=lengths, stages=json.dumps(stages),  # for the index; per-stage seconds
+                   **{k: batch.column(k)[i].as_py() for k in ("seen", "seconds", "started", "actor", "device", "node", "resources")},
                    inputs=batch.column("inputs")[i].as_py() if info.path else 0)
         out.append(row)
     return {k: np.array([r[k] for r in out], dtype=object if k in ("digests", "lengths") else None) for k in out[0]}
@@ -330,7 +337,7 @@ def run(corpus: list[str], cache: str, config: IngestConfig | None = None, **kw)
     cfg = config or IngestConfig(**kw)
     reject_secrets(cfg.storage_options)  # they travel in Ray task and actor arguments
     cache = absolute(cache)  # Ray workers write the shards from their own folder
-    t0 = time.perf_counter()
+    t0, wall0 = time.perf_counter(), time.time()
     sources = find_sources(corpus, cfg.storage_options)
     revision = cfg.model_revision or recorded_revision(cache, cfg.storage_options)
     if cfg.local:  # one pass; ingest_local refuses an empty corpus itself
@@ -373,7 +380,11 @@ def run(corpus: list[str], cache: str, config: IngestConfig | None = None, **kw)
     if totals["claimed"] != totals["inputs"]:
         raise ErError(f"{totals['claimed'] - totals['inputs']} claimed examples were not written (a worker failed and its "
                       f"retry was batched differently); the cache is valid but incomplete: re-run the same command")
-    return Report(manifest, _summary(totals, stats.empty, time.perf_counter() - t0, manifest, cache), actors)
+    summary = _summary(totals, stats.empty, time.perf_counter() - t0, manifest, cache)
+    if totals["first_embed"] is not None:  # from the command's start to the first text reaching the lower layers
+        summary["first_embed_seconds"] = round(totals["first_embed"] - wall0, 2)
+    summary["stage_seconds"] = {k: round(v, 2) for k, v in sorted(totals["stages"].items())}
+    return Report(manifest, summary, actors)
 
 
 def _refreshed(spec: CacheSpec, cfg: IngestConfig, revision: str | None) -> CacheSpec | None:
@@ -455,7 +466,8 @@ def _stream(shards, writer: CacheWriter, cfg: IngestConfig, claims, total: int):
 
     from pipelines.ray_env import streamed
 
-    totals = dict(rows=0, inputs=0, tokens=0, bytes=0, truncated=0, seen=0, shards=0, busy=0.0, first=None)
+    totals = dict(rows=0, inputs=0, tokens=0, bytes=0, truncated=0, seen=0, shards=0, busy=0.0, first=None,
+                  first_embed=None, stages=Counter())
     actors, start = {}, time.monotonic()
     # An interrupted run stops Ray Data's executor and its threads on leaving `streamed`.
     with _progress(total, cfg.progress) as bar, streamed(shards.iter_rows()) as rows:
@@ -487,6 +499,10 @@ def _consume(rows, writer: CacheWriter, cfg: IngestConfig, totals: dict, actors:
         totals["inputs"] += int(r["inputs"])  # fewer than rows when long QA contexts are read in windows
         totals["busy"] += float(r["seconds"])
         totals["first"] = totals["first"] or time.monotonic() - start
+        first = float(r["started"])  # when an embed call began (wall clock, any node)
+        totals["first_embed"] = first if totals["first_embed"] is None else min(totals["first_embed"], first)
+        totals["stages"].update(json.loads(r["stages"]))
+        t_driver = time.perf_counter()
         actors.setdefault(r["actor"], {"actor": r["actor"], "device": r["device"], "node": r["node"],
                                        "resources": json.loads(r["resources"])})
         if r["path"]:
@@ -503,6 +519,7 @@ def _consume(rows, writer: CacheWriter, cfg: IngestConfig, totals: dict, actors:
             m = writer.commit()
             log.info("committed generation %d: %d shards, %d rows", m.generation, len(m.shards), m.totals["rows"])
             pending, last = 0, time.monotonic()
+        totals["stages"]["driver"] += time.perf_counter() - t_driver  # register and commit: the serial part
 
 
 def _py(v):
