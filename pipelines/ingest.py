@@ -9,7 +9,8 @@
     earlier one-actor code on 2 cores; this runs as fast: REPORT `ingest-cpu`).
     driver: holds the CacheWriter (its lock), registers shards, commits every N shards / T seconds and at the end.
 
-The driver first scans the corpus (streaming) so bad input fails before anything is committed.
+The driver reads the corpus's first shards' worth of rows, so a corpus without text or bad input there fails
+before the cache is touched; the read tasks validate the rest as they stream it (no serial pass over the corpus).
 Keys are claimed from one small KeyClaims actor seeded with the keys already cached, so a key is
 embedded once per cache, whatever the number of actors, duplicates in the corpus, or re-runs.
 A killed run leaves the last commit intact; re-running completes it (CacheWriter takes over the
@@ -62,6 +63,9 @@ _INFO_FIELDS = [f.name for f in fields(ShardInfo)]
 # Tokenize and write tasks reserve no CPU (their work is small beside the lower layers), so they can never keep an
 # actor of the pool from its CPU; their number at once is bounded instead.
 CPU_STAGE = 0
+# The driver reads this many shards' worth of rows before starting (bad input or no text there fails before the
+# cache is touched; fewer rows than this size the pool); the read tasks validate the rest as they read it.
+PROBE_SHARDS = 8
 
 
 @dataclass
@@ -74,12 +78,14 @@ class Report:
 # ---------------------------------------------------------------- the two Ray Data stages
 
 
-def read_rows(batch, sources, text_field, id_field, tokenizer, storage_options, limit, chunk=1024):
-    """Read stage (one call per source): non-empty rows with their key; empties were counted by the scan."""
+def read_rows(batch, sources, text_field, id_field, tokenizer, storage_options, limit, chunk=1024, claims=None):
+    """Read stage (one call per source): non-empty rows with their key. It validates as it reads (bad input fails
+    here, naming file and line); empty rows are counted to `claims` (KeyClaims), once per source."""
     for i in batch["src"]:
-        src, out = sources[int(i)], []
+        src, out, empty = sources[int(i)], [], 0
         for r in read_source(src, text_field, id_field, storage_options, limit):
             if is_empty(r.inputs):
+                empty += 1
                 continue
             key = r.ident if id_field else example_key(r.inputs, tokenizer)
             out.append((key, json.dumps(r.inputs, ensure_ascii=False), int(i), r.row))
@@ -88,6 +94,10 @@ def read_rows(batch, sources, text_field, id_field, tokenizer, storage_options, 
                 out = []
         if out:
             yield _columns(out)
+        if empty and claims is not None:
+            import ray
+
+            ray.get(claims.count_empty.remote(int(i), empty))
 
 
 def _columns(rows):
@@ -342,8 +352,11 @@ def run(corpus: list[str], cache: str, config: IngestConfig | None = None, **kw)
     revision = cfg.model_revision or recorded_revision(cache, cfg.storage_options)
     if cfg.local:  # one pass; ingest_local refuses an empty corpus itself
         return _run_local(sources, cache, Recycler.load(cfg.model, cfg.layer, cfg.codec, cfg.max_length, revision), cfg, t0)
-    # Bad or empty input fails here, before the cache is touched (no folder, lock or manifest).
-    stats = scan(sources, cfg.text_field, cfg.id_field, cfg.storage_options, cfg.limit)
+    # The corpus's first rows are read here: bad input among them, or a corpus with no text at all (read whole then),
+    # fails before the cache is touched (no folder, lock or manifest). The rest is validated as the read tasks read
+    # it, in parallel: bad input there fails the run in one line naming file and line, after which the shards it
+    # committed stay valid and a re-run continues from them.
+    stats = scan(sources, cfg.text_field, cfg.id_field, cfg.storage_options, cfg.limit, enough=PROBE_SHARDS * cfg.shard_rows)
     if not stats.usable:
         raise ErError(f"nothing to ingest into {cache}: " + (f"all {stats.rows} rows of the corpus have an empty "
                       f"{cfg.text_field!r}" if stats.rows else "the corpus has no rows") + "; nothing was written")
@@ -351,7 +364,7 @@ def run(corpus: list[str], cache: str, config: IngestConfig | None = None, **kw)
     # loads the weights and checks them against it. A mismatch is checked once more with a freshly computed spec.
     spec = cache_spec(cfg.model, cfg.layer, cfg.codec, cfg.max_length, revision)
     # Blocks of shard_rows rows, cut per source: the most actor calls the pipeline can make.
-    pool = _plan(cache, cfg, blocks=-(-stats.usable // cfg.shard_rows) + len(sources) - 1)
+    pool = _plan(cache, cfg, blocks=-(-stats.usable // cfg.shard_rows) + len(sources) - 1 if stats.complete else None)
     try:
         writer = CacheWriter(cache, spec, cfg.storage_options)  # fails fast if another run holds the lock
     except CacheMismatchError:
@@ -360,10 +373,10 @@ def run(corpus: list[str], cache: str, config: IngestConfig | None = None, **kw)
             raise
         spec, writer = fresh, CacheWriter(cache, fresh, cfg.storage_options)
     try:
-        if stats.empty:
-            writer.count_skipped("empty_text", stats.empty)
         with _Heartbeat(writer):
-            totals, actors = _run_ray(sources, writer, spec, cfg, pool, total=stats.usable)
+            totals, actors = _run_ray(sources, writer, spec, cfg, pool, total=stats.usable if stats.complete else None)
+        if totals["empty"]:
+            writer.count_skipped("empty_text", totals["empty"])
         manifest = writer.close()
     except BaseException as e:
         writer.abort()
@@ -374,13 +387,10 @@ def run(corpus: list[str], cache: str, config: IngestConfig | None = None, **kw)
         if cause is not None and cause is not e:
             raise cause from None
         raise
-    if totals["seen"] != stats.usable:
-        raise ErError(f"read {totals['seen']} examples but the scan found {stats.usable}: did the corpus change during "
-                      f"the run? The cache is valid; re-run to complete it")
     if totals["claimed"] != totals["inputs"]:
         raise ErError(f"{totals['claimed'] - totals['inputs']} claimed examples were not written (a worker failed and its "
                       f"retry was batched differently); the cache is valid but incomplete: re-run the same command")
-    summary = _summary(totals, stats.empty, time.perf_counter() - t0, manifest, cache)
+    summary = _summary(totals, totals["empty"], time.perf_counter() - t0, manifest, cache)
     if totals["first_embed"] is not None:  # from the command's start to the first text reaching the lower layers
         summary["first_embed_seconds"] = round(totals["first_embed"] - wall0, 2)
     summary["stage_seconds"] = {k: round(v, 2) for k, v in sorted(totals["stages"].items())}
@@ -441,7 +451,7 @@ def _pipeline(sources, writer, spec: CacheSpec, cfg: IngestConfig, pool: Pool, c
         read_rows, batch_size=1, compute=ray.data.TaskPoolStrategy(size=min(len(sources), 4)), runtime_env=env,
         **read_args(sources), fn_kwargs=dict(
             sources=sources, text_field=cfg.text_field, id_field=cfg.id_field, tokenizer=spec.tokenizer,
-            storage_options=cfg.storage_options, limit=cfg.limit, chunk=cfg.shard_rows))
+            storage_options=cfg.storage_options, limit=cfg.limit, chunk=cfg.shard_rows, claims=claims))
     # Ray Data merges small read outputs into big blocks; cut them back to one shard each, so each tokenize task
     # makes one packed row and the actors share the work (a block is one actor call).
     rows = rows.repartition(target_num_rows_per_block=cfg.shard_rows)
@@ -472,7 +482,8 @@ def _stream(shards, writer: CacheWriter, cfg: IngestConfig, claims, total: int):
     # An interrupted run stops Ray Data's executor and its threads on leaving `streamed`.
     with _progress(total, cfg.progress) as bar, streamed(shards.iter_rows()) as rows:
         _consume(rows, writer, cfg, totals, actors, start, bar)
-    totals["claimed"] = ray.get(claims.stats.remote())["claimed"]
+    done, empty = ray.get([claims.stats.remote(), claims.empty_rows.remote()])
+    totals.update(claimed=done["claimed"], empty=empty)
     return totals, sorted(actors.values(), key=lambda a: a["actor"])
 
 
