@@ -8,8 +8,9 @@ k=0 (embeddings only), so what is timed is the CPU side: read, keys, tokenize, e
 Corpus: the given JSONL files' "text", repeated (with a suffix, so every key is new) to N and 10N texts.
 
 - plain loop: one process, one torch thread: read JSONL, key (sha256), tokenize, embeddings forward,
-  fp16, `packed_table` + `to_parquet` (the cache's schema and compression) to a file, per 512 texts;
-  its rate excludes the model load. Run before and after er; the better one counts.
+  fp16, `packed_table` + `to_parquet` (the cache's schema and compression) to a file (no fsync), per 512
+  texts; its rate excludes the model load. Run before and after er; the better one counts.
+- Both sides run once on 512 texts first (warm-up: torch's first passes, Ray Data's helper actors).
 - er: `pipelines.ingest.run` on a Ray already up, 2 actors x 1 thread (this machine's cores), at N and
   10N texts: the steady rate is the slope between the two, the fixed cost the intercept, and
   `first_embed_seconds` (the command's start to the first text in the lower layers) is compared.
@@ -103,7 +104,7 @@ def plain_loop(corpus: Path, model_dir: Path, out: Path) -> dict:
         shard += 1
         clock("write", t0)
 
-    start, buf = time.perf_counter(), []
+    start, cpu, buf = time.perf_counter(), time.process_time(), []
     with open(corpus, "rb") as f:
         t0 = time.perf_counter()
         for line in f:
@@ -117,19 +118,65 @@ def plain_loop(corpus: Path, model_dir: Path, out: Path) -> dict:
         flush(buf)
         n += len(buf)
     secs = time.perf_counter() - start
-    return {"texts": n, "seconds": round(secs, 2), "texts_per_s": round(n / secs, 1),
+    return {"texts": n, "seconds": round(secs, 2), "cpu_seconds": round(time.process_time() - cpu, 2), "texts_per_s": round(n / secs, 1),
             "stage_seconds": {k: round(v, 2) for k, v in t.items()}}
+
+
+class CpuSampler:
+    """CPU seconds of this process and its descendants (the local Ray: raylet, GCS, workers, actors) by process
+    name, sampled every `every` s so processes that end mid-run (the pool's actors) are counted up to their last sample."""
+
+    def __init__(self, every: float = 0.25):
+        self.every, self.stop, self.first, self.last, self.names = every, threading.Event(), {}, {}, {}
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _sample(self):
+        import psutil
+
+        me = psutil.Process()
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                t, name = p.cpu_times(), p.name()
+            except psutil.Error:
+                continue
+            self.first.setdefault(p.pid, t.user + t.system)
+            self.last[p.pid] = t.user + t.system
+            if not name.startswith("ray::IDLE") or p.pid not in self.names:
+                self.names[p.pid] = "driver" if p.pid == me.pid else name.split(" ")[0][:40]
+
+    def _loop(self):
+        while not self.stop.wait(self.every):
+            self._sample()
+
+    def __enter__(self):
+        self._sample()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        self._sample()
+
+    def by_name(self) -> dict:
+        out: dict = {}
+        for pid, t in self.last.items():
+            name = self.names[pid]
+            out[name] = out.get(name, 0.0) + t - self.first[pid]
+        return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1]) if v >= 0.05}
 
 
 def er_run(corpus: Path, model_dir: Path, cache: Path, actors: int) -> dict:
     from pipelines.ingest import run
 
     t0 = time.perf_counter()
-    rep = run([str(corpus)], str(cache), model=str(model_dir), layer=0, codec="fp16", shard_rows=SHARD,
-              actors=actors, threads=1, progress=False)
-    s = rep.summary
+    with CpuSampler() as cpu:
+        rep = run([str(corpus)], str(cache), model=str(model_dir), layer=0, codec="fp16", shard_rows=SHARD,
+                  actors=actors, threads=1, progress=False)
+    s, by_name = rep.summary, cpu.by_name()
     return {"texts": s["examples"], "seconds": round(time.perf_counter() - t0, 2), "first_embed_seconds": s.get("first_embed_seconds"),
-            "first_shard_seconds": s["first_shard_seconds"], "stage_seconds": s.get("stage_seconds", {})}
+            "first_shard_seconds": s["first_shard_seconds"], "stage_seconds": s.get("stage_seconds", {}),
+            "cpu_seconds": round(sum(by_name.values()), 2), "cpu_seconds_by_process": by_name}
 
 
 def key_claims(n_keys: int = 512, calls: int = 400, callers: int = 2) -> dict:
@@ -169,15 +216,23 @@ def key_claims(n_keys: int = 512, calls: int = 400, callers: int = 2) -> dict:
 
 def project(plain: dict, small: dict, big: dict, claims: dict, cores: int) -> dict:
     """Steady rate (slope between the two sizes), fixed cost (intercept), per core, and the 16-core projection."""
-    slope = (big["texts"] - small["texts"]) / (big["seconds"] - small["seconds"])
+    texts = big["texts"] - small["texts"]
+    slope = texts / (big["seconds"] - small["seconds"])
     per_core = slope / cores
+    # On a GPU node the forward pass leaves the CPU: the CPU side's cost per text is er's marginal CPU seconds
+    # (every process, 1x to 10x) less the embed stage's own thread CPU.
+    embed = big["stage_seconds"].get("embed_cpu", 0.0) - small["stage_seconds"].get("embed_cpu", 0.0)
+    cpu_side = (big["cpu_seconds"] - small["cpu_seconds"] - embed) / texts
+    plain_side = (plain["cpu_seconds"] - plain["stage_seconds"]["embed"]) / plain["texts"]
     # The serial parts: the driver registers and commits each shard; the claim actor answers one call per shard.
     driver_per_text = big["stage_seconds"].get("driver", 0.0) / big["texts"]
-    bounds = {"cores": per_core * NODE_CORES, "key_claims": claims["actor_claims_per_s"],
+    bounds = {"cores": NODE_CORES / cpu_side, "key_claims": claims["actor_claims_per_s"],
               "driver": 1 / driver_per_text if driver_per_text else float("inf")}
     return {"er_texts_per_s": round(slope, 1), "er_texts_per_s_per_core": round(per_core, 1),
             "plain_texts_per_s_per_core": plain["texts_per_s"], "ratio_er_vs_plain_per_core": round(per_core / plain["texts_per_s"], 3),
             "fixed_seconds": round(small["seconds"] - small["texts"] / slope, 2),
+            "er_cpu_ms_per_text": round( (big["cpu_seconds"] - small["cpu_seconds"]) / texts * 1e3, 3),
+            "cpu_side_texts_per_s_per_core": {"er": round(1 / cpu_side), "plain": round(1 / plain_side)},
             "first_embed_ratio_10x_vs_1x": round(big["first_embed_seconds"] / small["first_embed_seconds"], 3)
             if small.get("first_embed_seconds") and big.get("first_embed_seconds") else None,
             "projection_16_cores": {k: round(v) for k, v in bounds.items()}, "projected_16_core_texts_per_s": round(min(bounds.values()))}
@@ -197,6 +252,10 @@ def run(texts: list[str], n: int, out_json: Path | None, report: Path | None, ac
         t0 = time.perf_counter()
         ensure_ray()
         ray_init = time.perf_counter() - t0
+        # Warm-ups, not counted: torch's first passes, Ray Data's first dataset (its helper actors), the page cache.
+        warm = _corpus(work / "warm.jsonl", texts[::-1], SHARD)
+        plain_loop(warm, model, work / "plain-warm")
+        er_run(warm, model, work / "er-warm", actors)
         plain = [plain_loop(small, model, work / "plain-a")]
         er = {"1x": er_run(small, model, work / "er-1x", actors), "10x": er_run(big, model, work / "er-10x", actors)}
         plain.append(plain_loop(small, model, work / "plain-b"))
@@ -243,8 +302,13 @@ between its two runs, per core = slope / {r['machine_cores']} cores (driver, rea
 - first text embedded, 10x corpus / 1x corpus: {r['first_embed_ratio_10x_vs_1x']} (goal within 20%: no serial pass over the corpus).
 - KeyClaims: {kc['in_process_claims_per_s']:,} claims/s in process; through the actor {kc['actor_calls_per_s']:,} calls/s of {kc['keys_per_call']} keys
   from {kc['callers']} callers = {kc['actor_claims_per_s']:,} claims/s (one call per shard).
-- 16-core projection: min(per core x 16 = {proj['cores']:,}, KeyClaims {proj['key_claims']:,}, driver {proj['driver']:,}) =
-  **{r['projected_16_core_texts_per_s']:,} texts/s** (goal >= 35,000).
+- CPU side (all but the forward pass, which a GPU node runs on the GPU): er {r['cpu_side_texts_per_s_per_core']['er']:,} texts/s per
+  core (its marginal CPU seconds per text over every process, 1x to 10x, less the embed stage's thread CPU), plain loop
+  {r['cpu_side_texts_per_s_per_core']['plain']:,} (its run less its embed stage).
+- 16-core projection of the CPU side: min(16 / er's CPU-side seconds per text = {proj['cores']:,}, KeyClaims {proj['key_claims']:,} claims/s,
+  the driver's register+commit {proj['driver']:,} texts/s) = **{r['projected_16_core_texts_per_s']:,} texts/s** (goal >= 35,000).
+
+CPU seconds by process, er 10x (this process and its descendants, sampled every 0.25 s): {', '.join(f"{k} {v}" for k, v in e10['cpu_seconds_by_process'].items())}.
 
 Seconds per stage (plain: the whole run; er 10x: summed over actor calls, the driver's register+commit apart):
 

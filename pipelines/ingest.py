@@ -168,12 +168,13 @@ class EmbedStates:
     def __call__(self, batch: pa.Table) -> pa.Table:
         out = []
         for i in range(batch.num_rows):
-            started, t0 = time.time(), time.perf_counter()  # wall clock: the driver measures from the command's start
+            started, t0, cpu = time.time(), time.perf_counter(), time.thread_time()  # wall: from the command's start
             rows = PackedRows.from_arrow(batch, i)
             if len(rows):
                 rows = self.embed.pack(rows, self.codec)
             seconds = time.perf_counter() - t0
-            stages = {**json.loads(batch.column("stages")[i].as_py()), "embed": seconds}
+            # embed_cpu: this thread's CPU seconds (torch on CPU runs here), not inflated by other processes' turns
+            stages = {**json.loads(batch.column("stages")[i].as_py()), "embed": seconds, "embed_cpu": time.thread_time() - cpu}
             out.append(rows.to_arrow(seen=batch.column("seen")[i].as_py(), inputs=batch.column("inputs")[i].as_py(),
                                      seconds=seconds, started=started, stages=json.dumps(stages), actor=self.actor,
                                      device=self.device, node=self.node, resources=json.dumps(self.resources, sort_keys=True)))
