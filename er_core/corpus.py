@@ -67,6 +67,7 @@ class CorpusRow(NamedTuple):
 class CorpusStats:
     rows: int = 0
     empty: int = 0
+    complete: bool = True  # False when scan stopped early (`enough` usable rows seen)
 
     @property
     def usable(self) -> int:
@@ -279,13 +280,17 @@ def read_corpus(paths, text_field="text", id_field=None, storage_options=None, s
                 yield CorpusRecord(r.ident if r.ident is not None else src.where(r.row), r.inputs)
 
 
-def scan(sources, text_field="text", id_field=None, storage_options=None, limit=None) -> CorpusStats:
-    """Read every source once, streaming, to fail on bad input before anything is written."""
+def scan(sources, text_field="text", id_field=None, storage_options=None, limit=None, enough: int | None = None) -> CorpusStats:
+    """Read the sources in order, streaming, failing on bad input; stop once `enough` non-empty rows were seen
+    (None: read every row). An all-empty corpus is always read whole."""
     stats = CorpusStats()
     for src in sources:
         for r in read_source(src, text_field, id_field, storage_options, limit):
             stats.rows += 1
             stats.empty += is_empty(r.inputs)
+            if enough is not None and stats.usable >= enough:
+                stats.complete = False
+                return stats
     return stats
 
 
@@ -313,12 +318,20 @@ class KeyClaims:
         self._answers: dict[bytes, bytes] = {}
         self.merge_every = merge_every
         self.claimed = 0  # keys granted in this run
+        self._empty: dict = {}  # empty rows per source, as the read stage counts them (a retried read counts once)
 
     def __len__(self) -> int:
         return len(self._sorted) + len(self._recent)
 
     def stats(self) -> dict:
         return {"known": len(self), "claimed": self.claimed}
+
+    def count_empty(self, source, n: int) -> None:
+        """The read stage's count of empty rows in `source` (idempotent: a retried read sets it again)."""
+        self._empty[source] = n
+
+    def empty_rows(self) -> int:
+        return sum(self._empty.values())
 
     def _known(self, d: np.ndarray) -> np.ndarray:
         known = np.zeros(len(d), dtype=bool)

@@ -9,7 +9,8 @@
     earlier one-actor code on 2 cores; this runs as fast: REPORT `ingest-cpu`).
     driver: holds the CacheWriter (its lock), registers shards, commits every N shards / T seconds and at the end.
 
-The driver first scans the corpus (streaming) so bad input fails before anything is committed.
+The driver reads the corpus's first shards' worth of rows, so a corpus without text or bad input there fails
+before the cache is touched; the read tasks validate the rest as they stream it (no serial pass over the corpus).
 Keys are claimed from one small KeyClaims actor seeded with the keys already cached, so a key is
 embedded once per cache, whatever the number of actors, duplicates in the corpus, or re-runs.
 A killed run leaves the last commit intact; re-running completes it (CacheWriter takes over the
@@ -60,6 +61,9 @@ _INFO_FIELDS = [f.name for f in fields(ShardInfo)]
 # Tokenize and write tasks reserve no CPU (their work is small beside the lower layers), so they can never keep an
 # actor of the pool from its CPU; their number at once is bounded instead.
 CPU_STAGE = 0
+# The driver reads this many shards' worth of rows before starting (bad input or no text there fails before the
+# cache is touched; fewer rows than this size the pool); the read tasks validate the rest as they read it.
+PROBE_SHARDS = 8
 
 
 @dataclass
@@ -72,12 +76,14 @@ class Report:
 # ---------------------------------------------------------------- the two Ray Data stages
 
 
-def read_rows(batch, sources, text_field, id_field, tokenizer, storage_options, limit, chunk=1024):
-    """Read stage (one call per source): non-empty rows with their key; empties were counted by the scan."""
+def read_rows(batch, sources, text_field, id_field, tokenizer, storage_options, limit, chunk=1024, claims=None):
+    """Read stage (one call per source): non-empty rows with their key. It validates as it reads (bad input fails
+    here, naming file and line); empty rows are counted to `claims` (KeyClaims), once per source."""
     for i in batch["src"]:
-        src, out = sources[int(i)], []
+        src, out, empty = sources[int(i)], [], 0
         for r in read_source(src, text_field, id_field, storage_options, limit):
             if is_empty(r.inputs):
+                empty += 1
                 continue
             key = r.ident if id_field else example_key(r.inputs, tokenizer)
             out.append((key, json.dumps(r.inputs, ensure_ascii=False), int(i), r.row))
@@ -86,6 +92,10 @@ def read_rows(batch, sources, text_field, id_field, tokenizer, storage_options, 
                 out = []
         if out:
             yield _columns(out)
+        if empty and claims is not None:
+            import ray
+
+            ray.get(claims.count_empty.remote(int(i), empty))
 
 
 def _columns(rows):
@@ -112,13 +122,16 @@ def tokenize_rows(batch, claims, settings: TokenizerSettings, revision: str | No
     window of a long QA context), and pack them into one row of contiguous buffers."""
     import ray
 
-    keys = batch["key"]
+    keys, t0 = batch["key"], time.perf_counter()
     mask = ray.get(claims.claim.remote(list(keys), batch_token(batch["src"], batch["row"])))
+    t1 = time.perf_counter()
     rows = []
     if mask.any():  # the read stage's keys (content hashes, or --id-field ids)
         rows = cache_rows(_tokenizer(settings, revision), settings, [json.loads(s) for s in batch["input"][mask]],
                           list(keys[mask]))
-    return PackedRows.of(rows).to_arrow(seen=len(keys), inputs=int(mask.sum()))
+    packed = PackedRows.of(rows)
+    stages = {"claim": t1 - t0, "tokenize": time.perf_counter() - t1}
+    return packed.to_arrow(seen=len(keys), inputs=int(mask.sum()), stages=json.dumps(stages))
 
 
 class EmbedStates:
@@ -153,13 +166,16 @@ class EmbedStates:
     def __call__(self, batch: pa.Table) -> pa.Table:
         out = []
         for i in range(batch.num_rows):
-            t0 = time.perf_counter()
+            started, t0, cpu = time.time(), time.perf_counter(), time.thread_time()  # wall: from the command's start
             rows = PackedRows.from_arrow(batch, i)
             if len(rows):
                 rows = self.embed.pack(rows, self.codec)
+            seconds = time.perf_counter() - t0
+            # embed_cpu: this thread's CPU seconds (torch on CPU runs here), not inflated by other processes' turns
+            stages = {**json.loads(batch.column("stages")[i].as_py()), "embed": seconds, "embed_cpu": time.thread_time() - cpu}
             out.append(rows.to_arrow(seen=batch.column("seen")[i].as_py(), inputs=batch.column("inputs")[i].as_py(),
-                                     seconds=time.perf_counter() - t0, actor=self.actor, device=self.device, node=self.node,
-                                     resources=json.dumps(self.resources, sort_keys=True)))
+                                     seconds=seconds, started=started, stages=json.dumps(stages), actor=self.actor,
+                                     device=self.device, node=self.node, resources=json.dumps(self.resources, sort_keys=True)))
         return pa.concat_tables(out)
 
 
@@ -179,14 +195,16 @@ def write_rows(batch: pa.Table, cache: str, storage_options, run_id: str, codec:
     manifest entry and index material go back to the driver, which commits."""
     out = []
     for i in range(batch.num_rows):
+        t0 = time.perf_counter()
         rows = PackedRows.from_arrow(batch, i)
         info, digests, material = ShardInfo(path="", rows=0, tokens=0, bytes=0, sha256=""), b"", b""
         if len(rows):
             w = write_shard(cache, shard_name(run_id), packed_table(rows, codec), storage_options)
             info, digests, material = w.info, w.digests.tobytes(), w.rows.tobytes()
         row = {k: getattr(info, k) for k in _INFO_FIELDS}
-        row.update(digests=digests, material=material,  # for the index
-                   **{k: batch.column(k)[i].as_py() for k in ("seen", "seconds", "actor", "device", "node", "resources")},
+        stages = {**json.loads(batch.column("stages")[i].as_py()), "write": time.perf_counter() - t0}
+        row.update(digests=digests, material=material, stages=json.dumps(stages),  # for the index; per-stage seconds
+                   **{k: batch.column(k)[i].as_py() for k in ("seen", "seconds", "started", "actor", "device", "node", "resources")},
                    inputs=batch.column("inputs")[i].as_py() if info.path else 0)
         out.append(row)
     return {k: np.array([r[k] for r in out], dtype=object if k in ("digests", "material") else None) for k in out[0]}
@@ -321,7 +339,7 @@ def run(corpus: list[str], cache: str, config: IngestConfig | None = None, **kw)
     cfg = config or IngestConfig(**kw)
     reject_secrets(cfg.storage_options)  # they travel in Ray task and actor arguments
     cache = absolute(cache)  # Ray workers write the shards from their own folder
-    t0 = time.perf_counter()
+    t0, wall0 = time.perf_counter(), time.time()
     sources = find_sources(corpus, cfg.storage_options)
     state = open_state(cache, cfg.storage_options)  # the one open: the writer reads only the commits after it
     # An existing cache was built at a model revision (or none): keep it.
@@ -329,8 +347,11 @@ def run(corpus: list[str], cache: str, config: IngestConfig | None = None, **kw)
     if cfg.local:  # one pass; ingest_local refuses an empty corpus itself
         return _run_local(sources, cache, Recycler.load(cfg.model, cfg.layer, cfg.codec, cfg.max_length, revision), cfg, t0,
                           state)
-    # Bad or empty input fails here, before the cache is touched (no folder, lock or manifest).
-    stats = scan(sources, cfg.text_field, cfg.id_field, cfg.storage_options, cfg.limit)
+    # The corpus's first rows are read here: bad input among them, or a corpus with no text at all (read whole then),
+    # fails before the cache is touched (no folder, lock or manifest). The rest is validated as the read tasks read
+    # it, in parallel: bad input there fails the run in one line naming file and line, after which the shards it
+    # committed stay valid and a re-run continues from them.
+    stats = scan(sources, cfg.text_field, cfg.id_field, cfg.storage_options, cfg.limit, enough=PROBE_SHARDS * cfg.shard_rows)
     if not stats.usable:
         raise ErError(f"nothing to ingest into {cache}: " + (f"all {stats.rows} rows of the corpus have an empty "
                       f"{cfg.text_field!r}" if stats.rows else "the corpus has no rows") + "; nothing was written")
@@ -338,7 +359,7 @@ def run(corpus: list[str], cache: str, config: IngestConfig | None = None, **kw)
     # loads the weights and checks them against it. A mismatch is checked once more with a freshly computed spec.
     spec = cache_spec(cfg.model, cfg.layer, cfg.codec, cfg.max_length, revision)
     # Blocks of shard_rows rows, cut per source: the most actor calls the pipeline can make.
-    pool = _plan(cache, cfg, blocks=-(-stats.usable // cfg.shard_rows) + len(sources) - 1)
+    pool = _plan(cache, cfg, blocks=-(-stats.usable // cfg.shard_rows) + len(sources) - 1 if stats.complete else None)
     try:
         writer = CacheWriter(cache, spec, cfg.storage_options, known=state)  # fails fast if another run holds the lock
     except CacheMismatchError:
@@ -347,10 +368,10 @@ def run(corpus: list[str], cache: str, config: IngestConfig | None = None, **kw)
             raise
         spec, writer = fresh, CacheWriter(cache, fresh, cfg.storage_options, known=state)
     try:
-        if stats.empty:
-            writer.count_skipped("empty_text", stats.empty)
         with _Heartbeat(writer):
-            totals, actors = _run_ray(sources, writer, spec, cfg, pool, total=stats.usable)
+            totals, actors = _run_ray(sources, writer, spec, cfg, pool, total=stats.usable if stats.complete else None)
+        if totals["empty"]:
+            writer.count_skipped("empty_text", totals["empty"])
         manifest = writer.close()
     except BaseException as e:
         writer.abort()
@@ -361,13 +382,14 @@ def run(corpus: list[str], cache: str, config: IngestConfig | None = None, **kw)
         if cause is not None and cause is not e:
             raise cause from None
         raise
-    if totals["seen"] != stats.usable:
-        raise ErError(f"read {totals['seen']} examples but the scan found {stats.usable}: did the corpus change during "
-                      f"the run? The cache is valid; re-run to complete it")
     if totals["claimed"] != totals["inputs"]:
         raise ErError(f"{totals['claimed'] - totals['inputs']} claimed examples were not written (a worker failed and its "
                       f"retry was batched differently); the cache is valid but incomplete: re-run the same command")
-    return Report(manifest, _summary(totals, stats.empty, time.perf_counter() - t0, manifest, cache), actors)
+    summary = _summary(totals, totals["empty"], time.perf_counter() - t0, manifest, cache)
+    if totals["first_embed"] is not None:  # from the command's start to the first text reaching the lower layers
+        summary["first_embed_seconds"] = round(totals["first_embed"] - wall0, 2)
+    summary["stage_seconds"] = {k: round(v, 2) for k, v in sorted(totals["stages"].items())}
+    return Report(manifest, summary, actors)
 
 
 def _refreshed(spec: CacheSpec, cfg: IngestConfig, revision: str | None) -> CacheSpec | None:
@@ -424,7 +446,7 @@ def _pipeline(sources, writer, spec: CacheSpec, cfg: IngestConfig, pool: Pool, c
         read_rows, batch_size=1, compute=ray.data.TaskPoolStrategy(size=min(len(sources), 4)), runtime_env=env,
         **read_args(sources), fn_kwargs=dict(
             sources=sources, text_field=cfg.text_field, id_field=cfg.id_field, tokenizer=spec.tokenizer,
-            storage_options=cfg.storage_options, limit=cfg.limit, chunk=cfg.shard_rows))
+            storage_options=cfg.storage_options, limit=cfg.limit, chunk=cfg.shard_rows, claims=claims))
     # Ray Data merges small read outputs into big blocks; cut them back to one shard each, so each tokenize task
     # makes one packed row and the actors share the work (a block is one actor call).
     rows = rows.repartition(target_num_rows_per_block=cfg.shard_rows)
@@ -449,12 +471,14 @@ def _stream(shards, writer: CacheWriter, cfg: IngestConfig, claims, total: int):
 
     from pipelines.ray_env import streamed
 
-    totals = dict(rows=0, inputs=0, tokens=0, bytes=0, truncated=0, seen=0, shards=0, busy=0.0, first=None)
+    totals = dict(rows=0, inputs=0, tokens=0, bytes=0, truncated=0, seen=0, shards=0, busy=0.0, first=None,
+                  first_embed=None, stages=Counter())
     actors, start = {}, time.monotonic()
     # An interrupted run stops Ray Data's executor and its threads on leaving `streamed`.
     with _progress(total, cfg.progress) as bar, streamed(shards.iter_rows()) as rows:
         _consume(rows, writer, cfg, totals, actors, start, bar)
-    totals["claimed"] = ray.get(claims.stats.remote())["claimed"]
+    done, empty = ray.get([claims.stats.remote(), claims.empty_rows.remote()])
+    totals.update(claimed=done["claimed"], empty=empty)
     return totals, sorted(actors.values(), key=lambda a: a["actor"])
 
 
@@ -481,6 +505,10 @@ def _consume(rows, writer: CacheWriter, cfg: IngestConfig, totals: dict, actors:
         totals["inputs"] += int(r["inputs"])  # fewer than rows when long QA contexts are read in windows
         totals["busy"] += float(r["seconds"])
         totals["first"] = totals["first"] or time.monotonic() - start
+        first = float(r["started"])  # when an embed call began (wall clock, any node)
+        totals["first_embed"] = first if totals["first_embed"] is None else min(totals["first_embed"], first)
+        totals["stages"].update(json.loads(r["stages"]))
+        t_driver = time.perf_counter()
         actors.setdefault(r["actor"], {"actor": r["actor"], "device": r["device"], "node": r["node"],
                                        "resources": json.loads(r["resources"])})
         if r["path"]:
@@ -497,6 +525,7 @@ def _consume(rows, writer: CacheWriter, cfg: IngestConfig, totals: dict, actors:
             m = writer.commit()
             log.info("committed generation %d: %d shards, %d rows", m.generation, m.totals["shards"], m.totals["rows"])
             pending, last = 0, time.monotonic()
+        totals["stages"]["driver"] += time.perf_counter() - t_driver  # register and commit: the serial part
 
 
 def _py(v):

@@ -170,6 +170,31 @@ def test_error_inside_a_read_task_names_file_and_line(ray_session, tiny_bert, tm
     assert read_lock(*url_to_fs(str(tmp_path / "cache"))) is None  # released
 
 
+def test_bad_input_past_the_drivers_first_rows_fails_in_the_stream_and_a_rerun_completes(
+        ray_session, rec, tiny_bert, tmp_path, monkeypatch):
+    # The driver reads one shard's worth of rows only: line 40 of the file is met by a read task.
+    import pipelines.ingest as ingest
+
+    monkeypatch.setattr(ingest, "PROBE_SHARDS", 1)
+    texts = _texts(60, seed=7)
+    lines = [json.dumps({"text": t}) for t in texts[:30]] + ["", json.dumps({"text": "  "})]  # a blank line, an empty text
+    lines += [json.dumps({"text": t}) for t in texts[30:37]] + ['{"text": "cut off']
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("\n".join(lines) + "\n")
+    assert len(lines) == 40
+    url = str(tmp_path / "cache")
+    kw = dict(model=tiny_bert, shard_rows=8, commit_every=1, **FAST)
+    with pytest.raises(DataFormatError, match=r"c\.jsonl:40: not valid JSON"):
+        run([str(corpus)], url, **kw)
+    if (tmp_path / "cache" / "manifest.json").exists():  # what it committed before failing stays valid
+        assert open_cache(url).verify() == []
+    assert read_lock(*url_to_fs(url)) is None  # released
+    corpus.write_text("\n".join(lines[:-1] + [json.dumps({"text": t}) for t in texts[37:]]) + "\n")
+    rep = run([str(corpus)], url, **kw)
+    assert rep.summary["skipped_empty"] == 1
+    assert set(_rows(url)) == {rec.key({"text": t}) for t in texts} and open_cache(url).verify() == []
+
+
 def _er_ingest(corpus, cache, tiny_bert, *extra) -> list[str]:
     return [sys.executable, "-m", "pipelines.cli", "ingest", str(corpus), "--cache", str(cache), "--model", tiny_bert,
             "--layer", "2", "--codec", "fp32", *extra]
