@@ -191,13 +191,13 @@ class TokenizeEmbedWrite(EmbedStates):
 
 
 def write_rows(batch: pa.Table, cache: str, storage_options, run_id: str, codec: str) -> dict:
-    """CPU stage: one shard file per packed row (page checksums and its sha256 computed here, off the GPU); its
+    """CPU stage: one shard file per packed row (page checksums, row offsets and checksums computed here, off the GPU); its
     manifest entry and index material go back to the driver, which commits."""
     out = []
     for i in range(batch.num_rows):
         t0 = time.perf_counter()
         rows = PackedRows.from_arrow(batch, i)
-        info, digests, material = ShardInfo(path="", rows=0, tokens=0, bytes=0, sha256=""), b"", b""
+        info, digests, material = ShardInfo(path="", rows=0, tokens=0, bytes=0, checksum=""), b"", b""
         if len(rows):
             w = write_shard(cache, shard_name(run_id), packed_table(rows, codec), storage_options)
             info, digests, material = w.info, w.digests.tobytes(), w.rows.tobytes()

@@ -236,13 +236,16 @@ def test_keys_depend_on_text_and_tokenizer_settings(rec):
 
 def _as_format_3(url: str) -> None:
     """Rewrite a cache's metadata the way er wrote formats 1-3: one manifest.json listing every shard, no log."""
+    import hashlib
     import shutil
     from dataclasses import asdict
 
     r = open_cache(url)
     m = {"format": "er-embedding-cache", "format_version": 3, "generation": 1, "created": 0.0, "updated": 0.0,
          "writer": "", "spec": r.spec.to_dict(), "totals": r.manifest.totals, "skipped": r.manifest.skipped,
-         "next_id": r.manifest.next_id, "shards": [asdict(s) for s in r.shards()],
+         "next_id": r.manifest.next_id,
+         "shards": [{**asdict(s), "sha256": hashlib.sha256(open(f"{url}/{s.path}", "rb").read()).hexdigest()}
+                    for s in r.shards()],
          "index": [{"path": s.path, "rows": s.rows, "bytes": s.bytes, "sha256": s.sha256} for s in r.manifest.index]}
     shutil.rmtree(f"{url}/_log")
     open(f"{url}/manifest.json", "w").write(json.dumps(m))

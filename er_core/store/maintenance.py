@@ -79,9 +79,9 @@ def upgrade_cache(url: str, storage_options: dict | None = None, progress=None) 
     writer = CacheWriter(url, old.spec, storage_options, upgrading=True)
     try:
         for i, s in enumerate(old.shards):
-            raw = read_bytes(fs, f"{root}/{s.path}")
-            if hashlib.sha256(raw).hexdigest() != s.sha256:
-                raise CacheCorruptError(f"{s.path} of {url} fails its checksum; nothing was upgraded "
+            raw = read_bytes(fs, f"{root}/{s['path']}")
+            if hashlib.sha256(raw).hexdigest() != s["sha256"]:
+                raise CacheCorruptError(f"{s['path']} of {url} fails its checksum; nothing was upgraded "
                                         f"(re-ingest into a new cache, or repair it with the er that wrote it)")
             table = pq.read_table(pa.BufferReader(raw)).select(SCHEMA.names).cast(SCHEMA)
             writer.add_shard(write_shard(url, writer.next_shard_name(), table, storage_options))
@@ -90,7 +90,7 @@ def upgrade_cache(url: str, storage_options: dict | None = None, progress=None) 
         for reason, n in old.skipped.items():
             writer.count_skipped(reason, n)
         writer.commit()
-        for p in [s.path for s in old.shards] + [x["path"] for x in old.index] + [MANIFEST_NAME]:
+        for p in [s["path"] for s in old.shards] + [x["path"] for x in old.index] + [MANIFEST_NAME]:
             try:
                 fs.rm_file(f"{root}/{p}")
             except FileNotFoundError:
@@ -98,7 +98,7 @@ def upgrade_cache(url: str, storage_options: dict | None = None, progress=None) 
     finally:
         writer.abort()
     return {"url": url, "upgraded": True, "format_version": FORMAT_VERSION, "from_version": old.format_version,
-            "shards": len(old.shards), "rows": sum(s.rows for s in old.shards)}
+            "shards": len(old.shards), "rows": sum(s["rows"] for s in old.shards)}
 
 
 def compact_cache(url: str, storage_options: dict | None = None, shard_rows: int | None = None, retain: float = RETAIN,

@@ -3,7 +3,7 @@
 A reader needs the state it was opened at (`Manifest`: spec and index segments, a few KB), never a list of
 shards: an index entry names its shard file and the byte offsets of its row (index.py). Every read is checked:
 index buckets against their crc, each row's bytes against the crc its entry holds, whole shards (checks,
-compaction) against their footer digest and page checksums; `verify` checks whole files against their sha256.
+compaction) against their footer digest and page checksums; `verify` checks whole files against their checksums.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from .index import Index, shard_path
 from .manifest import CacheSpec, Manifest, ShardInfo
 from .parquet_io import PartialFile, fetch_spans
 from .storage import read_bytes, url_to_fs
-from .writer import SCHEMA
+from .writer import SCHEMA, file_checksum
 
 OPEN_FILES = 256  # shard footers a whole-shard reader keeps (a few KB each)
 
@@ -148,7 +148,7 @@ class CacheReader:
             data = read_bytes(self.fs, f"{self.root}/{shard.path}")
         except FileNotFoundError:
             return f"shard {shard.path} listed in the index of {self.url} is missing"
-        if hashlib.sha256(data).hexdigest() != shard.sha256:
+        if file_checksum(data) != shard.checksum:
             return f"shard {shard.path} of {self.url} fails its checksum"
         try:
             rows = self.read_shard(shard, ["key"]).num_rows

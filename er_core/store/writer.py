@@ -14,6 +14,7 @@ import logging
 import os
 import time
 import uuid
+import zlib
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -119,9 +120,14 @@ def write_shard(url: str, name: str, table: pa.Table, storage_options: dict | No
         fs.makedirs(f"{root}/shards", exist_ok=True)
     put_atomic(fs, f"{root}/{rel}", data)
     info = ShardInfo(path=rel, rows=table.num_rows, tokens=int(rows["length"].sum()), bytes=len(data),
-                     sha256=hashlib.sha256(data).hexdigest(), truncated=int(pc.sum(table.column("truncated")).as_py() or 0),
+                     checksum=file_checksum(data), truncated=int(pc.sum(table.column("truncated")).as_py() or 0),
                      footer_sha256=footer, group_rows=GROUP_ROWS)
     return Written(info, key_digests(table.column("key").to_pylist()), rows)
+
+
+def file_checksum(data: bytes) -> str:
+    """A shard file's checksum for `er cache verify`: crc32 (a file hash must keep up with a GPU node's states)."""
+    return f"crc32:{zlib.crc32(data):08x}"
 
 
 def row_material(data: bytes, table: pa.Table) -> np.ndarray:
