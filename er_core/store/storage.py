@@ -228,6 +228,7 @@ class WriterLock:
         self.replaced: dict | None = None  # the record we took the lock from
         self._n = 0
         self._mutex = threading.Lock()  # a heartbeat thread and the writer beat on the same version
+        self.beat_at = 0.0  # monotonic time of the last write of the lock
 
     @property
     def held(self) -> bool:
@@ -280,6 +281,7 @@ class WriterLock:
             raise self._busy(other)
         try:  # replaces exactly the version judged free (or creates it if absent): one taker wins
             self.etag = put_if(self.fs, self.path, self._record(), etag)
+            self.beat_at = time.monotonic()
         except PreconditionFailed:
             winner, _ = self._read()
             raise self._busy(winner or {}) from None
@@ -292,6 +294,7 @@ class WriterLock:
                 raise LockLostError(f"writer lock {self.path} is not held by this writer (run {self.info['run_id']})")
             try:
                 self.etag = put_if(self.fs, self.path, self._record(), self.etag)
+                self.beat_at = time.monotonic()
                 return
             except PreconditionFailed:
                 self.etag = None
