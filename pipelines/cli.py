@@ -222,13 +222,13 @@ def _repair(args) -> int:
 
 def _compact(args) -> int:
     from er_core.store import compact_cache
-    from er_core.store.writer import RETAIN
 
     def progress(done, total):
         print(f"\rmerged {done}/{total} small shards", end="" if done < total else "\n", file=sys.stderr, flush=True)
 
+    retain = {} if args.retain is None else {"retain": args.retain}
     rep = compact_cache(args.url, storage_options=storage_options(args), shard_rows=args.shard_rows,
-                        retain=RETAIN if args.retain is None else args.retain, progress=None if args.json else progress)
+                        progress=None if args.json else progress, **retain)
     if args.json:
         print(json.dumps(rep, indent=1))
     elif rep["compacted"]:

@@ -41,12 +41,11 @@ import numpy as np
 import pyarrow as pa
 
 from er_core import ErError, Recycler, ingest_local
-from er_core.store import CacheSpec, CacheWriter, Manifest, ShardInfo, Written, open_state, packed_table, shard_name, write_shard
-from er_core.store.writer import ROWS
+from er_core.store import (CacheSpec, CacheWriter, Manifest, PackedRows, ShardInfo, Written, open_state, packed_table,
+                           shard_name, write_shard)
 from er_core.corpus import KeyClaims, batch_token, find_sources, read_source, scan
 from er_core.embed import CPU_BATCH, Embedder, is_empty, token_budget
 from er_core.keys import TokenizerSettings
-from er_core.store import PackedRows
 from er_core.recycle import cache_rows, cache_spec
 from er_core.errors import CacheMismatchError, LockLostError
 from er_core.keys import example_key
@@ -513,7 +512,7 @@ def _consume(rows, writer: CacheWriter, cfg: IngestConfig, totals: dict, actors:
                                        "resources": json.loads(r["resources"])})
         if r["path"]:
             info = ShardInfo(**{k: _py(r[k]) for k in _INFO_FIELDS})
-            writer.add_shard(Written(info, np.frombuffer(r["digests"], dtype="S16"), np.frombuffer(r["material"], dtype=ROWS)))
+            writer.add_shard(Written.from_buffers(info, r["digests"], r["material"]))
             for k in ("rows", "tokens", "bytes", "truncated"):
                 totals[k] += getattr(info, k)
             totals["shards"] += 1

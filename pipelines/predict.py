@@ -21,14 +21,12 @@ from pathlib import Path
 import numpy as np
 
 from er_core import ErError, open_cache
-from er_core.store import CacheReader
+from er_core.store import CacheReader, Manifest, is_local, url_to_fs
 from er_core.corpus import find_sources, read_source
 from er_core.embed import is_empty
 from er_core.keys import example_key
-from er_core.store import Manifest
 from er_core.outputs import claim_file, commit_file, temp_sibling
 from er_core.secrets import reject_secrets
-from er_core.store import is_local, url_to_fs
 from er_core.tasks import Example
 
 

@@ -106,6 +106,11 @@ class Written:
     def lengths(self) -> np.ndarray:
         return self.rows["length"]
 
+    @classmethod
+    def from_buffers(cls, info: ShardInfo, digests: bytes, rows: bytes) -> "Written":
+        """Rebuild from `digests.tobytes()` and `rows.tobytes()` (what an ingest task sends its driver)."""
+        return cls(info, np.frombuffer(digests, dtype="S16"), np.frombuffer(rows, dtype=ROWS))
+
 
 def write_shard(url: str, name: str, table: pa.Table, storage_options: dict | None = None) -> Written:
     """Write a shard file (not yet committed); return its ShardInfo and index material."""
