@@ -85,3 +85,13 @@ def test_fidelity_run_log_keeps_finished_runs_and_misses_on_any_change_of_settin
     other = RunLog(path).measure({"task": "t", "config": {"lr": 3e-4, "seed": 0}}, lambda: calls.append(3) or {"test": 0.7})
     assert calls == [1, 3] and first == again and first["test"] == 0.5 and other["test"] == 0.7
     assert len(path.read_text().splitlines()) == 2
+
+
+def test_row_reads_benchmark_compares_the_layouts_on_a_sample(tmp_path):
+    from benchmarks.bench_row_reads import run
+
+    res = run(4096, 60, tmp_path)
+    own = res["own_bytes"]
+    assert res["byte ranges in the key index"]["bytes"] <= 1.5 * own  # the rows' own bytes, plus index buckets
+    assert res["row groups of 64"]["bytes"] >= 5 * own  # whole row groups: the cost format 4 removed
+    assert res["footer_bytes"]["row groups of 1"] > 20 * res["footer_bytes"]["row groups of 64"]
