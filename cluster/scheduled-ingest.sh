@@ -14,9 +14,9 @@
 #
 # The job runs on the cluster's nodes, with their er and their credentials (instance role, their
 # environment); this host needs only the ray CLI. ER names er on the nodes (default `er`). Extra
-# arguments go to `er ingest` (e.g. --layer 6 --codec int8). ER_COMPACT=1 runs `er cache compact CACHE`
-# in the same job after a successful ingest: each run adds a few small shards, and compaction merges them
-# (readers that are running keep their version). Exit status: 0 when the job SUCCEEDED.
+# arguments go to `er ingest` (e.g. --layer 6 --codec int8). ER_COMPACT=1 then submits `er cache compact CACHE`
+# as a second job (id <ID>-compact) once the ingest SUCCEEDED: each run adds a few small shards, and compaction
+# merges them; readers that are running keep their version. Exit status: 0 when every job SUCCEEDED.
 set -euo pipefail
 
 : "${CORPUS:?set CORPUS, e.g. s3://corpus/incoming/}"
@@ -39,15 +39,13 @@ if ! flock -n 9; then
 fi
 echo $$ >"$LOCK"
 
-compact=()   # the job's entrypoint runs in a shell on the cluster: `&&` chains the compaction there
-[[ ${ER_COMPACT:-0} == 1 ]] && compact=("&&" $ER cache compact "$CACHE")
-log "submit $ID to $ADDRESS: er ingest $CORPUS --cache $CACHE $* ${compact[*]}"
+log "submit $ID to $ADDRESS: er ingest $CORPUS --cache $CACHE $*"
 start=$SECONDS
 set +e
 # 9>&-: the ray CLI must not hand the lock on to anything it starts.
 # shellcheck disable=SC2086  # ER may be several words, e.g. "python -m pipelines.cli"
 out=$(ray job submit --address "$ADDRESS" --submission-id "$ID" --no-wait -- \
-  $ER ingest "$CORPUS" --cache "$CACHE" "$@" "${compact[@]}" 9>&- 2>&1)
+  $ER ingest "$CORPUS" --cache "$CACHE" "$@" 9>&- 2>&1)
 rc=$?
 set -e
 printf '%s\n' "$out" | while IFS= read -r line; do log "  $line"; done
@@ -58,9 +56,22 @@ if [[ $rc -ne 0 ]]; then
   esac
 fi
 
-ray job logs --address "$ADDRESS" --follow "$ID" 9>&- 2>&1 | while IFS= read -r line; do log "  $line"; done
-# `ray job status` exits 0 whatever the status; the SDK says which it is.
-status=$("$PY" -c 'import sys; from ray.job_submission import JobSubmissionClient as C; print(C(sys.argv[1]).get_job_status(sys.argv[2]).value)' "$ADDRESS" "$ID" 9>&-) || {
-  log "FAILED to read the status of $ID"; exit 1; }
-log "Ray job $ID: $status after $((SECONDS - start)) s"
-[[ $status == SUCCEEDED ]]
+# Follow a submitted job to its end; its status SUCCEEDED or not.
+follow() {
+  ray job logs --address "$ADDRESS" --follow "$1" 9>&- 2>&1 | while IFS= read -r line; do log "  $line"; done
+  # `ray job status` exits 0 whatever the status; the SDK says which it is.
+  status=$("$PY" -c 'import sys; from ray.job_submission import JobSubmissionClient as C; print(C(sys.argv[1]).get_job_status(sys.argv[2]).value)' "$ADDRESS" "$1" 9>&-) || {
+    log "FAILED to read the status of $1"; return 1; }
+  log "Ray job $1: $status after $((SECONDS - start)) s"
+  [[ $status == SUCCEEDED ]]
+}
+
+follow "$ID"
+if [[ ${ER_COMPACT:-0} == 1 ]]; then
+  log "submit $ID-compact to $ADDRESS: er cache compact $CACHE"
+  # A second run the same day finds the id taken (Ray says so): it follows that job, as for the ingest.
+  # shellcheck disable=SC2086
+  { ray job submit --address "$ADDRESS" --submission-id "$ID-compact" --no-wait -- \
+      $ER cache compact "$CACHE" 9>&- 2>&1 || true; } | while IFS= read -r line; do log "  $line"; done
+  follow "$ID-compact"
+fi
