@@ -199,3 +199,37 @@ def test_kill_9_mid_compaction_loses_nothing(tmp_path, spec):
     assert compact_cache(url, shard_rows=64)["compacted"]  # the next writer takes the dead run's lock
     r = open_cache(url)
     assert r.verify() == [] and len(r.load([k for k, _, _ in rows])) == len(rows)
+
+
+def test_a_training_reading_while_compaction_commits_gets_the_same_result(tmp_path, tiny_bert, monkeypatch):
+    """30 incremental runs hold a task; a training opens the cache, compaction commits before its first row read,
+    and the training (which reads the version it opened) ends with exactly the metrics of one without compaction."""
+    from er_core import TrainConfig, finetune, ingest_local, load_task
+    from er_core.store import reader as store_reader
+    from er_core.tasks import example_input
+    from tests.conftest import write_tiny_task
+
+    folder = write_tiny_task(tmp_path / "task", sizes=(("train", 90), ("dev", 30), ("test", 30)))
+    rec = Recycler.load(tiny_bert, layer=2, codec="fp16")
+    inputs = [example_input(e) for exs in load_task(folder).splits.values() for e in exs]
+    url = str(tmp_path / "c")
+    for i in range(30):
+        ingest_local(iter(inputs[i * 5:(i + 1) * 5]), url, rec, progress=False)
+    assert open_cache(url).manifest.totals["shards"] == 30
+    cfg = TrainConfig(method="reduced", epochs=2, batch_size=16, seed=3)
+    quiet = dict(log=lambda *a: None, progress=False)
+    alone = finetune(url, str(folder), str(tmp_path / "alone"), cfg, **quiet)
+
+    real, compacted = store_reader.CacheReader.read_located, []
+
+    def compact_first(self, locs, columns):
+        if not compacted:
+            compacted.append(compact_cache(url, shard_rows=64))
+        return real(self, locs, columns)
+
+    monkeypatch.setattr(store_reader.CacheReader, "read_located", compact_first)
+    during = finetune(url, str(folder), str(tmp_path / "during"), cfg, **quiet)
+    assert compacted and compacted[0]["compacted"] and open_cache(url).manifest.totals["shards"] == 3
+    for split in ("dev", "test"):
+        assert during[split] == alone[split]
+    assert open_cache(url).verify() == []
