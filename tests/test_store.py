@@ -233,3 +233,22 @@ def test_a_training_reading_while_compaction_commits_gets_the_same_result(tmp_pa
     for split in ("dev", "test"):
         assert during[split] == alone[split]
     assert open_cache(url).verify() == []
+
+
+def test_merged_away_segments_are_deleted_at_once_and_an_older_reader_finds_its_keys_in_the_merged_one(tmp_path, spec):
+    url = str(tmp_path / "c")
+    with CacheWriter(url, spec, shard_rows=4) as w:
+        for i in range(4):
+            for k, ids, h in _rows(4, seed=i, start=4 * i):
+                w.add(k, ids, h)
+            w.commit()
+        old = open_cache(url)  # 4 segments
+        for i in range(4, 12):  # past MAX_SEGMENTS: the older segments are merged, their files deleted
+            for k, ids, h in _rows(4, seed=i, start=4 * i):
+                w.add(k, ids, h)
+            w.commit()
+    listed = {s.path.split("/")[1] for s in open_cache(url).manifest.index}
+    assert set(os.listdir(tmp_path / "c" / "index")) == listed  # no merged-away file kept
+    assert not {s.path.split("/")[1] for s in old.manifest.index} <= listed
+    got = old.load([f"k{i}" for i in range(16)])  # its segments are gone: it looks up in the latest ones
+    assert len(got) == 16

@@ -166,6 +166,10 @@ def _coalesce(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return merged
 
 
+class SegmentGone(CacheCorruptError):
+    """A segment file the reader's version lists is gone: merged away by a later commit, or lost."""
+
+
 class _Segment:
     """One segment file: its layout (from the manifest alone) and checked ranged reads of its buckets."""
 
@@ -184,9 +188,10 @@ class _Segment:
         if not merged:
             return []
         try:
-            parts = self.fs.cat_ranges([self.path] * len(merged), [s for s, _ in merged], [e for _, e in merged])
+            parts = self.fs.cat_ranges([self.path] * len(merged), [s for s, _ in merged], [e for _, e in merged],
+                                       on_error="raise")
         except FileNotFoundError:
-            raise CacheCorruptError(f"{self.where} is listed in the manifest but missing") from None
+            raise SegmentGone(f"{self.where} is listed in the cache's version but missing (`er cache repair`)") from None
         if any(len(d) != e - s for (s, e), d in zip(merged, parts)):
             raise CacheCorruptError(f"{self.where} is truncated (`er cache repair`)")
         return [(s, d) for (s, _), d in zip(merged, parts)]
@@ -248,10 +253,14 @@ class _Segment:
 
 
 class Index:
-    """The segments of one manifest generation; opening it reads nothing."""
+    """The segments of one version; opening it reads nothing.
 
-    def __init__(self, fs, root: str, segments: list[SegmentInfo], url: str):
-        self.fs, self.root, self.segments, self.url = fs, root, list(segments), url
+    A later commit may merge segments away and delete them at once (they only index the shards, which stay):
+    `reopen`, if given, returns the latest version's segments, and a lookup that finds a segment gone carries
+    on with those (the same rows, found through the merged segment)."""
+
+    def __init__(self, fs, root: str, segments: list[SegmentInfo], url: str, reopen=None):
+        self.fs, self.root, self.segments, self.url, self.reopen = fs, root, list(segments), url, reopen
         self._open: dict[str, _Segment] = {}
         self._buckets: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()  # (segment, bucket) -> its entries
         self._kept = 0
@@ -263,6 +272,18 @@ class Index:
 
     def lookup(self, digests: np.ndarray) -> np.ndarray:
         """The entries (RECORD) of the given digests that the cache holds."""
+        try:
+            return self._lookup(digests)
+        except SegmentGone:
+            if self.reopen is None:
+                raise
+            latest = list(self.reopen())
+            if {s.path for s in latest} >= {s.path for s in self.segments}:
+                raise  # nothing was merged away: the file is lost
+            self.segments, self._open = latest, {}
+            return self._lookup(digests)
+
+    def _lookup(self, digests: np.ndarray) -> np.ndarray:
         wanted = np.unique(np.asarray(digests, "S16"))
         found = []
         for seg in self.segments if len(wanted) else []:

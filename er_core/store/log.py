@@ -11,9 +11,10 @@ last checkpoint, then commits after it until one is absent (at most CHECKPOINT_E
 state holds no shard list (manifest.py), so a checkpoint's size follows the number of index segments, which
 stays bounded (index.MAX_SEGMENTS), not the corpus: commits and opens cost the same at any cache size.
 
-A reader keeps the state it opened; a writer's later commits never change the files it names, and files a
-commit removes (compaction) are deleted only after the retention (`removed` in the state), so it keeps
-reading them.
+A reader keeps the state it opened; a writer's later commits never change the files it names, and shards a
+commit removes (compaction, repair) are deleted only after the retention (`removed` in the state), so it keeps
+reading them. Index segments a commit merges away are deleted at once (a long ingest rewrites its index many
+times): a reader that finds one gone looks its keys up in the latest version's segments (`LatestSegments`).
 
 Why not the `deltalake` package: its log lists every data file in each checkpoint (so checkpoint cost grows
 with the cache, as manifest.json did), and er's reads go through its own key index, which no table format
@@ -24,16 +25,29 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 
 from ..errors import CacheCorruptError
 from .index import SegmentInfo
 from .manifest import COUNTS, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, CacheSpec, LegacyManifest, Manifest, legacy_error
-from .storage import is_local, put_atomic, put_if, read_bytes
+from .storage import is_local, put_atomic, put_if, read_bytes, url_to_fs
 
 LOG = "_log"
 LAST_CHECKPOINT = f"{LOG}/_last_checkpoint"
 CHECKPOINT_EVERY = 16
+
+
+@dataclass(frozen=True)
+class LatestSegments:
+    """The latest version's index segments of a cache: an Index's `reopen` (picklable, so an actor's Index keeps it)."""
+
+    url: str
+    storage_options: dict | None = None
+
+    def __call__(self) -> list[SegmentInfo]:
+        fs, root = url_to_fs(self.url, self.storage_options)
+        state = read_state(fs, root, self.url)
+        return state.index if state else []
 
 
 def commit_path(version: int) -> str:
@@ -117,7 +131,7 @@ def apply(state: Manifest | None, record: dict, where: str) -> Manifest:
         for k, n in record.get("skipped", {}).items():
             skipped[k] = skipped.get(k, 0) + n
         removed = {p: t for p, t in state.removed.items() if p not in set(record.get("forget", []))}
-        removed.update({p: float(record["time"]) for p in [*record.get("remove_shards", []), *gone]})
+        removed.update({p: float(record["time"]) for p in record.get("remove_shards", [])})
         return replace(state, generation=int(record["version"]), counts=counts, skipped=skipped,
                        index=[s for s in state.index if s.path not in gone] + [SegmentInfo(**s) for s in record.get("add_segments", [])],
                        next_id=int(record.get("next_id", state.next_id)), updated=float(record["time"]),

@@ -117,7 +117,7 @@ def fetch_spans(fs, path: str, spans: list[tuple[int, int]], where: str) -> list
         else:
             merged.append([s, e])
     try:
-        parts = fs.cat_ranges([path] * len(merged), [s for s, _ in merged], [e for _, e in merged])
+        parts = fs.cat_ranges([path] * len(merged), [s for s, _ in merged], [e for _, e in merged], on_error="raise")
     except FileNotFoundError:
         raise CacheCorruptError(f"{where} is listed in the cache but missing") from None
     out: list[bytes] = [b""] * len(spans)
@@ -180,7 +180,8 @@ class PartialFile:
             return self.metadata.schema.to_arrow_schema().empty_table().select(columns)
         spans = self.ranges(row_groups, columns)
         try:  # the same ranged reads on local disk and object storage: what is read is what is counted
-            parts = self.fs.cat_ranges([self.path] * len(spans), [s for s, _ in spans], [e for _, e in spans])
+            parts = self.fs.cat_ranges([self.path] * len(spans), [s for s, _ in spans], [e for _, e in spans],
+                                       on_error="raise")
         except FileNotFoundError:
             raise CacheCorruptError(f"{self.where} is listed in the manifest but missing") from None
         try:

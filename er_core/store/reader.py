@@ -36,7 +36,7 @@ class CacheReader:
         self.fs, self.root = url_to_fs(url, storage_options)
         self.spec = manifest.spec
         self.codec = get_codec(self.spec.codec)
-        self.index = Index(self.fs, self.root, manifest.index, url)
+        self.index = Index(self.fs, self.root, manifest.index, url, reopen=commit_log.LatestSegments(url, storage_options))
         self._files: OrderedDict[str, PartialFile] = OrderedDict()  # checked footers, the most recent OPEN_FILES
         self._shards: list[ShardInfo] | None = None
 

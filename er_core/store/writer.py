@@ -316,9 +316,17 @@ class CacheWriter:
         self._commit(commit_log.record(m, self.spec, self.run_id, "append", add_segments=add, remove_segments=remove,
                                        add_shards=shards, counts=counts, skipped=self._skipped, next_id=next_id + len(shards),
                                        forget=self._forget))
+        self._delete(remove)  # merged away: their entries are in the merged segment (readers reopen, Index)
         self._pending, self._skipped, self._forget = [], {}, []
         self.lock.heartbeat()
         return self.manifest
+
+    def _delete(self, paths) -> None:
+        for p in paths:
+            try:
+                self.fs.rm_file(f"{self.root}/{p}")
+            except FileNotFoundError:
+                pass
 
     def write_segment(self, entries: list[pa.Table], shards: list[ShardInfo], generation: int, tag: str = "") -> SegmentInfo:
         data, rows = segment_bytes(entries, shards)
@@ -336,10 +344,13 @@ class CacheWriter:
         before = m.totals
         counts = {k: sum(getattr(s, k) for s in shards) - before[k] for k in ("rows", "tokens", "bytes", "truncated")}
         counts["shards"] = len(shards) - before["shards"]
-        return self._commit(commit_log.record(
-            m, self.spec, self.run_id, op, add_segments=[seg] if seg else [], remove_segments=[s.path for s in m.index],
-            add_shards=[s for s in shards if s.id >= m.next_id], remove_shards=[s.path for s in removed_shards], counts=counts, next_id=m.next_id if next_id is None else next_id,
-            forget=self._forget))
+        old = [s.path for s in m.index]
+        state = self._commit(commit_log.record(
+            m, self.spec, self.run_id, op, add_segments=[seg] if seg else [], remove_segments=old,
+            add_shards=[s for s in shards if s.id >= m.next_id], remove_shards=[s.path for s in removed_shards],
+            counts=counts, next_id=m.next_id if next_id is None else next_id, forget=self._forget))
+        self._delete(old)
+        return state
 
     def close(self) -> Manifest:
         try:
