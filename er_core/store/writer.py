@@ -225,11 +225,7 @@ class CacheWriter:
         now = time.time()
         young = {p.rsplit("/", 1)[-1] for p, t in state.removed.items() if now - t < self.retain}
         self._forget = [p for p, t in state.removed.items() if now - t >= self.retain]
-        for p in self._forget:  # removed by a commit, past the retention: no version being read names them
-            try:
-                self.fs.rm_file(f"{self.root}/{p}")
-            except FileNotFoundError:
-                pass
+        self._delete(self._forget)  # removed by a commit, past the retention: no version being read names them
         prev = self.lock.replaced
         ended = prev.get("run_id") if prev and self.lock.ended(prev) else None
         for folder, prefix in (("shards", "part"), ("index", "seg")):
