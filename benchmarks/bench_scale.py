@@ -46,6 +46,8 @@ from . import io_count
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "scale.json"
+SIM_RESULTS = ROOT / "benchmarks" / "results" / "scale-simulate.json"
+BEFORE = ROOT / "benchmarks" / "results" / "scale-format3.json"  # the last run of the code before the store (format 3)
 SIZES, QUICK_SIZES = (10_000, 50_000, 200_000), (2_000, 5_000, 10_000)
 TASK, QUICK_TASK = {"train": 2000, "dev": 200, "test": 200}, {"train": 300, "dev": 50, "test": 50}
 SHARD_ROWS, QUICK_SHARD_ROWS = 4096, 1024
@@ -131,18 +133,27 @@ def build_cache(url: str, rec, n: int, rows_at: dict, shard_rows: int, seed: int
 
 
 def upload(fs, local: Path, remote: str) -> float:
-    """Copy a local cache to S3, the manifest last (as a writer commits it)."""
+    """Copy a local cache to S3 as a writer would publish it: shards and index first, then the commit log in
+    version order (a checkpoint before its `_last_checkpoint` pointer), so no version names a missing file."""
     t0 = time.perf_counter()
-    files = [p for p in local.rglob("*") if p.is_file() and p.name != ".er-cas" and ".tmp-" not in p.name]
-    for p in sorted(files, key=lambda p: p.name == "manifest.json"):
+    files = [p for p in local.rglob("*") if p.is_file() and p.name != "_writer.lock" and ".tmp-" not in p.name]
+    for p in sorted(files, key=upload_order(local)):
         fs.put_file(str(p), f"{remote}/{p.relative_to(local).as_posix()}")
     return round(time.perf_counter() - t0, 1)
+
+
+def upload_order(local: Path):
+    """Sort key: data files, then `_log/` by version (zero-padded names sort so), `_last_checkpoint` last."""
+    def key(p: Path):
+        log = p.relative_to(local).parts[0] == "_log"
+        return log, p.name == "_last_checkpoint", p.name
+    return key
 
 
 # ---------------------------------------------------------------- one measured training
 
 
-def fresh_ray(tmp: Path, object_store: int = 2_000_000_000):
+def fresh_ray(tmp: Path, object_store: int = 2_000_000_000, cpus: int = 8):
     """A local Ray (its processes count their reads: they inherit PYTHONPATH and $ER_IO_COUNT_DIR); returns its stop function."""
     import ray
 
@@ -153,7 +164,7 @@ def fresh_ray(tmp: Path, object_store: int = 2_000_000_000):
     before = set(glob.glob(f"{root}/session_2*"))
     try:
         # 8 logical CPUs like er's own local Ray: the Train worker holds one, Ray Data reads on the others.
-        ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, _temp_dir=root,
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False, _temp_dir=root,
                  object_store_memory=object_store)
     except Exception:  # e.g. its node timed out starting on a loaded machine: leave nothing of it running
         ray.shutdown()
@@ -168,7 +179,7 @@ def fresh_ray(tmp: Path, object_store: int = 2_000_000_000):
     def ready():
         time.sleep(1)
 
-    ray.get([ready.remote() for _ in range(8)])  # Ray's prestarted workers are up before the clock starts
+    ray.get([ready.remote() for _ in range(cpus)])  # Ray's prestarted workers are up before the clock starts
 
     def stop():
         ray.shutdown()
@@ -224,10 +235,10 @@ def measure_once(cache_url: str, prefix: str, task_dir: Path, work: Path, logs: 
 
     def part(r):
         rel = r.path[len(prefix):]
-        return "manifest" if rel == "manifest.json" else rel.split("/", 1)[0] if rel.startswith(("index/", "shards/")) else "other"
+        return "log" if rel.startswith("_log/") else rel.split("/", 1)[0] if rel.startswith(("index/", "shards/")) else "other"
 
     before = [r for r in reads if r.t < first]
-    by_part = {p: sum(r.nbytes for r in before if part(r) == p) for p in ("manifest", "index", "shards", "other")}
+    by_part = {p: sum(r.nbytes for r in before if part(r) == p) for p in ("log", "index", "shards", "other")}
     return {
         "time_to_first_step_s": round(first - t0, 2),
         "reads_done_s": round(max((r.t for r in before), default=t0) - t0, 2),  # last cache read before the first step
@@ -324,12 +335,21 @@ def run(quick: bool = False, out_json=None, report=None, settle: float = 2.0, re
         Path(out_json).write_text(json.dumps(results, indent=1))
         partial.unlink(missing_ok=True)
     if report:
-        png = Path(report).with_name("scale.png")
-        plot(results, png)
-        from .report import write_section
-
-        write_section("scale", section(results, png.name), Path(report))
+        write_report(results, Path(report), json.loads(SIM_RESULTS.read_text()) if SIM_RESULTS.exists() else None)
     return results
+
+
+def write_report(results: dict, report: Path, sim: dict | None = None) -> None:
+    """The `scale` section: the trainings' tables and plot, then the simulated big caches' (if measured)."""
+    from . import scale_sim
+    from .report import write_section
+
+    png = report.with_name("scale.png")
+    plot(results, png)
+    text = section(results, png.name)
+    if sim:
+        text += "\n" + "\n".join(scale_sim.section(sim)) + "\n"
+    write_section("scale", text, report)
 
 
 def reap_stale(parent: str = "/tmp") -> None:
@@ -487,6 +507,17 @@ def notes(results: dict) -> list[str]:
     return out
 
 
+def simulate(a) -> None:
+    """`--simulate`: run benchmarks/scale_sim.py, then rewrite the report's `scale` section with both parts."""
+    from . import scale_sim
+
+    sizes = tuple(int(x) for x in a.sizes.split(",")) if a.sizes else scale_sim.SIM_SIZES
+    res = scale_sim.run(sizes, a.out or SIM_RESULTS, s3=not a.no_s3)
+    print(json.dumps(res["verdicts"], indent=1))
+    if RESULTS.exists() and not a.out:
+        write_report(json.loads(RESULTS.read_text()), Path(a.report or ROOT / "benchmarks" / "REPORT.md"), res)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help=f"smoke run: caches of {', '.join(map(str, QUICK_SIZES))} rows, a smaller task")
@@ -496,7 +527,13 @@ if __name__ == "__main__":
     ap.add_argument("--settle", type=float, default=2.0, help="seconds to wait after each Ray start before the clock starts")
     ap.add_argument("--repeats", type=int, help="trainings per setting, the fastest reported (default 2; 1 with --quick)")
     ap.add_argument("--resume", action="store_true", help="skip the cache sizes an interrupted run finished (OUT.partial)")
+    ap.add_argument("--simulate", action="store_true", help="the metadata-faithful simulation of big caches (benchmarks/scale_sim.py)")
+    ap.add_argument("--sizes", help="--simulate: cache sizes in rows, comma-separated (default 100000,1000000,10000000)")
+    ap.add_argument("--no-s3", action="store_true", help="--simulate: local disk only")
     a = ap.parse_args()
+    if a.simulate:
+        simulate(a)
+        raise SystemExit(0)
     res = run(a.quick, a.out or (None if a.quick else RESULTS), a.report or (None if a.quick else ROOT / "benchmarks" / "REPORT.md"),
               a.settle, a.repeats, a.resume)
     print(json.dumps(res["growth"], indent=1))
