@@ -1,6 +1,7 @@
 """A task's cost vs the cache's size: the bytes and time one training needs before its first step, at 10k, 50k and 200k cached examples.
 
     python -m benchmarks.bench_scale [--quick] [--repeats 2] [--out JSON] [--report MD]
+    python -m benchmarks.bench_scale --simulate [--sizes 100000,1000000,10000000] [--no-s3]   (benchmarks/scale_sim.py)
 
 Caches: the real key scheme, spec and codec (bundled MiniLM cut at k=3, fp16, H=384), written through
 CacheWriter in 4096-row shards, committed every 16 shards like `er ingest`; random states stand in for
@@ -9,21 +10,24 @@ short texts (real token ids, so training's key and length checks pass) among 16-
 - `runs`: the task in runs of 64 rows (one row group each), the runs spread evenly over the whole
   cache, so they land in many shards (38 runs: every shard up to 50k, 38 of 49 at 200k), as a task
   ingested in batches among other corpora would;
-- `scattered`: the task's rows spread evenly one by one, about one per row group (the adversarial case).
-Backends: local disk and S3 (SeaweedFS from tests/s3_server.py; the local cache is uploaded).
+- `scattered`: the task's rows spread evenly one by one, about one per row group (the adversarial case
+  for reads of whole row groups; the store reads each row's own bytes, so it is no longer one).
+Backends: local disk and S3 (SeaweedFS from tests/s3_server.py; the local cache is uploaded, its commit log last).
 
 Each training (`pipelines.train_ray.train_on_ray`: 1 worker, `reduced`, 3 epochs) starts on a fresh
-local Ray that is already up when the clock starts, so no run reuses another's warm readers; each
-setting is trained twice, interleaved, and the faster is reported (the machine is shared). Bytes are
-counted in every process (driver, Ray Data tasks, Train workers) by benchmarks/io_count.py, and only reads
-of the cache count: manifest, index and shards apart. Time to first step is the worker's `first_step_at`
-minus the call; epoch 2-3 bytes are reads between the ends of epochs 1 and 3 (history `ended_at`).
-Goal: from the smallest cache to the largest, first-step bytes and time grow at most 1.5x, and epochs
-after the first read nothing from storage.
+local Ray that is already up when the clock starts, so no run reuses another's warm readers; with
+--repeats N each setting is trained N times, interleaved, and the fastest is reported (the machine is
+shared). Bytes are counted in every process (driver, Ray Data tasks, Train workers) by
+benchmarks/io_count.py, and only reads of the cache count: commit log, index and shards apart. Time to
+first step is the worker's `first_step_at` minus the call. Acceptance: first-step bytes at most 2x the
+task's own states at every size, nothing read after the first step (each row read once a run), and
+first-step time growing at most 1.5x from the smallest cache to the largest; times are shown beside
+the last run of the format-3 code (benchmarks/results/scale-format3.json).
 
-Results: benchmarks/results/scale.json, and the `scale` section of benchmarks/REPORT.md with its plot
-benchmarks/scale.png. `--quick` (caches of 2k, 5k, 10k rows, a 400-example task, one training each)
-is a smoke run and writes neither unless --out / --report are given.
+Results: benchmarks/results/scale.json (--simulate: scale-simulate.json), and the `scale` section of
+benchmarks/REPORT.md with its plot benchmarks/scale.png (both parts, whichever ran last). `--quick`
+(caches of 2k, 5k, 10k rows, a 400-example task, one training each) is a smoke run and writes neither
+unless --out / --report are given.
 """
 
 from __future__ import annotations
@@ -501,8 +505,8 @@ def notes(results: dict) -> list[str]:
         if r0 and r1:
             p0, p1 = r0["first_step_bytes_by_part"], r1["first_step_bytes_by_part"]
             out.append(f"- `{layout}`: shard bytes {mb(p0['shards'])} at {lo // 1000}k and {mb(p1['shards'])} at {hi // 1000}k "
-                       f"for {mb(task[layout])} of the task's own states (each row's own bytes: states, plus token ids "
-                       f"for the key and length checks); index {mb(p0['index'])} and {mb(p1['index'])} (the buckets of the "
+                       f"for {mb(task[layout])} of the task's own states (each row's own state bytes, neighbours within 4 KB "
+                       f"fetched in one request); index {mb(p0['index'])} and {mb(p1['index'])} (the buckets of the "
                        f"task's keys in each segment), log {p0['log'] / 1e3:.1f} and {p1['log'] / 1e3:.1f} KB.")
     done = max(r["reads_done_s"] for r in runs)
     first = min(r["time_to_first_step_s"] for r in runs)
