@@ -357,13 +357,13 @@ def write_report(results: dict, report: Path, sim: dict | None = None) -> None:
     write_section("scale", text, report)
 
 
-def reap_stale(parent: str = "/tmp") -> None:
+def reap_stale(parent: str = "/tmp", prefix: str = "er-scale-") -> None:
     """What runs of this benchmark killed before their clean-up (SIGKILL) left: their Ray, SeaweedFS and caches."""
     import psutil
 
     from pipelines.ray_sessions import session_processes
 
-    for work in Path(parent).glob("er-scale-*"):
+    for work in Path(parent).glob(f"{prefix}*"):
         try:
             if psutil.pid_exists(int((work / "driver.pid").read_text())):
                 continue  # a run in progress

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -32,6 +33,7 @@ SIM_SIZES = (100_000, 1_000_000, 10_000_000)
 H, TOKENS = 4, (4, 9)  # hidden size and token count range [lo, hi) of a simulated row
 SAMPLE = 5_000  # keys a random-sample task looks up and reads
 WINDOW = 100  # commits averaged at each size
+REOPEN = 100  # commits per writer while building (each opening deletes what merges replaced)
 CLAIM_CALLS = 40  # KeyClaims.claim calls timed, one shard of keys each (ingest's unit)
 REPEATS = 3  # opens, lookups and reads are repeated on fresh readers, the fastest kept (bytes are deterministic)
 OPEN_GOAL_BYTES, OPEN_GOAL_S, COMMIT_GOAL, SAMPLE_GOAL = 2_000_000, 1.0, 1.5, 2.0
@@ -87,21 +89,24 @@ class Builder:
         self.seconds = 0.0  # everything grow() did: the build rate
 
     def grow(self, to_rows: int | None = None, commits: int | None = None) -> None:
-        """Add rows up to `to_rows`, or `commits` full commits; one writer (its lock and fencing commit untimed)."""
+        """Add rows up to `to_rows`, or `commits` full commits. A new writer every REOPEN commits, with no retention:
+        its opening deletes the segments merges replaced (one writer with the 24 h default keeps them all, see the
+        report). Opening a writer (its lock, orphan sweep and fencing commit) is not timed."""
         from er_core.store import CacheWriter, write_shard
 
-        start = time.perf_counter()
-        with CacheWriter(self.url, spec(), shard_rows=self.shard_rows) as w:
-            done, pending = 0, 0
-            while (to_rows is None or self.rows < to_rows) and (commits is None or done < commits):
-                stop = self.rows + self.shard_rows if to_rows is None else min(to_rows, self.rows + self.shard_rows)
-                t0 = time.perf_counter()
-                w.add_shard(write_shard(self.url, w.next_shard_name(), shard_table(self.rows, stop, self.rng)))
-                self.write_seconds += time.perf_counter() - t0
-                self.rows, pending = stop, pending + 1
-                if pending == self.commit_every or (to_rows is not None and self.rows >= to_rows):
-                    self.commits.append(self.timed_commit(w))
-                    done, pending = done + 1, 0
+        start, done = time.perf_counter(), 0
+        while (to_rows is None or self.rows < to_rows) and (commits is None or done < commits):
+            with CacheWriter(self.url, spec(), shard_rows=self.shard_rows, retain=0) as w:
+                pending, opened = 0, done
+                while (to_rows is None or self.rows < to_rows) and (commits is None or done < commits) and done - opened < REOPEN:
+                    stop = self.rows + self.shard_rows if to_rows is None else min(to_rows, self.rows + self.shard_rows)
+                    t0 = time.perf_counter()
+                    w.add_shard(write_shard(self.url, w.next_shard_name(), shard_table(self.rows, stop, self.rng)))
+                    self.write_seconds += time.perf_counter() - t0
+                    self.rows, pending = stop, pending + 1
+                    if pending == self.commit_every or (to_rows is not None and self.rows >= to_rows):
+                        self.commits.append(self.timed_commit(w))
+                        done, pending = done + 1, 0
         self.seconds += time.perf_counter() - start
 
     def timed_commit(self, w) -> dict:
@@ -305,34 +310,34 @@ def window_stats(commits: list[dict], start_rows: int, window: int) -> dict:
 
 
 def replay_merges(sizes, rows_per_commit: int, window: int = WINDOW) -> dict:
-    """merge_plan replayed on segment sizes alone, to any size: the index entries a commit writes on average in the
-    `window` commits from each size (entries x 60 bytes is most of a commit's bytes)."""
+    """merge_plan replayed on segment sizes alone, to any size, as CacheWriter.commit applies it: the index entries
+    a commit writes on average in the `window` commits from each size (x 60 bytes: most of a commit's bytes),
+    and every entry written up to each size (what one writer keeping merged segments for the retention holds)."""
     from er_core.store.index import SegmentInfo, merge_plan
 
-    segs, rows, out = [], 0, {}
-    todo = sorted(sizes)
-    written_in_window, left = 0, 0
+    segs, rows, total = [], 0, 0
+    todo, means, totals = sorted(sizes), {}, {}
+    start = left = in_window = 0
     while todo or left:
         if left == 0 and todo and rows >= todo[0]:
-            start, left, written_in_window = todo.pop(0), window, 0
+            start, left, in_window = todo.pop(0), window, 0
+            totals[start] = total
         new = SegmentInfo("", rows_per_commit, 0, "")
         merge = merge_plan(segs + [new])
         old = [s for s in merge if s is not new]
         written = rows_per_commit
         if old:
             merged = SegmentInfo("", sum(s.rows for s in old) + (rows_per_commit if new in merge else 0), 0, "")
-            segs = [s for s in segs if all(s is not o for o in old)]
-            segs += [merged] if new in merge else [merged, new]
+            segs = [s for s in segs if all(s is not o for o in old)] + ([merged] if new in merge else [merged, new])
             written = merged.rows + (0 if new in merge else rows_per_commit)
         else:
             segs.append(new)
-        rows += rows_per_commit
+        rows, total = rows + rows_per_commit, total + written
         if left:
-            written_in_window += written
-            left -= 1
+            in_window, left = in_window + written, left - 1
             if left == 0:
-                out[start] = round(written_in_window / window)
-    return out
+                means[start] = round(in_window / window)
+    return {"window_entries": {str(k): v for k, v in means.items()}, "total_entries": {str(k): v for k, v in totals.items()}}
 
 
 def run(sizes=SIM_SIZES, out_json=None, s3: bool = True, ray_on: bool = True, shard_rows: int | None = None,
@@ -343,12 +348,15 @@ def run(sizes=SIM_SIZES, out_json=None, s3: bool = True, ray_on: bool = True, sh
 
     from pipelines.configs import IngestConfig
 
-    from .bench_scale import fresh_ray
+    from .bench_scale import _sigterm, fresh_ray, reap_stale
 
     ingest = IngestConfig.__dataclass_fields__  # ingest's defaults: what a cache built by `er ingest` looks like
     shard_rows = shard_rows or ingest["shard_rows"].default
     commit_every = commit_every or ingest["commit_every"].default
+    signal.signal(signal.SIGTERM, _sigterm)  # a SIGTERM stops the run through its clean-up (Ray, SeaweedFS, the cache)
+    reap_stale(prefix="er-sim-")
     work = Path(tempfile.mkdtemp(prefix="er-sim-", dir="/tmp"))
+    (work / "driver.pid").write_text(str(os.getpid()))
     logs = work / "reads"
     logs.mkdir()
     os.environ[io_count.ENV] = str(logs)
@@ -378,8 +386,7 @@ def run(sizes=SIM_SIZES, out_json=None, s3: bool = True, ray_on: bool = True, sh
             results["at"][str(n)] = at
             print(json.dumps({"rows": n, "open": at["open"], "commit": at["commit"]}), flush=True)
         results["write_seconds"] = round(b.write_seconds, 1)
-        results["replay"] = {str(k): v for k, v in replay_merges(
-            [*sizes, 100_000_000, 1_000_000_000], shard_rows * commit_every, window).items()}
+        results["replay"] = replay_merges([*sizes, 100_000_000, 1_000_000_000], shard_rows * commit_every, window)
     finally:
         if stop_ray:
             stop_ray()
@@ -465,7 +472,7 @@ def projection(results: dict) -> list[dict]:
     at = {int(k): v for k, v in results["at"].items()}
     if not {1_000_000, 10_000_000} <= set(at):
         return []
-    rep = results.get("replay", {})
+    rep = results.get("replay", {}).get("window_entries", {})
     replay = tuple(rep.get(str(n)) for n in (10_000_000, 100_000_000, 1_000_000_000))
     out = []
     for name, get, how in METRICS:
@@ -564,7 +571,7 @@ def section(results: dict) -> list[str]:
                  f"{'met' if s['met_real_size'] else 'NOT met'} |")
     proj = results.get("projection") or []
     if proj:
-        rep = results.get("replay", {})
+        rep = results.get("replay", {}).get("window_entries", {})
         lines += ["", "Projection on paper from the growth between 1M and 10M (model: *flat* = under 15% a decade, kept; "
                   "*log* = under 3x a decade, the same difference added each decade; *xG a decade* = the same factor each decade; "
                   "*linear* = proportional to rows; *merge replay* = scaled as the index entries a commit writes, from "
