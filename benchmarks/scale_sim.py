@@ -534,14 +534,14 @@ def section(results: dict) -> list[str]:
         lines.append(f"| {_n(n)} | {a['shards']:,} | {a['open']['segments']} | {a['index_bytes'] / 1e6:.1f} | "
                      f"{a['build']['rows_per_s']:,} | {c['mean_seconds']:.3f} ({c['max_seconds']}) | "
                      f"{kb(c['mean_bytes_written'])} ({kb(c['max_bytes_written'])}) | {c['merging_commits']} / {c['checkpoints']} | {mc} |")
-    lines += ["", "| rows | open: KB read, files, s (local) | open: requests, s (S3) | checkpoint KB | locate 5,000: KB, requests, s (local) | "
-              "locate: requests, s (S3) | sample: KB read / own KB = ratio, s (local) | sample: s (S3) |", "|---|---|---|---|---|---|---|---|"]
+    k = f"{results['sample']:,}"
+    lines += ["", f"| rows | open: KB read, files, ms (local) | open: requests, ms (S3) | checkpoint KB | locate {k} keys: KB, requests, s (local) | "
+              f"locate: requests, s (S3) | sample of {k}: KB read / own KB = ratio, s (local) | sample: s (S3) |", "|---|---|---|---|---|---|---|---|"]
     for n in sizes:
         a, s3 = at[n], at[n].get("s3", {})
         o, lo, sm = a["open"], a["locate"], a["sample"]
-        lines.append(f"| {_n(n)} | {kb(o['bytes'])}, {o['files']}, {o['seconds']:.3f} | "
-                     f"{s3['open']['requests']}, {s3['open']['seconds']:.3f} | " if s3 else
-                     f"| {_n(n)} | {kb(o['bytes'])}, {o['files']}, {o['seconds']:.3f} | - | ")
+        lines.append(f"| {_n(n)} | {kb(o['bytes'])}, {o['files']}, {o['seconds'] * 1e3:.1f} | "
+                     + (f"{s3['open']['requests']}, {s3['open']['seconds'] * 1e3:.1f} | " if s3 else "- | "))
         lines[-1] += (f"{kb(a['checkpoint_bytes'])} | {kb(lo['bytes'])}, {lo['requests']:,}, {lo['seconds']:.2f} | "
                       + (f"{s3['locate']['requests']:,}, {s3['locate']['seconds']:.2f} | " if s3 else "- | ")
                       + f"{kb(sm['bytes'])} / {kb(sm['own_state_bytes'])} = {sm['ratio']}, {sm['seconds']:.2f} | "
@@ -558,7 +558,7 @@ def section(results: dict) -> list[str]:
     lines += ["", "Acceptance:", "", "| check | measured | verdict |", "|---|---|---|"]
     if "commit" in v:
         c = v["commit"]
-        lines.append(f"| commit of 16 shards at {_n(c['to'])} <= {COMMIT_GOAL}x the same at {_n(c['from'])}, time and bytes written | "
+        lines.append(f"| commit of {results['commit_every']} shards at {_n(c['to'])} <= {COMMIT_GOAL}x the same at {_n(c['from'])}, time and bytes written | "
                      f"time {c['time_x']}x, bytes {c['bytes_x']}x | {'met' if c['met'] else 'NOT met'} |")
     o = v["open"]
     lines.append(f"| open at {_n(o['rows'])}: <= 2 MB + one checkpoint ({o['limit_bytes'] / 1e6:.2f} MB), <= {OPEN_GOAL_S:g} s locally | "
