@@ -508,6 +508,15 @@ def notes(results: dict) -> list[str]:
                        f"for {mb(task[layout])} of the task's own states (each row's own state bytes, neighbours within 4 KB "
                        f"fetched in one request); index {mb(p0['index'])} and {mb(p1['index'])} (the buckets of the "
                        f"task's keys in each segment), log {p0['log'] / 1e3:.1f} and {p1['log'] / 1e3:.1f} KB.")
+    big = at.get(("local", "runs", hi))
+    if big:
+        keys = sum(results["task"].values())
+        segs = results["builds"][str(hi)]["index_segments"]
+        out.append(f"- Index bytes are the buckets (16 entries of 60 bytes on average) of each task key in each index segment: "
+                   f"{big['first_step_bytes_by_part']['index'] / keys / 1e3:.1f} KB a key at {hi // 1000}k ({segs} segments), so "
+                   f"at most about 1 KB x 8 segments (index.MAX_SEGMENTS) a key at any size; beside these short texts' "
+                   f"{task['runs'] / keys / 1e3:.1f} KB of states a key that bounds first-step bytes near "
+                   f"{(task['runs'] / keys + 8 * 1e3) / (task['runs'] / keys):.1f}x their own states.")
     done = max(r["reads_done_s"] for r in runs)
     first = min(r["time_to_first_step_s"] for r in runs)
     out.append(f"- Time to the first step is mostly fixed start-up: every cache read was over within {done:.0f} s of the "
