@@ -434,7 +434,10 @@ def plot(results: dict, path: Path) -> None:
         ax.set_xlabel("cached examples")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-    ax_b.set_yscale("log")
+    own = results["task_state_bytes"]["runs"] / 1e6
+    ax_b.axhline(own, color="gray", lw=0.8, ls=":", label="the task's own states")
+    ax_b.axhline(OWN_GOAL * own, color="gray", lw=0.8, ls="--", label=f"goal: {OWN_GOAL:g}x its own states")
+    ax_b.set_ylim(bottom=0)
     ax_t.set_ylim(bottom=0)
     ax_b.legend(fontsize=8)
     t = results["task"]
