@@ -535,7 +535,7 @@ def simulate(a) -> None:
     sizes = tuple(int(x) for x in a.sizes.split(",")) if a.sizes else scale_sim.SIM_SIZES
     res = scale_sim.run(sizes, a.out or SIM_RESULTS, s3=not a.no_s3)
     print(json.dumps(res["verdicts"], indent=1))
-    if RESULTS.exists() and not a.out:
+    if RESULTS.exists() and (a.report or not a.out):
         write_report(json.loads(RESULTS.read_text()), Path(a.report or ROOT / "benchmarks" / "REPORT.md"), res)
 
 

@@ -1,6 +1,6 @@
 """A metadata-faithful big cache: what commits, opens, lookups, a random sample, index merges and key claims cost at 100k, 1M and 10M rows.
 
-    python -m benchmarks.bench_scale --simulate [--sizes 100000,1000000,10000000] [--out JSON] [--report MD]
+    python -m benchmarks.bench_scale --simulate [--sizes 100000,1000000,10000000] [--no-s3] [--out JSON] [--report MD]
 
 Everything but the states is er's own: keys from er_core.keys.example_key, shards written by
 store.writer.write_shard (64-row groups, one plain page per column chunk, offsets and crc32s in the index),
@@ -13,7 +13,12 @@ claims; locally and on S3 for open, locate and sample), then WINDOW more commits
 commit figures at N are the mean over the WINDOW commits that follow N rows (so the cache grows by
 WINDOW x 16 x 512 = 819k rows during them). Only `commit()` is timed, not the shard writes before it. S3 gets
 what the reads need: the checkpoint and the commits after it, the live index segments and the shards the
-sample touches (readers never list, so the rest is never asked for).
+sample touches (readers never list, so the rest is never asked for). While building, a new writer with no
+retention opens every REOPEN commits, so the segments merges replaced are deleted (one writer keeps them all
+for 24 h: about 19 GB of them at 10M rows, see the report's notes).
+
+Results: benchmarks/results/scale-simulate.json, and the second part of the report's `scale` section.
+The 10M run took about 25 minutes on 2 shared cores and peaks near 8 GB of disk under /tmp.
 """
 
 from __future__ import annotations
