@@ -18,7 +18,7 @@ retention opens every REOPEN commits, so the segments merges replaced are delete
 for 24 h: about 19 GB of them at 10M rows, see the report's notes).
 
 Results: benchmarks/results/scale-simulate.json, and the second part of the report's `scale` section.
-The 10M run took about 25 minutes on 2 shared cores and peaks near 8 GB of disk under /tmp.
+The 10M run took about 20 minutes on 2 shared cores and peaks near 8 GB of disk under /tmp.
 """
 
 from __future__ import annotations
