@@ -88,10 +88,37 @@ def test_fidelity_run_log_keeps_finished_runs_and_misses_on_any_change_of_settin
 
 
 def test_row_reads_benchmark_compares_the_layouts_on_a_sample(tmp_path):
-    from benchmarks.bench_row_reads import run
+    from er_bench.bench_row_reads import run
 
     res = run(4096, 60, tmp_path)
     own = res["own_bytes"]
     assert res["byte ranges in the key index"]["bytes"] <= 1.5 * own  # the rows' own bytes, plus index buckets
     assert res["row groups of 64"]["bytes"] >= 5 * own  # whole row groups: the cost format 4 removed
     assert res["footer_bytes"]["row groups of 1"] > 20 * res["footer_bytes"]["row groups of 64"]
+
+
+def test_scale_simulation_at_tiny_sizes_measures_every_figure(tmp_path):
+    """`bench_scale --simulate`'s code path on a tiny cache (local only, no Ray), in its own process: io_count hooks
+    the process it counts in. Checks the figures are real (not their speed): opens read the log only, the sample
+    read at least its own states and at most one coalescing gap more per merged request, commits wrote bytes."""
+    out = tmp_path / "sim.json"
+    code = ("from er_bench import scale_sim; scale_sim.run(sizes=(2000, 6000), out_json=%r, s3=False, ray_on=False, "
+            "shard_rows=256, commit_every=4, window=3, sample=40, claim_calls=2)" % str(out))
+    got = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True,
+                         timeout=300)
+    assert got.returncode == 0, got.stderr[-3000:]
+    from er_core.store.parquet_io import COALESCE
+
+    res = json.loads(out.read_text())
+    for n, a in res["at"].items():
+        assert a["open"]["bytes"] > 0 and a["open"]["files"] >= 1 and a["open"]["version"] >= 1, a["open"]
+        assert 0 < a["locate"]["bytes"] <= a["index_bytes"] and a["locate"]["requests"] > 0
+        s = a["sample"]
+        assert s["own_state_bytes"] <= s["bytes"] <= s["own_state_bytes"] + COALESCE * (40 - s["requests"]), s
+        assert 1 <= s["real_size_ratio"] <= 2
+        c = a["commit"]
+        assert c["commits"] == 3 and c["mean_bytes_written"] > 0 and c["mean_seconds"] > 0
+        assert a["full_merge"]["bytes_written"] > 0 and a["full_merge"]["bytes"] >= a["index_bytes"]
+        assert a["claims"]["in_process"]["claims_per_s"] > 0 and a["claims"]["calls"] == 2
+    assert res["at"]["6000"]["shards"] > res["at"]["2000"]["shards"]
+    assert set(res["verdicts"]) == {"commit", "open", "sample"}
