@@ -518,9 +518,9 @@ def notes(results: dict) -> list[str]:
         segs = results["builds"][str(hi)]["index_segments"]
         out.append(f"- Index bytes are the buckets (16 entries of 60 bytes on average) of each task key in each index segment: "
                    f"{big['first_step_bytes_by_part']['index'] / keys / 1e3:.1f} KB a key at {hi // 1000}k ({segs} segments), so "
-                   f"at most about 1 KB x 8 segments (index.MAX_SEGMENTS) a key at any size; beside these short texts' "
-                   f"{task['runs'] / keys / 1e3:.1f} KB of states a key that bounds first-step bytes near "
-                   f"{(task['runs'] / keys + 8 * 1e3) / (task['runs'] / keys):.1f}x their own states.")
+                   f"about 1 KB a key per segment (at most 3 per size tier, index.merge_plan); beside these short texts' "
+                   f"{task['runs'] / keys / 1e3:.1f} KB of states a key, {segs} segments bound first-step bytes near "
+                   f"{(task['runs'] / keys + segs * 1e3) / (task['runs'] / keys):.1f}x their own states.")
     done = max(r["reads_done_s"] for r in runs)
     first = min(r["time_to_first_step_s"] for r in runs)
     out.append(f"- Time to the first step is mostly fixed start-up: every cache read was over within {done:.0f} s of the "

@@ -112,7 +112,7 @@ def test_opening_reads_one_checkpoint_and_at_most_a_checkpoints_worth_of_commits
             state = open_cache(url).manifest
             commit_log.read_state(*fsspec.core.url_to_fs(url), url, counter=read.append)
             sizes.append(len(read))
-            assert len(state.index) <= 9 and state.totals["rows"] == 4 * (i + 1)
+            assert len(state.index) <= 4 and state.totals["rows"] == 4 * (i + 1)  # one size tier: merged at 4
     assert max(sizes) <= commit_log.CHECKPOINT_EVERY + 2  # pointer + checkpoint + the commits after it
     assert any(name.endswith(".checkpoint.json") for name in os.listdir(tmp_path / "c" / "_log"))
     # the state never lists shards: its size follows the index segments, which merging keeps few
@@ -243,7 +243,7 @@ def test_merged_away_segments_are_deleted_at_once_and_an_older_reader_finds_its_
                 w.add(k, ids, h)
             w.commit()
         old = open_cache(url)  # 4 segments
-        for i in range(4, 12):  # past MAX_SEGMENTS: the older segments are merged, their files deleted
+        for i in range(4, 12):  # 4 segments of a size tier merge into one: their files are deleted
             for k, ids, h in _rows(4, seed=i, start=4 * i):
                 w.add(k, ids, h)
             w.commit()

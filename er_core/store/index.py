@@ -21,8 +21,8 @@ and the buckets of those keys only (nearby ranges merged up to COALESCE bytes ap
 with N, never with the cache. The layout follows from the row count and file size in the manifest,
 so opening a segment reads nothing. An Index keeps the buckets it fetched (up to CACHED_ENTRIES
 entries), so lookups one after another (a task's splits, a predictor's batches) fetch them once.
-Like an LSM tree, a commit that leaves more than MAX_SEGMENTS segments merges the smaller half into
-one, so lookups open a bounded number of files however many commits a cache has seen.
+Like an LSM tree, segments of one size tier merge once TIER of them exist (merge_plan), so lookups open
+a few files per size tier however many commits a cache has seen.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from ..errors import CacheCorruptError
 
 BUCKET_ENTRIES = 16  # mean entries a bucket holds: the unit a lookup reads (about 1 KB)
 COALESCE = 4096  # ranges closer than this are fetched in one request
-MAX_SEGMENTS = 8
+TIER, TIER_BASE = 4, 8192  # segments merge TIER at a time, by size tier (a commit of 16 shards of 512 rows: 8k entries)
 CACHED_ENTRIES = 1_000_000  # index entries an Index keeps after reading them (about 64 MB), least recently used dropped
 MAGIC = b"ERI4"
 RECORD = np.dtype([("digest", "S16"), ("shard", "<i4"), ("length", "<i4"), ("name", "V12"), ("crc", "<u4"),
@@ -336,8 +336,23 @@ def _table(rec: np.ndarray) -> pa.Table:
     return pa.table({c: col(c) for c in RECORD.names}, schema=SCHEMA)
 
 
+def tier(rows: int) -> int:
+    """A segment's size tier: tier t holds TIER**t to TIER**(t+1) commits' worth of entries (TIER_BASE each)."""
+    return int(np.log(max(rows, 1) / TIER_BASE) / np.log(TIER)) if rows > TIER_BASE else 0
+
+
 def merge_plan(segments: list[SegmentInfo]) -> list[SegmentInfo]:
-    """The segments to merge into one after a commit: none, or the smaller half when there are too many."""
-    if len(segments) <= MAX_SEGMENTS:
-        return []
-    return sorted(segments, key=lambda s: s.rows)[: len(segments) // 2 + 1]
+    """The segments to merge into one after a commit: the smallest size tier that holds TIER segments, or none.
+
+    Size-tiered (as Cassandra's STCS): only segments of about one size merge, so an entry is rewritten about once
+    per tier it climbs, log_TIER(cache / commit) times in all, and a commit costs the same in a cache of 100k rows
+    or of 10M. Merging a fixed share of all segments instead rewrote one growing segment every few commits: a
+    commit's bytes then grew with the cache (15x from 100k to 10M rows, REPORT `scale`). Segments stay few:
+    at most TIER - 1 per tier, about 3 log_4(rows / 8k), so 15 at 10M rows and 26 at 1B."""
+    tiers: dict[int, list[SegmentInfo]] = {}
+    for s in segments:
+        tiers.setdefault(tier(s.rows), []).append(s)
+    for t in sorted(tiers):
+        if len(tiers[t]) >= TIER:
+            return tiers[t]
+    return []
