@@ -252,3 +252,19 @@ def test_merged_away_segments_are_deleted_at_once_and_an_older_reader_finds_its_
     assert not {s.path.split("/")[1] for s in old.manifest.index} <= listed
     got = old.load([f"k{i}" for i in range(16)])  # its segments are gone: it looks up in the latest ones
     assert len(got) == 16
+
+
+@pytest.mark.parametrize("codec", ["fp32", "fp16", "bf16", "int8"])
+def test_row_reads_equal_whole_shard_reads_for_every_codec(tmp_path, spec, codec):
+    from dataclasses import replace
+
+    url = str(tmp_path / "c")
+    rows = list(_rows(150))
+    with CacheWriter(url, replace(spec, codec=codec), shard_rows=64) as w:
+        for k, ids, h in rows:
+            w.add(k, ids, h)
+    r = open_cache(url)
+    whole, by_key = r.load(), r.load([k for k, _, _ in rows[::-7]])
+    for k, _, _ in rows[::-7]:
+        assert np.array_equal(by_key.hidden(by_key.index[k]), whole.hidden(whole.index[k]))
+        assert by_key.input_ids[by_key.index[k]] == whole.input_ids[whole.index[k]]

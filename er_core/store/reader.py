@@ -72,7 +72,7 @@ class CacheReader:
         names = locs.column("name").combine_chunks()
         raw = np.frombuffer(names.buffers()[1], "V12", n, names.offset * 12) if n else np.empty(0, "V12")
         states = "hidden" in cols or "scale" in cols
-        width = self.codec.bytes_per_token(self.spec.hidden_size)
+        width = self.codec.bytes_per_value * self.spec.hidden_size  # states only: scales are their own span
         sb = self.codec.scale_bytes_per_token
         hidden, scale, ids = [b""] * n, [None] * n, [b""] * n
         col = {c: locs.column(c).to_numpy() for c in ("hidden_at", "scale_at", "ids_at", "crc", "ids_crc")}
