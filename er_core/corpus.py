@@ -286,11 +286,11 @@ def scan(sources, text_field="text", id_field=None, storage_options=None, limit=
     stats = CorpusStats()
     for src in sources:
         for r in read_source(src, text_field, id_field, storage_options, limit):
-            stats.rows += 1
-            stats.empty += is_empty(r.inputs)
-            if enough is not None and stats.usable >= enough:
+            if enough is not None and stats.usable >= enough:  # one row more than enough: the corpus goes on
                 stats.complete = False
                 return stats
+            stats.rows += 1
+            stats.empty += is_empty(r.inputs)
     return stats
 
 

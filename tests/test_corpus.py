@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import gzip
 
 import numpy as np
@@ -159,3 +161,14 @@ def test_claims_stay_small_after_merging():
     assert claims._sorted.nbytes == 16 * len(claims._sorted) and len(claims._recent) < 100
     assert not claims.claim([f"k{i}" for i in range(0, 1000, 7)] + ["old3"]).any()
     assert key_digests(["x"])[0] != key_digests(["y"])[0] and len(key_digests(["x"])[0]) == 16
+
+
+def test_a_scan_that_stops_early_says_so_only_when_rows_remain(tmp_path):
+    from er_core.corpus import find_sources, scan
+
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps({"text": f"text {i}"}) + "\n" for i in range(8)))
+    exact = scan(find_sources([str(path)]), enough=8)
+    assert (exact.usable, exact.complete) == (8, True)  # all read: the bar can show a total
+    more = scan(find_sources([str(path)]), enough=5)
+    assert (more.usable, more.complete) == (5, False)
