@@ -476,6 +476,9 @@ def _stream(shards, writer: CacheWriter, cfg: IngestConfig, claims, total: int):
     # An interrupted run stops Ray Data's executor and its threads on leaving `streamed`.
     with _progress(total, cfg.progress) as bar, streamed(shards.iter_rows()) as rows:
         _consume(rows, writer, cfg, totals, actors, start, bar)
+        if bar is not None and bar.total is None:  # a corpus bigger than the first check: its size is known now
+            bar.total = bar.n
+            bar.refresh()
     done, empty = ray.get([claims.stats.remote(), claims.empty_rows.remote()])
     totals.update(claimed=done["claimed"], empty=empty)
     return totals, sorted(actors.values(), key=lambda a: a["actor"])

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import json
-
 import gzip
+import json
 
 import numpy as np
 import pyarrow as pa
