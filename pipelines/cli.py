@@ -122,8 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an earlier er advise output at --out")
 
     p = sub.add_parser("cache", help="inspect, verify, repair, compact or upgrade a cache")
-    p.add_argument("action", choices=["info", "verify", "repair", "compact", "upgrade"], help="info: print the manifest; verify: "
-                   "check every shard and index segment; repair: drop bad or missing shards from the manifest (one "
+    p.add_argument("action", choices=["info", "verify", "repair", "compact", "upgrade"], help="info: print the cache's spec, version and counts; verify: "
+                   "check every shard and index segment; repair: drop bad or missing shards from the cache (one "
                    "commit, under the writer lock), delete their files, and say how many examples a re-ingest of the "
                    "corpus will recompute; compact: merge small shards (incremental runs leave many) and the index "
                    "segments into fewer, in one commit, while readers keep reading; upgrade: rewrite a cache of an "

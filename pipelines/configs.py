@@ -41,7 +41,7 @@ class IngestConfig:
     text_field: str = field(default="text", **_help("field holding the text in JSONL/Parquet/CSV corpora"))
     id_field: str | None = field(default=None, **_help(
         "use this field as the example key instead of a content hash (trusted ids; the first row of an id wins)"))
-    max_length: int | None = field(default=None, **_help("truncate longer texts (counted in the manifest); default: model max"))
+    max_length: int | None = field(default=None, **_help("truncate longer texts (counted in the cache); default: model max"))
     limit: int | None = field(default=None, **_help("only the first N rows of each source (of each split for a task folder)"))
     actors: int | None = field(default=None, **_help(
         "size of the lower-layer actor pool (default: one per GPU, else one single-threaded actor per CPU but one, left to "
@@ -55,7 +55,7 @@ class IngestConfig:
     max_tokens: int | None = field(default=None, **_help(
         "tokens per forward pass, padding counted (default: 8192 on CPU; on a GPU from its free memory)"))
     dtype: str = field(default="fp32", **_help("mixed precision of the lower layers on GPU", choices=("fp32", *AUTOCAST)))
-    commit_every: int = field(default=16, **_help("commit the manifest every N shards (and at the end)"))
+    commit_every: int = field(default=16, **_help("commit to the cache's log every N shards (and at the end)"))
     commit_seconds: float = field(default=60.0, **_help("... or when this many seconds passed since the last commit"))
     local: bool = field(default=False, **_help("plain single-process loop, no Ray"))
     address: str | None = None  # the command-level --address (a Ray cluster; default a local Ray)

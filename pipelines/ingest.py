@@ -191,7 +191,7 @@ class TokenizeEmbedWrite(EmbedStates):
 
 def write_rows(batch: pa.Table, cache: str, storage_options, run_id: str, codec: str) -> dict:
     """CPU stage: one shard file per packed row (page checksums, row offsets and checksums computed here, off the GPU); its
-    manifest entry and index material go back to the driver, which commits."""
+    ShardInfo and index material go back to the driver, which commits."""
     out = []
     for i in range(batch.num_rows):
         t0 = time.perf_counter()
