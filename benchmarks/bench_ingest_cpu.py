@@ -63,12 +63,12 @@ def plain_loop(corpus: Path, model_dir: Path, out: Path) -> dict:
     import numpy as np
     import torch
 
-    from er_core.cache import _COMPRESSION, GROUP_ROWS, packed_table
+    from er_core.store.writer import _COMPRESSION, GROUP_ROWS, packed_table
     from er_core.embed import Tokenized, length_batches
     from er_core.keys import example_key, tokenizer_settings
     from er_core.models import load_encoder
-    from er_core.packed import PackedRows
-    from er_core.parquet_io import to_parquet
+    from er_core.store.packed import PackedRows
+    from er_core.store.parquet_io import to_parquet
 
     torch.set_num_threads(1)
     model, tok = load_encoder(str(model_dir))
