@@ -312,6 +312,8 @@ class KeyClaims:
 
     def __init__(self, existing: Iterable[str] | np.ndarray = (), merge_every: int = 200_000, index=None):
         self.index = index
+        if index is not None:
+            index.bloom = True  # claimed keys are mostly new: each segment's filter answers most of them
         arr = existing if isinstance(existing, np.ndarray) else key_digests(existing)
         self._sorted = np.unique(arr.astype("S16"))
         self._recent: set[bytes] = set()

@@ -268,3 +268,30 @@ def test_row_reads_equal_whole_shard_reads_for_every_codec(tmp_path, spec, codec
     for k, _, _ in rows[::-7]:
         assert np.array_equal(by_key.hidden(by_key.index[k]), whole.hidden(whole.index[k]))
         assert by_key.input_ids[by_key.index[k]] == whole.input_ids[whole.index[k]]
+
+
+def test_key_claims_skip_the_buckets_of_segments_whose_bloom_filter_says_no(tmp_path, spec, monkeypatch):
+    from er_core.corpus import KeyClaims
+    from er_core.store.index import key_digests
+
+    url = str(tmp_path / "c")
+    with CacheWriter(url, spec, shard_rows=2000) as w:
+        for i in range(3):
+            for k, ids, h in _rows(4000, seed=i, start=4000 * i):
+                w.add(k, ids, h)
+            w.commit()
+    asked = key_digests([f"new{i}" for i in range(2000)] + [f"k{i}" for i in range(0, 12000, 1200)])
+    exact = open_cache(url).index.holds(asked)
+    assert exact.sum() == 10
+    read = {}
+    for bloom in (False, True):
+        counted = _Counted(monkeypatch)
+        index = open_cache(url).index
+        if bloom:
+            KeyClaims(index=index)  # turns the filters on
+        assert np.array_equal(index.holds(asked), exact)  # the filter only skips, never answers
+        read[bloom] = counted.bytes["index"]
+    # 2,010 keys touch every bucket of every segment; through the filters, ~1% of the new keys and the 10 cached
+    assert read[True] * 4 < read[False]
+    got = KeyClaims(index=open_cache(url).index).claim([f"new{i}" for i in range(10)] + ["k0", "k1200"], "t1")
+    assert got.tolist() == [True] * 10 + [False, False]

@@ -14,7 +14,9 @@ Each commit writes the entries of the shards it adds as one segment, `index/seg-
                  bucket's start, end and entries, so every bucket read is checked on its own
     shards       JSON list of the segment's shards (manifest.ShardInfo): what only checks, compaction and
                  repairs need, so opening a cache never reads a list of every shard
-    trailer      b"ERI4", bits (u32), rows (u64), shards' length (u64), shards' crc32 (u32)
+    bloom        a Bloom filter of the digests (BLOOM_BITS an entry, about 1% false positives): key claims,
+                 whose keys are mostly new, skip the buckets of a segment that cannot hold them
+    trailer      b"ERI4", bits (u32), rows (u64), shards' length (u64) and crc32 (u32), bloom's length (u64) and crc32 (u32)
 
 Digests are hashes, so buckets are even. Locating N keys reads, per segment, the bucket table entries
 and the buckets of those keys only (nearby ranges merged up to COALESCE bytes apart): bytes grow
@@ -50,7 +52,8 @@ MAGIC = b"ERI4"
 RECORD = np.dtype([("digest", "S16"), ("shard", "<i4"), ("length", "<i4"), ("name", "V12"), ("crc", "<u4"),
                    ("ids_at", "<u4"), ("hidden_at", "<u4"), ("scale_at", "<u4"), ("ids_crc", "<u4"), ("row", "<i4")])
 _BUCKET = np.dtype([("start", "<u4"), ("crc", "<u4")])
-_TRAILER = struct.Struct("<4sIQQI")
+_TRAILER = struct.Struct("<4sIQQIQI")
+BLOOM_BITS, BLOOM_K = 10, 7  # bits an entry and probes a key: about 1% false positives
 _UINT = ("crc", "ids_at", "hidden_at", "scale_at", "ids_crc")
 SCHEMA = pa.schema([(c, pa.binary(16) if c == "digest" else pa.binary(12) if c == "name" else
                      pa.uint32() if c in _UINT else pa.int32()) for c in RECORD.names])
@@ -145,8 +148,32 @@ def segment_bytes(entries: list[pa.Table], shards: list) -> tuple[bytes, int]:
         s, e = int(starts[b]), int(starts[b + 1])
         table["crc"][b] = _crc(s, e, body[s * RECORD.itemsize: e * RECORD.itemsize])
     listing = json.dumps([x if isinstance(x, dict) else asdict(x) for x in shards], separators=(",", ":")).encode()
-    trailer = _TRAILER.pack(MAGIC, bits, len(rec), len(listing), zlib.crc32(listing))
-    return body + table.tobytes() + listing + trailer, len(rec)
+    bloom = bloom_bytes(rec["digest"])
+    trailer = _TRAILER.pack(MAGIC, bits, len(rec), len(listing), zlib.crc32(listing), len(bloom), zlib.crc32(bloom))
+    return body + table.tobytes() + listing + bloom + trailer, len(rec)
+
+
+def _probes(digests: np.ndarray, m: int) -> np.ndarray:
+    """(n, BLOOM_K) bit positions of digests (double hashing on the digest's two halves: it is a hash already)."""
+    v = np.frombuffer(np.ascontiguousarray(digests, "S16").tobytes(), "<u8").reshape(-1, 2)
+    h1, h2 = v[:, 0], v[:, 1] | np.uint64(1)
+    i = np.arange(BLOOM_K, dtype=np.uint64)
+    return (h1[:, None] + i[None, :] * h2[:, None]) % np.uint64(m)
+
+
+def bloom_bytes(digests: np.ndarray) -> bytes:
+    m = max(64, -(-BLOOM_BITS * len(digests) // 8) * 8)
+    bits = np.zeros(m, bool)
+    bits[_probes(digests, m).ravel().astype(np.int64)] = True
+    return np.packbits(bits, bitorder="little").tobytes()
+
+
+def bloom_holds(bloom: np.ndarray, digests: np.ndarray) -> np.ndarray:
+    """Bool mask: which digests the filter may hold (False: certainly absent)."""
+    if not len(digests):
+        return np.zeros(0, bool)
+    pos = _probes(digests, len(bloom) * 8).astype(np.int64)
+    return ((bloom[pos >> 3] >> (pos & 7).astype(np.uint8)) & 1).astype(bool).all(axis=1)
 
 
 def _fixed(col, width: int) -> np.ndarray:
@@ -179,6 +206,7 @@ class _Segment:
         self.buckets = 1 << self.bits
         self.table_at = seg.rows * RECORD.itemsize
         self.listing_at = self.table_at + (self.buckets + 1) * _BUCKET.itemsize
+        self._trailer, self._bloom = None, None
         if self.listing_at + _TRAILER.size > seg.bytes:
             raise CacheCorruptError(f"{where}: {seg.bytes} bytes does not fit {seg.rows} entries (`er cache repair`)")
 
@@ -227,7 +255,7 @@ class _Segment:
     def everything(self) -> np.ndarray:
         """Every entry, every bucket checked."""
         data = self.fetch([(0, self.seg.bytes)])[0][1]
-        magic, bits, rows, _, _ = _TRAILER.unpack(data[-_TRAILER.size:])
+        magic, bits, rows = _TRAILER.unpack(data[-_TRAILER.size:])[:3]
         if (magic, bits, rows) != (MAGIC, self.bits, self.seg.rows):
             raise CacheCorruptError(f"{self.where} has a bad trailer; refusing to read it (`er cache repair`)")
         table = np.frombuffer(data[self.table_at: self.table_at + (self.buckets + 1) * _BUCKET.itemsize], _BUCKET)
@@ -240,16 +268,34 @@ class _Segment:
                 raise CacheCorruptError(f"{self.where} fails its checksum (bucket {b}); refusing to read it (`er cache repair`)")
         return np.frombuffer(data[: self.table_at], RECORD)
 
+    def trailer(self) -> tuple[int, int, int, int]:
+        """(shard list length, its crc, bloom length, its crc), read once."""
+        if self._trailer is None:
+            (_, tail), = self.fetch([(self.seg.bytes - _TRAILER.size, self.seg.bytes)])
+            magic, bits, rows, n, crc, nb, bcrc = _TRAILER.unpack(tail)
+            if ((magic, bits, rows) != (MAGIC, self.bits, self.seg.rows)
+                    or self.listing_at + n + nb + _TRAILER.size != self.seg.bytes):
+                raise CacheCorruptError(f"{self.where} has a bad trailer; refusing to read it (`er cache repair`)")
+            self._trailer = (n, crc, nb, bcrc)
+        return self._trailer
+
     def shards(self) -> list[dict]:
         """The segment's shard list (checked against its crc): two ranged reads, none of the entries."""
-        (_, tail), = self.fetch([(self.seg.bytes - _TRAILER.size, self.seg.bytes)])
-        magic, bits, rows, n, crc = _TRAILER.unpack(tail)
-        if (magic, bits, rows) != (MAGIC, self.bits, self.seg.rows) or self.listing_at + n + _TRAILER.size != self.seg.bytes:
-            raise CacheCorruptError(f"{self.where} has a bad trailer; refusing to read it (`er cache repair`)")
+        n, crc, _, _ = self.trailer()
         (_, listing), = self.fetch([(self.listing_at, self.listing_at + n)]) if n else [(0, b"")]
         if zlib.crc32(listing) != crc:
             raise CacheCorruptError(f"{self.where} fails its checksum (shard list); refusing to read it (`er cache repair`)")
         return json.loads(listing) if n else []
+
+    def maybe(self, digests: np.ndarray) -> np.ndarray:
+        """Bool mask: which digests this segment may hold, from its Bloom filter (read once, checked)."""
+        if self._bloom is None:
+            n, _, nb, crc = self.trailer()
+            (_, data), = self.fetch([(self.listing_at + n, self.listing_at + n + nb)])
+            if zlib.crc32(data) != crc:
+                raise CacheCorruptError(f"{self.where} fails its checksum (bloom); refusing to read it (`er cache repair`)")
+            self._bloom = np.frombuffer(data, np.uint8)
+        return bloom_holds(self._bloom, digests)
 
 
 class Index:
@@ -259,8 +305,9 @@ class Index:
     `reopen`, if given, returns the latest version's segments, and a lookup that finds a segment gone carries
     on with those (the same rows, found through the merged segment)."""
 
-    def __init__(self, fs, root: str, segments: list[SegmentInfo], url: str, reopen=None):
+    def __init__(self, fs, root: str, segments: list[SegmentInfo], url: str, reopen=None, bloom: bool = False):
         self.fs, self.root, self.segments, self.url, self.reopen = fs, root, list(segments), url, reopen
+        self.bloom = bloom  # ask each segment's Bloom filter first: for keys mostly absent (claims), not for a task's
         self._open: dict[str, _Segment] = {}
         self._buckets: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()  # (segment, bucket) -> its entries
         self._kept = 0
@@ -288,7 +335,10 @@ class Index:
         found = []
         for seg in self.segments if len(wanted) else []:
             s = self._segment(seg)
-            ids = np.unique(_bucket(wanted, s.bits))
+            here = wanted[s.maybe(wanted)] if self.bloom else wanted
+            if not len(here):
+                continue
+            ids = np.unique(_bucket(here, s.bits))
             need = np.array([b for b in ids.tolist() if (seg.path, b) not in self._buckets], np.int64)
             for b, rec in (s.read(need) if len(need) else {}).items():
                 if (seg.path, b) not in self._buckets:
@@ -299,7 +349,7 @@ class Index:
                 self._buckets.move_to_end((seg.path, b))
             while self._kept > CACHED_ENTRIES and len(self._buckets) > len(ids):  # never the buckets just used
                 self._kept -= len(self._buckets.popitem(last=False)[1])
-            found.append(rec[np.isin(rec["digest"], wanted)])
+            found.append(rec[np.isin(rec["digest"], here)])
         return np.concatenate(found) if found else np.empty(0, RECORD)
 
     def holds(self, digests: np.ndarray) -> np.ndarray:
