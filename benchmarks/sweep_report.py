@@ -1,4 +1,4 @@
-"""The dev-set sweeps behind the per-method defaults, as a REPORT.md section: dev metric per task x method x lr.
+"""The dev-set sweeps behind the per-method defaults, as a REPORT.md section: dev metric per task x method x setting.
 
     python -m benchmarks.sweep_report .er-sweep/defaults-dev .er-sweep/defaults-dev-lora \
         --rows benchmarks/results/defaults-dev-*.json --expected 22
@@ -19,6 +19,26 @@ from er_core.outputs import read_status
 from .report import REPORT, write_section
 
 
+SETTING = ("lr", "head_lr", "min_steps", "epochs", "patience", "batch_size")  # what a defaults trial varies or fixes
+LORA_SETTING = ("lora_modules", "lora_r", "lora_alpha", "lora_variant")
+
+
+def setting_of(method: str, cfg: dict) -> dict:
+    return {k: cfg.get(k) for k in SETTING + (LORA_SETTING if method == "lora" else ())}
+
+
+def label(setting: dict) -> str:
+    """A setting in a few words: `lr 0.003, attention r8/16, 4 ep` (head rate and steps where they are set)."""
+    parts = [f"lr {setting['lr']:g}"]
+    if setting.get("head_lr") is not None:
+        parts.append(f"head {setting['head_lr']:g}")
+    if "lora_modules" in setting:
+        variant = "" if setting["lora_variant"] == "lora" else f" {setting['lora_variant']}"
+        parts.append(f"{setting['lora_modules']} r{setting['lora_r']}/{setting['lora_alpha']}{variant}")
+    parts.append(f"{setting['epochs']} ep" + (f", >= {setting['min_steps']} steps" if setting.get("min_steps") else ""))
+    return ", ".join(parts)
+
+
 def trials(outputs: list[Path]) -> list[dict]:
     rows = []
     for out in outputs:
@@ -31,22 +51,25 @@ def trials(outputs: list[Path]) -> list[dict]:
             rows.append({"task": m["task"], "method": m["method"], "lr": cfg["lr"], "metric": primary,
                          "dev": m["dev"][primary], "best_epoch": m["best_epoch"], "epochs_run": len(m["history"]),
                          "per_epoch": [round(h.get(f"dev_{primary}", float("nan")), 4) for h in m["history"]],
-                         "train_seconds": m["train_seconds"]})
+                         "train_seconds": m["train_seconds"], "setting": setting_of(m["method"], cfg)})
     return rows
 
 
 def choose(rows: list[dict]) -> dict:
-    """Per method: the lr with the best mean dev over tasks, among the lrs every task of that method ran."""
+    """Per method: the setting with the best mean dev over tasks, among the settings every task of that method ran."""
     out = {}
     for method in sorted({r["method"] for r in rows}):
         mine = [r for r in rows if r["method"] == method]
         tasks = {r["task"] for r in mine}
-        by_lr = {lr: [r["dev"] for r in mine if r["lr"] == lr] for lr in {r["lr"] for r in mine}}
-        common = {lr: sum(d) / len(d) for lr, d in by_lr.items() if len(d) == len(tasks)}
+        by_setting: dict[str, list] = {}
+        for r in mine:
+            by_setting.setdefault(json.dumps(r["setting"], sort_keys=True), []).append(r["dev"])
+        common = {k: sum(d) / len(d) for k, d in by_setting.items() if len(d) == len(tasks)}
         if common:
             best = max(common, key=common.get)
-            out[method] = {"lr": best, "mean_dev": round(common[best], 4), "tasks": sorted(tasks),
-                           "mean_dev_by_lr": {f"{lr:g}": round(v, 4) for lr, v in sorted(common.items())}}
+            out[method] = {**json.loads(best), "mean_dev": round(common[best], 4), "tasks": sorted(tasks),
+                           "mean_dev_by_setting": {label(json.loads(k)): round(v, 4)
+                                                   for k, v in sorted(common.items(), key=lambda kv: -kv[1])}}
     return out
 
 
@@ -56,17 +79,17 @@ def section(rows: list[dict], outputs: list[Path], expected: int | None = None) 
              "(test not read), at most 4 epochs with early stopping (patience 2), batch 16, warmup 6%, seed 0; one trial at a "
              "time on this machine (2 cores). Dev metric of the best epoch; per-epoch dev in brackets. `train s` is as measured, "
              "with other work sharing the machine at times: not a speed figure.", "",
-             "| task | method | lr | dev | best epoch / run | dev per epoch | train s |", "|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["task"], r["method"], r["lr"])):
-        lines.append(f"| {r['task']} | {r['method']} | {r['lr']:g} | {r['metric']} {r['dev']:.4f} | {r['best_epoch']} / "
+             "| task | method | setting | dev | best epoch / run | dev per epoch | train s |", "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["task"], r["method"], label(r["setting"]))):
+        lines.append(f"| {r['task']} | {r['method']} | {label(r['setting'])} | {r['metric']} {r['dev']:.4f} | {r['best_epoch']} / "
                      f"{r['epochs_run']} | {r['per_epoch']} | {r['train_seconds']:.0f} |")
     chosen = choose(rows)
     if chosen:
-        lines += ["", "Mean dev over the tasks, per method and lr (lrs that every task of the method ran):", "",
-                  "| method | tasks | mean dev by lr | best lr |", "|---|---|---|---|"]
+        lines += ["", "Mean dev over the tasks, per method and setting (settings that every task of the method ran), best first:",
+                  "", "| method | tasks | mean dev by setting | chosen |", "|---|---|---|---|"]
         for method, c in chosen.items():
-            lines.append(f"| {method} | {len(c['tasks'])} | {', '.join(f'{lr}: {v:.4f}' for lr, v in c['mean_dev_by_lr'].items())}"
-                         f" | {c['lr']:g} |")
+            lines.append(f"| {method} | {len(c['tasks'])} | {'; '.join(f'{k}: {v:.4f}' for k, v in c['mean_dev_by_setting'].items())}"
+                         f" | {label(c)} |")
     if expected is not None and len(rows) < expected:
         lines += ["", f"**Incomplete:** {len(rows)} of {expected} trials have finished (`er sweep FILE --resume` continues "
                   f"an interrupted sweep in the same output folder)."]
@@ -80,8 +103,13 @@ def main(argv=None) -> None:
     ap.add_argument("--rows", type=Path, nargs="*", default=[], help="JSON files of trials measured earlier ({rows: [...]})")
     ap.add_argument("--expected", type=int, help="trials the sweeps hold in all (marks the section incomplete)")
     ap.add_argument("--out", type=Path, default=REPORT)
+    ap.add_argument("--save", type=Path, help="also write the trials of the output folders to this JSON ({note, rows})")
+    ap.add_argument("--save-note", default="", help="the saved file's note: what ran, when, on what")
     args = ap.parse_args(argv)
-    rows = [r for f in args.rows for r in json.loads(f.read_text())["rows"]] + trials(args.outputs)
+    found = trials(args.outputs)
+    if args.save:
+        args.save.write_text(json.dumps({"note": args.save_note, "rows": found}, indent=1) + "\n")
+    rows = [r for f in args.rows for r in json.loads(f.read_text())["rows"]] + found
     text = section(rows, args.outputs, args.expected) + (f"\n\n{args.note}" if args.note else "")
     write_section("defaults-dev", text, args.out)
     print(text)

@@ -125,6 +125,7 @@ class Family:
     layers: str  # attribute path of the nn.ModuleList of layers
     embed_kwargs: tuple[str, ...]  # what the embeddings are called with, of input_ids/token_type_ids/mask
     lora_targets: tuple[str, ...]  # Linear names peft's LoRA (and LoHa, LoKr, ...) targets by default
+    linear_targets: tuple[str, ...] = ()  # every Linear of a layer, attention and FFN (lora_modules "all")
     ia3_targets: tuple[str, ...] = ()  # IA³: keys, values and the FFN's second Linear, as peft's own IA³ tables
     ffn_targets: tuple[str, ...] = ()  # IA³'s feedforward_modules: of ia3_targets, those scaled on their input
     layer_inputs: Callable = _bidirectional_inputs  # (config, shared, hidden, mask2d) -> layer kwargs
@@ -141,6 +142,7 @@ _BERT_LIKE = Family(
     layers="encoder.layer",
     embed_kwargs=("input_ids", "token_type_ids"),
     lora_targets=("query", "value"),
+    linear_targets=("query", "key", "value", "output.dense", "intermediate.dense"),
     ia3_targets=("key", "value", "output.dense"),
     ffn_targets=("output.dense",),
 )
@@ -155,6 +157,7 @@ FAMILIES: dict[str, Family] = {
         layers="encoder.layer",
         embed_kwargs=("input_ids", "token_type_ids"),
         lora_targets=("query", "value"),
+        linear_targets=("query", "key", "value", "output.dense", "intermediate.dense"),
         ia3_targets=("key", "value", "output.dense"),
         ffn_targets=("output.dense",),
         post_embed=("embeddings_project",),
@@ -165,6 +168,7 @@ FAMILIES: dict[str, Family] = {
         layers="transformer.layer",
         embed_kwargs=("input_ids",),
         lora_targets=("q_lin", "v_lin"),
+        linear_targets=("q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"),
         ia3_targets=("k_lin", "v_lin", "lin2"),
         ffn_targets=("lin2",),
         num_layers_attr="n_layers",
@@ -177,6 +181,7 @@ FAMILIES: dict[str, Family] = {
         layers="encoder.layer",
         embed_kwargs=("input_ids", "token_type_ids", "mask"),
         lora_targets=("query_proj", "value_proj"),
+        linear_targets=("query_proj", "key_proj", "value_proj", "output.dense", "intermediate.dense"),
         ia3_targets=("key_proj", "value_proj", "output.dense"),
         ffn_targets=("output.dense",),
         layer_inputs=_deberta_inputs,
@@ -189,6 +194,7 @@ FAMILIES: dict[str, Family] = {
         layers="encoder.layer",
         embed_kwargs=("input_ids",),
         lora_targets=("q", "v"),
+        linear_targets=("q", "k", "v", "o", "output.dense", "intermediate.dense"),
         ia3_targets=("k", "v", "output.dense"),
         ffn_targets=("output.dense",),
         layer_inputs=_mpnet_inputs,
@@ -201,6 +207,7 @@ FAMILIES: dict[str, Family] = {
         layers="layers",
         embed_kwargs=("input_ids",),
         lora_targets=("Wqkv",),
+        linear_targets=("Wqkv", "Wo", "Wi"),
         ia3_targets=("Wqkv", "mlp.Wo"),
         ffn_targets=("mlp.Wo",),
         layer_inputs=_modernbert_inputs,

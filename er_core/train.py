@@ -83,8 +83,10 @@ def adapter_config(model_type: str, cfg: TrainConfig):
 
     fam = family_by_type(model_type)
     if cfg.peft_config is None:
+        targets = fam.linear_targets if cfg.lora_modules == "all" else fam.lora_targets
         return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=list(fam.lora_targets), modules_to_save=["head"])
+                          target_modules=list(targets), modules_to_save=["head"],
+                          use_rslora=cfg.lora_variant == "rslora", use_dora=cfg.lora_variant == "dora")
     d = {k: v for k, v in cfg.peft_config.items() if k not in _SAVED_ONLY}
     d["peft_type"] = str(d["peft_type"]).upper()
     if not d.get("target_modules"):
@@ -103,12 +105,18 @@ def make_optimizer(model, cfg: TrainConfig, total_steps: int):
     """AdamW (no decay on biases and norms) with transformers' linear warm-up then linear decay."""
     from transformers import get_linear_schedule_with_warmup
 
-    decay, no_decay = [], []
+    groups: dict[tuple, list] = {}
     for n, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 else decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+        if p.requires_grad:  # the head may have its own rate (peft names its trained copy ...head.modules_to_save...)
+            lr = cfg.head_lr if cfg.head_lr is not None and _in_head(n) else cfg.lr
+            groups.setdefault((lr, 0.0 if p.ndim < 2 else cfg.weight_decay), []).append(p)
+    opt = torch.optim.AdamW([{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()], lr=cfg.lr)
     return opt, get_linear_schedule_with_warmup(opt, max(1, int(total_steps * cfg.warmup_ratio)), total_steps)
+
+
+def _in_head(name: str) -> bool:
+    parts = name.split(".")
+    return "head" in parts and "upper" not in parts[: parts.index("head")]
 
 
 def loss_step(model, batch: dict, kind: str) -> torch.Tensor:
@@ -194,7 +202,8 @@ def fit(
     `on_step(epoch, step, steps_per_epoch, mean loss so far)` after every optimizer step: a progress display.
     """
     core = getattr(model, "module", model)  # DDP wraps the model; states hold the plain names
-    opt, sched = make_optimizer(model, cfg, steps_per_epoch * cfg.epochs)
+    epochs = cfg.max_epochs(steps_per_epoch)
+    opt, sched = make_optimizer(model, cfg, steps_per_epoch * epochs)
     trainable = {n for n, p in core.named_parameters() if p.requires_grad}
     history, best, best_epoch, best_state, stale = [], -math.inf, -1, None, 0
     seconds, seen, start, resumes = 0.0, 0, 0, []
@@ -216,7 +225,7 @@ def fit(
 
     stopped = resume is not None and resume.get("stopped", False)
     device, first_step = devices.model_device(model), None
-    for epoch in range(start, cfg.epochs):
+    for epoch in range(start, epochs):
         if stopped:
             break
         model.train()
@@ -225,7 +234,7 @@ def fit(
         if progress:
             from tqdm.auto import tqdm
 
-            batches = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
+            batches = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{epochs}", leave=False)
         for batch in batches:
             if first_step is None:
                 first_step = time.time()

@@ -10,9 +10,23 @@ from .errors import ErError
 PRECISIONS = ("fp32", "bf16")
 
 METHODS = ("full", "reduced", "lora")
-# The peak learning rate each method gets when none is given: the best mean dev of the bundled tasks' sweeps
-# at batch 16 and 4 epochs (benchmarks/REPORT.md, defaults-dev), as are the batch and epoch defaults below.
-DEFAULT_LR = {"full": 1e-4, "reduced": 3e-4, "lora": 3e-3}
+LORA_MODULES = ("attention", "all")  # the family table's query/value Linears, or every Linear of the upper layers
+LORA_VARIANTS = ("lora", "rslora", "dora")  # peft's LoRA, rank-stabilised scaling (alpha/sqrt(r)), weight-decomposed
+
+# What each method gets for a field left None: the best mean dev of the bundled tasks' sweeps (benchmarks/REPORT.md,
+# defaults-dev; tests/test_defaults.py checks that the two agree), as are the batch and epoch defaults below.
+METHOD_DEFAULTS = {
+    "full": {"lr": 1e-4, "min_steps": 0},
+    "reduced": {"lr": 3e-4, "min_steps": 0},
+    "lora": {"lr": 3e-3, "min_steps": 0, "lora_modules": "attention", "lora_r": 8, "lora_alpha": 16},
+}
+DEFAULT_LR = {m: d["lr"] for m, d in METHOD_DEFAULTS.items()}
+_PER_METHOD = ("lr", "min_steps", "lora_modules", "lora_r", "lora_alpha")
+
+
+def _defaults(name: str) -> str:
+    return "default per method: " + ", ".join(f"{m} {d[name]:g}" if not isinstance(d[name], str) else f"{m} {d[name]}"
+                                              for m, d in METHOD_DEFAULTS.items() if name in d)
 
 
 @dataclass
@@ -21,15 +35,23 @@ class TrainConfig:
         "choices": METHODS, "help": "reduced: fine-tune layers k..L from the cache; lora: peft adapters on layers k..L from the "
         "cache (LoRA, or the tuner of peft_config); full: the whole model from raw text (the baseline)"})
     epochs: int = field(default=4, metadata={"help": "maximum number of passes over train"})
-    lr: float | None = field(default=None, metadata={
-        "help": "peak learning rate (default per method: " + ", ".join(f"{m} {v:g}" for m, v in DEFAULT_LR.items()) + ")"})
+    lr: float | None = field(default=None, metadata={"help": f"peak learning rate ({_defaults('lr')})"})
+    head_lr: float | None = field(default=None, metadata={"help": "peak learning rate of the task head (default: lr)"})
+    min_steps: int | None = field(default=None, metadata={
+        "help": "at least this many optimizer steps: a small task gets more epochs than --epochs, and early stopping on dev "
+        f"still ends the run ({_defaults('min_steps')})"})
     batch_size: int = field(default=16, metadata={"help": "examples per optimizer step, split across the workers"})
     warmup_ratio: float = field(default=0.06, metadata={"help": "share of steps with linear warm-up"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     patience: int = field(default=2, metadata={"help": "epochs without dev improvement before stopping"})
     seed: int = field(default=0, metadata={"help": "seed for init, dropout and shuffling"})
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha"})
+    lora_modules: str | None = field(default=None, metadata={
+        "choices": LORA_MODULES, "help": "LoRA on the attention's query and value Linears, or on every Linear of the upper "
+        f"layers (attention and FFN) ({_defaults('lora_modules')})"})
+    lora_r: int | None = field(default=None, metadata={"help": f"LoRA rank ({_defaults('lora_r')})"})
+    lora_alpha: int | None = field(default=None, metadata={"help": f"LoRA scaling alpha ({_defaults('lora_alpha')})"})
+    lora_variant: str = field(default="lora", metadata={
+        "choices": LORA_VARIANTS, "help": "plain LoRA, rsLoRA (scaling alpha/sqrt(r)) or DoRA (magnitude and direction)"})
     lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout"})
     precision: str = field(default="fp32", metadata={
         "choices": PRECISIONS, "help": "bf16: train under bf16 autocast (weights and optimizer stay fp32); for GPUs with bf16"})
@@ -45,8 +67,14 @@ class TrainConfig:
             raise ErError(f"epochs ({self.epochs}) and batch_size ({self.batch_size}) must be at least 1")
         if not 0 <= self.warmup_ratio < 1:
             raise ErError(f"warmup_ratio {self.warmup_ratio} must be in [0, 1)")
-        if self.lr is None:
-            self.lr = DEFAULT_LR[self.method]
+        for name in _PER_METHOD:  # a method without its own default (e.g. lora_r for reduced) takes lora's: unused there
+            if getattr(self, name) is None:
+                setattr(self, name, METHOD_DEFAULTS[self.method].get(name, METHOD_DEFAULTS["lora"][name]))
+        if self.lora_modules not in LORA_MODULES or self.lora_variant not in LORA_VARIANTS:
+            raise ErError(f"lora_modules {self.lora_modules!r} must be one of {LORA_MODULES} and lora_variant "
+                          f"{self.lora_variant!r} one of {LORA_VARIANTS}")
+        if self.min_steps < 0 or (self.head_lr is not None and self.head_lr <= 0):
+            raise ErError(f"min_steps ({self.min_steps}) must be >= 0 and head_lr ({self.head_lr}) > 0")
         if self.precision not in PRECISIONS:
             raise ErError(f"precision {self.precision!r} is not one of {PRECISIONS}")
         if self.lr <= 0 or self.lora_r < 1:
@@ -60,6 +88,10 @@ class TrainConfig:
             if kind not in PEFT_TYPE_TO_CONFIG_MAPPING:
                 raise ErError(f"peft config: peft_type {self.peft_config.get('peft_type')!r} is not one of "
                               f"{', '.join(sorted(map(str, PEFT_TYPE_TO_CONFIG_MAPPING)))}")
+
+    def max_epochs(self, steps_per_epoch: int) -> int:
+        """Epochs to run at most: `epochs`, or more where that would leave fewer than `min_steps` steps."""
+        return max(self.epochs, -(-self.min_steps // max(1, steps_per_epoch)))
 
     @property
     def source(self) -> str:

@@ -34,7 +34,7 @@ from er_core.store import put_atomic, url_to_fs
 from er_core.secrets import find_secrets
 from pipelines.configs import Sweep, TaskEntry
 
-LORA_ONLY = ("lora_r", "lora_alpha", "lora_dropout", "peft_config")  # varied for lora trials only
+LORA_ONLY = ("lora_r", "lora_alpha", "lora_dropout", "lora_modules", "lora_variant", "peft_config")  # varied for lora trials only
 SAMPLERS = ("choice", "uniform", "loguniform")  # search: {field: {sampler: values}}
 ASHA = {"grace_period": 1, "reduction_factor": 2}  # `asha: true`, or these keys to change
 TRAIN_FIELDS = {f.name: f for f in fields(TrainConfig) if f.name != "method"}
