@@ -1,17 +1,24 @@
-"""Fidelity and cost of recycling, side by side in one run: does `reduced`/`lora` at k = L/2 match `full`?
+"""Fidelity and cost of recycling, side by side in one run: does `reduced`/`lora` at k = L/2 match a tuned `full`?
 
-Bundled MiniLM (L=6). Every task folder of --data (no task named in code), sliced by --limit:
+Bundled MiniLM (L=6) by default, or --model (e.g. the 12-layer MPNet). Every task folder of --data (or --tasks),
+sliced by --train/--dev/--test (test: the whole split by default):
 
-1. one ingestion of every task's slice at k = L/2 (fp16), timed;
-2. accuracy table: task x method (full, reduced, lora at the shipped defaults) x seeds; each run is
-   `finetune` in this process, timed from its call to metrics.json; the paired difference to `full`
-   (same seed, same data order) as mean +- std over seeds, in points of the task's main metric;
-3. accuracy vs k: the first classification and the first NER task, `reduced` at every k = 0..L-1
-   (k = L leaves no layer to train), each from a cache of its slice at that k;
-4. codec cost: the first classification task, `reduced` from fp32, fp16 and int8 caches;
-5. break-even: one ingestion plus N `reduced` runs against N `full` runs, from the measured times.
+1. one ingestion of every task's slice at k (default L/2, fp16), timed;
+2. tuning, on dev only: per task and method, every learning rate of GRIDS (seed 0), each trained to convergence
+   (at most CONVERGE epochs, early stopping on dev); the dev-best rate then runs seeds 1 and 2 too;
+3. accuracy table: task x method at its dev-chosen rate, test metric over 3 seeds and the paired difference to
+   `full` (same seed, same data order) as mean +- std, in points of the task's main metric; where the dev-chosen
+   rate of `reduced`/`lora` is not the shipped default, the default runs the 3 seeds too (the shipped-defaults rows);
+4. accuracy vs k: the first classification and the first NER task, `reduced` and `lora` at their chosen rates at
+   every k = 0..L-1 (seed 0), each from a cache of its slice at that k;
+5. codec cost: the first classification task, `reduced` from fp32, fp16 and int8 caches;
+6. break-even: one ingestion plus N `reduced` runs against N `full` runs, from the measured times.
 
-    python -m benchmarks.bench_fidelity --data ../shared/data/tasks [--quick]
+    python -m benchmarks.bench_fidelity --data ../shared/data/tasks [--quick] [--device cuda]
+    python -m benchmarks.bench_fidelity --data ../shared/data/tasks --model mpnet --tasks sci-cite ncbi-disease \
+        --section fidelity-mpnet --no-extras
+
+Every run is kept in results/fidelity-runs.jsonl as it ends, so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -26,15 +33,21 @@ from pathlib import Path
 
 from er_core import Recycler, TrainConfig, finetune, ingest_local, load_task
 from er_core.metrics import primary_metric
+from er_core.models import MPNET
 from er_core.tasks import example_input, task_folders
+from er_core.train_config import DEFAULT_LR
 
 from .report import write_section
 
 METHODS = ("full", "reduced", "lora")
 GOAL_POINTS = 1.0  # recycling's goal: within this many points of full fine-tuning
 HERE = Path(__file__).resolve().parent
+MODELS = {"bundled": "bundled", "mpnet": MPNET}
+# Learning rates tuned on dev per task and method; each holds the method's shipped default (checked at start).
+GRIDS = {"full": (2e-5, 5e-5, 1e-4), "reduced": (1e-4, 3e-4, 1e-3), "lora": (3e-4, 1e-3, 3e-3)}
+CONVERGE = {"epochs": 10, "patience": 3}  # to convergence: early stopping on dev ends a run, rarely the cap
 QUICK_LIMIT = {"train": 64, "dev": 32, "test": 32}
-FULL_LIMIT = {"train": 500, "dev": 300, "test": 400}  # sized for 2 cores: about 1.5 h for the whole run
+FULL_LIMIT = {"train": 2000, "dev": 500}  # test: the whole split
 
 
 class RunLog:
@@ -62,91 +75,118 @@ class RunLog:
         return result
 
 
-def _ingest(tasks: dict, url: str, layer: int, codec: str) -> float:
+def _ingest(tasks: dict, url: str, model: str, layer: int, codec: str, device: str) -> float:
     t0 = time.perf_counter()
-    rec = Recycler.load("bundled", layer=layer, codec=codec)
+    rec = Recycler.load(model, layer=layer, codec=codec)
     inputs = [example_input(e) for t in tasks.values() for exs in t.splits.values() for e in exs]
-    ingest_local(inputs, url, rec, progress=False)
+    ingest_local(inputs, url, rec, progress=False, device=device)
     return time.perf_counter() - t0
 
 
-def _train(cache: str, task_dir: Path, out: Path, cfg: TrainConfig, limit: dict) -> dict:
+def _train(cache: str, task_dir: Path, out: Path, cfg: TrainConfig, limit: dict, device: str) -> dict:
     t0 = time.perf_counter()
-    m = finetune(cache, str(task_dir), str(out), cfg, limit=limit, log=lambda row: None, progress=False)
+    m = finetune(cache, str(task_dir), str(out), cfg, limit=limit, log=lambda row: None, progress=False, device=device)
     primary = primary_metric(m["kind"])
     return {"wall_seconds": round(time.perf_counter() - t0, 2), "train_examples_per_second": m["train_examples_per_second"],
             "metric": primary, "dev": m.get("dev", {}).get(primary), "test": m["test"][primary],
             "test_macro_f1": m["test"].get("macro_f1"), "best_epoch": m["best_epoch"], "epochs_run": len(m["history"])}
 
 
-def run(data: Path, quick: bool = False, seeds=(0, 1, 2), limit: dict | None = None, epochs: int | None = None,
-        log=print, runs: Path | None = None) -> dict:
-    """epochs None: the shipped default of each method. runs: the RunLog file (None: measure everything now)."""
+def run(data: Path, quick: bool = False, seeds=(0, 1, 2), limit: dict | None = None, log=print, runs: Path | None = None,
+        model: str = "bundled", k: int | None = None, only: list[str] | None = None, extras: bool = True,
+        device: str = "cpu") -> dict:
+    """runs: the RunLog file (None: measure everything now). only: task folder names to run (default all)."""
+    for method, grid in GRIDS.items():
+        if DEFAULT_LR[method] not in grid:
+            raise SystemExit(f"GRIDS[{method!r}] lacks the shipped default lr {DEFAULT_LR[method]:g}: add it")
     limit = limit or (QUICK_LIMIT if quick else FULL_LIMIT)
-    dirs = task_folders(data)
+    dirs = [d for d in task_folders(data) if not only or d.name in only]
+    if only and len(dirs) != len(only):
+        raise SystemExit(f"--tasks: {sorted(set(only) - {d.name for d in dirs})} not found in {data}")
     tasks = {d.name: load_task(d, limit=limit) for d in dirs}
-    num_layers = Recycler.load("bundled", layer=0).spec.num_layers
-    k = num_layers // 2
+    path = MODELS.get(model, model)
+    num_layers = Recycler.load(path, layer=0).spec.num_layers
+    k = num_layers // 2 if k is None else k
+    grids = {m: (DEFAULT_LR[m],) for m in METHODS} if quick else GRIDS
+    converge = {"epochs": 1, "patience": 1} if quick else CONVERGE
     work = Path(tempfile.mkdtemp(prefix="er-fidelity-"))
     done = RunLog(runs)
-    res = {"model": "bundled all-MiniLM-L6-v2", "num_layers": num_layers, "k": k, "limit": limit,
-           "seeds": list(seeds), "quick": quick, "when": time.strftime("%Y-%m-%d %H:%M")}
-    cfg = {m: TrainConfig(method=m, **({} if epochs is None else {"epochs": epochs})) for m in METHODS}
-    res["defaults"] = {m: {f: getattr(c, f) for f in ("lr", "epochs", "warmup_ratio", "patience", "batch_size")}
-                       for m, c in cfg.items()}
-    base = {"model": res["model"], "limit": limit}
+    res = {"model": model, "num_layers": num_layers, "k": k, "limit": limit, "seeds": list(seeds), "quick": quick,
+           "device": device, "grids": {m: list(g) for m, g in grids.items()}, "converge": converge}
+    shipped = {m: TrainConfig(method=m) for m in METHODS}
+    res["defaults"] = {m: {f: v for f, v in c.to_dict().items() if f not in ("method", "seed", "peft_config")}
+                       for m, c in shipped.items()}
+    base = {"model": model, "limit": limit}
     caches: dict = {}
 
     def cache(layer: int, codec: str, names: tuple) -> str:
         """A cache of these tasks' slices, ingested on first need; its ingestion time measured once."""
         url = str(work / f"k{layer}-{codec}-{'-'.join(names)}")
         if url not in caches:
-            secs = _ingest({n: tasks[n] for n in names}, url, layer, codec)
+            secs = _ingest({n: tasks[n] for n in names}, url, path, layer, codec, device)
             caches[url] = done.measure({**base, "what": "ingest", "layer": layer, "codec": codec, "tasks": list(names)},
                                        lambda: {"seconds": round(secs, 2)})["seconds"]
         return url
 
     def train(what: str, name: str, d: Path, c: TrainConfig, layer: int, codec: str, names: tuple) -> dict:
         key = {**base, "what": what, "task": name, "layer": layer, "codec": codec, "config": c.to_dict()}
+        if quick:
+            key["quick"] = True
         url = cache(layer, codec, names) if c.method != "full" else cache(k, "fp16", names)  # full reads text
-        return done.measure(key, lambda: _train(url, d, work / f"{what}-{name}-{c.method}-{c.seed}-k{layer}-{codec}", c, limit))
+
+        def measure():
+            r = _train(url, d, work / f"{what}-{name}-{c.method}-{c.lr:g}-{c.seed}-k{layer}-{codec}", c, limit, device)
+            log(f"{what} {name} {c.method} lr {c.lr:g} seed {c.seed} k={layer} {codec}: dev {r['dev']} test {r['test']:.4f} "
+                f"({r['epochs_run']} epochs, best {r['best_epoch']}) in {r['wall_seconds']} s")
+            return r
+
+        return done.measure(key, measure)
+
+    def config(method: str, lr: float, seed: int) -> TrainConfig:
+        return TrainConfig(method=method, lr=lr, seed=seed, **converge)
 
     all_names = tuple(tasks)
-    ingest_key = {**base, "what": "ingest", "layer": k, "codec": "fp16", "tasks": list(all_names)}
-    table = []
+    table, tuning, chosen = [], [], {}
     for name, d in zip(tasks, dirs):
-        for seed in seeds:
-            for method in METHODS:
-                c = TrainConfig(**{**cfg[method].to_dict(), "seed": seed})
-                r = {"task": name, "kind": tasks[name].kind, "method": method, "seed": seed,
-                     **train("table", name, d, c, k, "fp16", all_names)}
-                table.append(r)
-                log(f"{name} {method} seed {seed}: test {r['metric']} {r['test']:.4f} in {r['wall_seconds']} s")
-    res["runs"] = table
-    # measured when the table's first run made the cache; ingested here only if no run needed it
-    res["ingest_seconds"] = done.measure(ingest_key, lambda: {"seconds": round(_ingest(tasks, str(work / "timed"), k, "fp16"), 2)})["seconds"]
+        for method in METHODS:
+            by_lr = {lr: train("table", name, d, config(method, lr, seeds[0]), k, "fp16", all_names) for lr in grids[method]}
+            best = max(by_lr, key=lambda lr: by_lr[lr]["dev"])  # dev only: the test figures are not looked at
+            chosen[name, method] = best
+            tuning += [{"task": name, "method": method, "lr": lr, "seed": seeds[0], "chosen": lr == best, **r}
+                       for lr, r in by_lr.items()]
+            for which, lr in (("tuned", best), ("default", DEFAULT_LR[method])):
+                if which == "default" and (method == "full" or lr == best):
+                    continue  # full's baseline is tuned; a default that won on dev is the tuned row itself
+                for seed in seeds:
+                    r = by_lr[lr] if seed == seeds[0] else train("table", name, d, config(method, lr, seed), k, "fp16", all_names)
+                    table.append({"task": name, "kind": tasks[name].kind, "method": method, "setting": which, "lr": lr,
+                                  "seed": seed, **r})
+    res["tuning"], res["runs"] = tuning, table
+    ingest_key = {**base, "what": "ingest", "layer": k, "codec": "fp16", "tasks": list(all_names)}
+    res["ingest_seconds"] = done.measure(ingest_key, lambda: {"seconds": round(_ingest(tasks, str(work / "timed"), path, k,
+                                                                                        "fp16", device), 2)})["seconds"]
     log(f"ingesting {len(tasks)} task slices at k={k}: {res['ingest_seconds']} s")
-    res["paired"] = _paired(table)
+    res["paired"] = _paired(table, "tuned") + _paired(table, "default")
 
-    probe = {}
-    for kind in ("classification", "ner"):
-        first = next((d for n, d in zip(tasks, dirs) if tasks[n].kind == kind), None)
-        if first is None:
-            continue
-        probe[first.name] = []
-        for layer in range(num_layers):
-            r = train("vs_k", first.name, first, cfg["reduced"], layer, "fp16", (first.name,))
-            probe[first.name].append({"layer": layer, **r})
-            log(f"{first.name} k={layer}: test {r['test']:.4f}")
+    probe: dict = {}
+    firsts = [next((d for n, d in zip(tasks, dirs) if tasks[n].kind == kind), None) for kind in ("classification", "ner")]
+    for first in (f for f in firsts if f is not None and extras):
+        probe[first.name] = {}
+        for method in ("reduced", "lora"):
+            lr = chosen[first.name, method]
+            probe[first.name][method] = [{"layer": layer, "lr": lr, **train("vs_k", first.name, first, config(method, lr, seeds[0]),
+                                                                   layer, "fp16", (first.name,))}
+                                         for layer in range(num_layers)]
     res["vs_k"] = probe
 
-    first = next((d for n, d in zip(tasks, dirs) if tasks[n].kind == "classification"), None)
     res["codecs"] = {}
-    if first is not None:
+    if firsts[0] is not None and extras:
+        first, lr = firsts[0], chosen[firsts[0].name, "reduced"]
         for codec in ("fp32", "fp16", "int8"):
-            res["codecs"][codec] = {"task": first.name, **train("codec", first.name, first, cfg["reduced"], k, codec, (first.name,))}
-            log(f"{first.name} {codec}: test {res['codecs'][codec]['test']:.4f}")
+            res["codecs"][codec] = {"task": first.name, **train("codec", first.name, first, config("reduced", lr, seeds[0]),
+                                                                k, codec, (first.name,))}
     res["break_even"] = _break_even(res)
+    res["when"] = _span(res)
     shutil.rmtree(work, ignore_errors=True)  # caches and models of the runs: the figures are in `res`
     return res
 
@@ -155,19 +195,24 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
-def _paired(runs: list[dict]) -> list[dict]:
-    """Per task and method: test metric mean +- std over seeds, and its paired difference to `full` (points)."""
+def _paired(runs: list[dict], setting: str) -> list[dict]:
+    """Per task and method at `setting` (tuned, or the shipped default): test metric mean +- std over seeds, and its
+    paired difference to the tuned `full` (points)."""
     out = []
     for task in dict.fromkeys(r["task"] for r in runs):
         full = {r["seed"]: r for r in runs if r["task"] == task and r["method"] == "full"}
         for method in METHODS:
-            rs = [r for r in runs if r["task"] == task and r["method"] == method]
+            rs = [r for r in runs if r["task"] == task and r["method"] == method and r["setting"] == setting]
+            if not rs:
+                continue
             mean, std = _mean_std([r["test"] for r in rs])
             diff = [100 * (r["test"] - full[r["seed"]]["test"]) for r in rs if r["seed"] in full]
             dm, ds = _mean_std(diff) if diff else (None, None)
             macro = [r["test_macro_f1"] for r in rs if r["test_macro_f1"] is not None]
-            out.append({"task": task, "method": method, "metric": rs[0]["metric"], "mean": mean, "std": std,
-                        "diff_points": dm, "diff_std": ds, "macro_f1": statistics.fmean(macro) if macro else None,
+            out.append({"task": task, "method": method, "setting": setting, "lr": rs[0]["lr"], "metric": rs[0]["metric"],
+                        "mean": mean, "std": std, "diff_points": dm, "diff_std": ds,
+                        "macro_f1": statistics.fmean(macro) if macro else None,
+                        "epochs": [f"{r['best_epoch']}/{r['epochs_run']}" for r in rs],
                         "wall_seconds": statistics.fmean(r["wall_seconds"] for r in rs),
                         "train_examples_per_second": statistics.fmean(r["train_examples_per_second"] for r in rs)})
     return out
@@ -184,39 +229,63 @@ def _break_even(res: dict) -> dict:
 
 
 def _span(res: dict) -> str:
-    whens = sorted(r["when"] for r in res["runs"] + [r for rs in res["vs_k"].values() for r in rs] + list(res["codecs"].values()))
+    probes = [r for by in res["vs_k"].values() for rs in by.values() for r in rs]
+    whens = sorted(r["when"] for r in res["runs"] + res["tuning"] + probes + list(res["codecs"].values()))
     return whens[0] if whens[0] == whens[-1] else f"from {whens[0]} to {whens[-1]}"
 
 
-def report(res: dict, plots: list[str]) -> str:
-    lim = ", ".join(f"{k} {v}" for k, v in res["limit"].items())
+def _goal(p: dict) -> str:
+    d = p["diff_points"]
+    return f"{p['task']} {p['method']} {d:+.2f}: " + ("met" if d >= -GOAL_POINTS else f"missed by {-GOAL_POINTS - d:.2f}")
+
+
+def report(res: dict, plots: list[str], section: str = "fidelity") -> str:
+    lim = ", ".join(f"{k} {v}" for k, v in res["limit"].items()) + ("" if "test" in res["limit"] else ", test all")
     d = res["defaults"]
-    lines = [f"## Fidelity and cost of recycling (`python -m benchmarks.bench_fidelity`{' --quick' if res['quick'] else ''})", "",
-             f"{res['model']}, L={res['num_layers']}, k={res['k']} (L/2), fp16 cache; task slices: {lim}; seeds "
-             f"{res['seeds']}; at most {d['reduced']['epochs']} epochs with early stopping on dev; the shipped defaults "
-             f"(lr full {d['full']['lr']}, reduced {d['reduced']['lr']}, lora {d['lora']['lr']}; batch {d['reduced']['batch_size']}, "
-             f"warmup {d['reduced']['warmup_ratio']}, patience {d['reduced']['patience']}). Measured {_span(res)} on this machine "
-             f"(2 cores, CPU), one process, one run after another (a rerun keeps the runs already in "
+    lora = d["lora"]
+    title = "Fidelity and cost of recycling" + ("" if section == "fidelity" else f" ({res['model']})")
+    args = (" --quick" if res["quick"] else "") + ("" if res["model"] == "bundled" else f" --model {res['model']}")
+    lines = [f"## {title} (`python -m benchmarks.bench_fidelity{args}`)", "",
+             f"{res['model']}, L={res['num_layers']}, k={res['k']}, fp16 cache; task slices: {lim}; seeds {res['seeds']}; "
+             f"every run at most {res['converge']['epochs']} epochs with early stopping on dev (patience "
+             f"{res['converge']['patience']}). Tuned on dev (seed {res['seeds'][0]}) over lr "
+             + "; ".join(f"{m} {', '.join(f'{x:g}' for x in g)}" for m, g in res["grids"].items())
+             + f"; the other seeds then ran at the dev-chosen rate. Shipped defaults: lr full {d['full']['lr']:g}, reduced "
+             f"{d['reduced']['lr']:g}, lora {lora['lr']:g} (LoRA {lora['lora_modules']}, r{lora['lora_r']}/{lora['lora_alpha']}, "
+             f"at least {lora['min_steps']} steps); batch {d['reduced']['batch_size']}, warmup {d['reduced']['warmup_ratio']}. "
+             f"Measured {res['when']} on {res['device']}, one process, one run after another (a rerun keeps the runs already in "
              f"`results/fidelity-runs.jsonl`); wall time is `finetune` from its call to metrics.json.", "",
-             "| task | method | test metric (mean ± std) | vs full, points (paired, mean ± std) | macro-F1 | wall s | train ex/s |",
-             "|---|---|---|---|---|---|---|"]
+             "| task | method | setting | lr | test metric (mean ± std) | vs tuned full, points (paired, mean ± std) | macro-F1 "
+             "| best epoch / run | wall s | train ex/s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for p in res["paired"]:
         diff = "" if p["method"] == "full" or p["diff_points"] is None else f"{p['diff_points']:+.2f} ± {p['diff_std']:.2f}"
         macro = "" if p["macro_f1"] is None else f"{p['macro_f1']:.3f}"
-        lines.append(f"| {p['task']} | {p['method']} | {p['metric']} {p['mean']:.4f} ± {p['std']:.4f} | {diff} | {macro} | "
-                     f"{p['wall_seconds']:.1f} | {p['train_examples_per_second']:.1f} |")
-    lines += ["", f"Goal: `reduced` and `lora` within {GOAL_POINTS} point of `full` (paired mean): " + "; ".join(
-        f"{p['task']} {p['method']} {p['diff_points']:+.2f}: "
-        + ("met" if p["diff_points"] >= -GOAL_POINTS else f"missed by {-GOAL_POINTS - p['diff_points']:.2f}")
-        for p in res["paired"] if p["method"] != "full" and p["diff_points"] is not None) + "."]
-    for task, rows in res["vs_k"].items():
-        lines += ["", f"Accuracy vs k, {task} (`reduced`, seed 0): " + ", ".join(f"k={r['layer']}: {r['test']:.4f}" for r in rows)]
+        lines.append(f"| {p['task']} | {p['method']} | {p['setting']} | {p['lr']:g} | {p['metric']} {p['mean']:.4f} ± "
+                     f"{p['std']:.4f} | {diff} | {macro} | {', '.join(p['epochs'])} | {p['wall_seconds']:.1f} | "
+                     f"{p['train_examples_per_second']:.1f} |")
+    for setting in ("tuned", "default"):
+        ps = [p for p in res["paired"] if p["setting"] == setting and p["method"] != "full" and p["diff_points"] is not None]
+        if ps:
+            lines += ["", f"Goal, {setting}: `reduced` and `lora` within {GOAL_POINTS} point of the tuned `full` (paired mean): "
+                      + "; ".join(_goal(p) for p in ps) + "."]
+    lines += ["", "Dev by lr (seed 0; * chosen): " + "; ".join(
+        f"{t} {m}: " + ", ".join(f"{r['lr']:g} {r['dev']:.4f}{'*' if r['chosen'] else ''}" for r in res["tuning"]
+                                 if r["task"] == t and r["method"] == m)
+        for t, m in dict.fromkeys((r["task"], r["method"]) for r in res["tuning"]))]
+    capped = [f"{r['task']} {r['method']} lr {r['lr']:g} seed {r['seed']}" for r in res["runs"]
+              if r["best_epoch"] == r["epochs_run"] == res["converge"]["epochs"]]
+    if capped:
+        lines += ["", f"Still improving at the epoch cap (not converged): {'; '.join(capped)}."]
+    for task, by in res["vs_k"].items():
+        for method, rows in by.items():
+            lines += ["", f"Accuracy vs k, {task} (`{method}` at lr {rows[0]['lr']:g}, seed {res['seeds'][0]}): "
+                      + ", ".join(f"k={r['layer']}: {r['test']:.4f}" for r in rows)]
     if res["codecs"]:
         c = res["codecs"]
-        lines += ["", f"Codec cost, {next(iter(c.values()))['task']} (`reduced`, seed 0): "
+        lines += ["", f"Codec cost, {next(iter(c.values()))['task']} (`reduced`, seed {res['seeds'][0]}): "
                   + ", ".join(f"{name} {r['test']:.4f}" for name, r in c.items())]
     ideal = _ideal(res)
-    lines += ["", f"Training speed vs `full` (mean examples/s of the table's runs; ideal L/(L-k) = {ideal:.2f}): " + "; ".join(
+    lines += ["", f"Training speed vs `full` (mean examples/s of the tuned rows; ideal L/(L-k) = {ideal:.2f}): " + "; ".join(
         f"{t}: reduced {s['reduced']:.2f}x ({100 * s['reduced'] / ideal:.0f}% of ideal), lora {s['lora']:.2f}x "
         f"({100 * s['lora'] / ideal:.0f}%)" for t, s in _speedups(res).items())]
     b = res["break_even"]
@@ -229,7 +298,7 @@ def report(res: dict, plots: list[str]) -> str:
     return "\n".join(lines)
 
 
-def plot(res: dict, folder: Path) -> list[str]:
+def plot(res: dict, folder: Path, prefix: str = "fidelity") -> list[str]:
     """PNG plots next to the report; none (and a note) without matplotlib (pip install 'er[bench]')."""
     try:
         import matplotlib
@@ -240,24 +309,26 @@ def plot(res: dict, folder: Path) -> list[str]:
         print("matplotlib not installed: no plots (pip install -e '.[bench]')")
         return []
     names = []
+    tuned = [p for p in res["paired"] if p["setting"] == "tuned"]
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    tasks = list(dict.fromkeys(p["task"] for p in res["paired"]))
+    tasks = list(dict.fromkeys(p["task"] for p in tuned))
     for i, method in enumerate(METHODS):
-        ps = [next(p for p in res["paired"] if p["task"] == t and p["method"] == method) for t in tasks]
+        ps = [next(p for p in tuned if p["task"] == t and p["method"] == method) for t in tasks]
         ax.bar([j + 0.27 * (i - 1) for j in range(len(tasks))], [p["mean"] for p in ps], 0.27,
                yerr=[p["std"] for p in ps], label=method, capsize=3)
     ax.set_xticks(range(len(tasks)), tasks)
-    ax.set_ylabel("test main metric")
+    ax.set_ylabel("test main metric (tuned)")
     ax.legend()
-    names.append(_save(fig, folder, "fidelity_accuracy.png"))
+    names.append(_save(fig, folder, f"{prefix}_accuracy.png"))
     if res["vs_k"]:
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        for task, rows in res["vs_k"].items():
-            ax.plot([r["layer"] for r in rows], [r["test"] for r in rows], marker="o", label=task)
+        for task, by in res["vs_k"].items():
+            for method, rows in by.items():
+                ax.plot([r["layer"] for r in rows], [r["test"] for r in rows], marker="o", label=f"{task} {method}")
         ax.set_xlabel("k (layers cached)")
-        ax.set_ylabel("test main metric (reduced)")
+        ax.set_ylabel("test main metric")
         ax.legend()
-        names.append(_save(fig, folder, "fidelity_vs_k.png"))
+        names.append(_save(fig, folder, f"{prefix}_vs_k.png"))
     b = res["break_even"]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ns = list(range(1, 11))
@@ -266,7 +337,7 @@ def plot(res: dict, folder: Path) -> list[str]:
     ax.set_xlabel("N tasks on the same texts")
     ax.set_ylabel("wall seconds")
     ax.legend()
-    names.append(_save(fig, folder, "fidelity_break_even.png"))
+    names.append(_save(fig, folder, f"{prefix}_break_even.png"))
     fig, ax = plt.subplots(figsize=(7, 3.5))
     sp = _speedups(res)
     for i, method in enumerate(("reduced", "lora")):
@@ -275,7 +346,7 @@ def plot(res: dict, folder: Path) -> list[str]:
     ax.set_xticks(range(len(tasks)), tasks)
     ax.set_ylabel("training examples/s vs full")
     ax.legend()
-    names.append(_save(fig, folder, "fidelity_speed.png"))
+    names.append(_save(fig, folder, f"{prefix}_speed.png"))
     return names
 
 
@@ -284,9 +355,9 @@ def _ideal(res: dict) -> float:
 
 
 def _speedups(res: dict) -> dict:
-    """Per task: mean training examples/s of each method over that of `full` (the table's runs, side by side)."""
-    by = {(p["task"], p["method"]): p["train_examples_per_second"] for p in res["paired"]}
-    return {t: {m: by[t, m] / by[t, "full"] for m in METHODS} for t in dict.fromkeys(p["task"] for p in res["paired"])}
+    """Per task: mean training examples/s of each method over that of `full` (the tuned rows, side by side)."""
+    by = {(p["task"], p["method"]): p["train_examples_per_second"] for p in res["paired"] if p["setting"] == "tuned"}
+    return {t: {m: by[t, m] / by[t, "full"] for m in METHODS} for t in dict.fromkeys(t for t, _ in by)}
 
 
 def _save(fig, folder: Path, name: str) -> str:
@@ -298,18 +369,29 @@ def _save(fig, folder: Path, name: str) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, required=True, help="folder of task folders")
-    ap.add_argument("--quick", action="store_true", help="tiny slices, 2 seeds, 1 epoch")
+    ap.add_argument("--tasks", nargs="+", help="only these task folders of --data (default: all)")
+    ap.add_argument("--model", default="bundled", help="bundled (MiniLM, L=6), mpnet (all-mpnet-base-v2, L=12; "
+                    "`make models`) or a model path")
+    ap.add_argument("--k", type=int, help="layer of the cache (default L/2)")
+    ap.add_argument("--train", type=int, default=FULL_LIMIT["train"], help="training examples per task")
+    ap.add_argument("--dev", type=int, default=FULL_LIMIT["dev"], help="dev examples per task (tuning, early stopping)")
+    ap.add_argument("--test", type=int, help="test examples per task (default: the whole split)")
+    ap.add_argument("--no-extras", action="store_true", help="the table only: no accuracy vs k, no codec cost")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
+    ap.add_argument("--section", default="fidelity", help="REPORT section (and plot file prefix) to write")
+    ap.add_argument("--quick", action="store_true", help="tiny slices, 2 seeds, 1 epoch, the default lr only")
     ap.add_argument("--out", type=Path, default=HERE / "REPORT.md")
     ap.add_argument("--fresh", action="store_true", help="measure everything again, ignoring results/fidelity-runs.jsonl")
     args = ap.parse_args(argv)
     runs = args.out.parent / "results" / ("fidelity-runs-quick.jsonl" if args.quick else "fidelity-runs.jsonl")
     if args.fresh:
         runs.unlink(missing_ok=True)
-    res = run(args.data, quick=args.quick, seeds=(0, 1) if args.quick else (0, 1, 2), epochs=1 if args.quick else None,
-              runs=runs)
+    limit = None if args.quick else {"train": args.train, "dev": args.dev, **({"test": args.test} if args.test else {})}
+    res = run(args.data, quick=args.quick, seeds=(0, 1) if args.quick else (0, 1, 2), limit=limit, runs=runs,
+              model=args.model, k=args.k, only=args.tasks, extras=not args.no_extras, device=args.device)
     (args.out.parent / "results").mkdir(exist_ok=True)
-    (args.out.parent / "results" / "fidelity.json").write_text(json.dumps(res, indent=1))
-    write_section("fidelity", report(res, plot(res, args.out.parent)), args.out)
+    (args.out.parent / "results" / f"{args.section}.json").write_text(json.dumps(res, indent=1))
+    write_section(args.section, report(res, plot(res, args.out.parent, args.section), args.section), args.out)
 
 
 if __name__ == "__main__":

@@ -115,17 +115,19 @@ def ingest_local(
     total: int | None = None,
     stats: dict | None = None,
     known: Manifest | None = None,
+    device: str = "cpu",
 ) -> Manifest:
     """Add every input not yet cached to the cache at `url`, in one process. Empty texts are skipped and counted.
 
     Inputs with no non-empty text at all are refused before the cache is touched: no lock, no folder, no manifest.
-    `known`: the cache's state as the caller opened it (only later commits are read).
+    `known`: the cache's state as the caller opened it (only later commits are read). `device`: where the lower
+    layers run (cuda on a GPU machine; `er ingest` on Ray places its actors itself).
     """
     inputs, empty = _first_usable(inputs)
     if inputs is None:
         raise ErError(f"nothing to ingest into {url}: " + (f"all {empty} inputs have an empty text" if empty else "no inputs")
                       + "; check the corpus and its text field. Nothing was written")
-    embed = recycler.embedder()
+    embed = recycler.embedder(device)
     with CacheWriter(url, recycler.spec, storage_options, known=known) as writer:
         seen = KeyClaims(index=writer.reader().index)  # asks the key index: no hidden state is read
         if empty:
