@@ -9,6 +9,11 @@ A cache holds one layer. The user's cache serves its own k (the task's missing e
 to it, as `er train --ingest-missing` does); every other k gets a probe cache of the task's slice
 under `workdir/caches/k<k>`, built with the same model, codec and tokenizer settings. For the
 chosen k the user then ingests the corpus once at that layer (`command` in the result).
+
+Several tasks (`advise_tasks`) are probed one by one, the probe caches shared, and the advice is the shallowest k
+any of them needs: one cache at that k serves them all (a task that would do as well deeper trains a few more layers
+than it needs); the alternative, one cache per k, ingests the corpus once per distinct k. Token tasks (NER) often
+need a shallower cut than classification (REPORT `fidelity`, accuracy vs k).
 """
 
 from __future__ import annotations
@@ -98,6 +103,24 @@ def advise(cache_url: str, task_dir: str, cfg: AdviseConfig, workdir: str, stora
                        f"--codec {spec.codec}"}
 
 
+def advise_tasks(cache_url: str, task_dirs: list[str], cfg: AdviseConfig, workdir: str, storage_options=None,
+                 log=print) -> dict:
+    """`advise` for each task, then the shallowest k they need and what one cache per k would cost instead."""
+    each = [advise(cache_url, t, cfg, workdir, storage_options, log) for t in task_dirs]
+    if len(each) == 1:
+        return each[0]
+    first = each[0]
+    k = min(a["recommended"] for a in each)
+    ks = sorted({a["recommended"] for a in each})
+    return {**{f: first[f] for f in ("cache", "model", "num_layers", "config")}, "tasks": each, "recommended": k,
+            "per_task": {a["task"]: a["recommended"] for a in each},
+            "rule": f"the shallowest k any task needs: one cache at k={k} serves all {len(each)} tasks, each training "
+                    f"{first['num_layers'] - k} of {first['num_layers']} layers" + (
+                        f"; one cache per k ({', '.join(map(str, ks))}) would ingest the corpus {len(ks)} times, so that "
+                        f"each task trains only its own L-k layers" if len(ks) > 1 else ""),
+            "command": first["command"].replace(f"--layer {first['recommended']}", f"--layer {k}")}
+
+
 def _probe(url: str, task_dir: str, cfg: AdviseConfig, limit: dict, storage_options) -> dict:
     """One short training from the cache at `url`, scored on dev: {metric, dev, train_seconds, examples/s}."""
     tc = cfg.probe_config()
@@ -121,6 +144,11 @@ def _probe(url: str, task_dir: str, cfg: AdviseConfig, limit: dict, storage_opti
 
 
 def format_advice(advice: dict) -> str:
+    if "tasks" in advice:
+        per = ", ".join(f"{t} k={k}" for t, k in advice["per_task"].items())
+        return "\n\n".join([*(f"== {a['task']}\n{format_advice(a)}" for a in advice["tasks"]),
+                             f"per task: {per}\nrecommended k={advice['recommended']}: {advice['rule']}.\n"
+                             f"cache a corpus there with: {advice['command']}"])
     head = ["k", "layers trained", f"dev {advice['table'][0]['metric']}", "probe s", "ex/s", "ingest s", ""]
     body = [[r["layer"], r["trained_layers"], f"{r['dev']:.4f}", f"{r['train_seconds']:.1f}",
              f"{r['train_examples_per_second']:.1f}", f"{r['ingest_seconds']:.1f}",

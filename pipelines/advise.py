@@ -1,10 +1,10 @@
-"""`er advise`: probe several k on one task and recommend where to cache a corpus (er_core.advise)."""
+"""`er advise`: probe several k on one or more tasks and recommend where to cache a corpus (er_core.advise)."""
 
 from __future__ import annotations
 
 import json
 
-from er_core.advise import AdviseConfig, advise, format_advice
+from er_core.advise import AdviseConfig, advise_tasks, format_advice
 from er_core.outputs import OutputDir
 from er_core.store import put_atomic
 
@@ -17,7 +17,7 @@ def main(args) -> int:
     print(f"== er advise: probes of {cfg.budget} train / {cfg.dev} dev examples, {cfg.epochs} epochs, {cfg.method}; "
           f"probe caches under {out.url}/caches")
     try:
-        result = advise(args.cache, args.task, cfg, out.url)
+        result = advise_tasks(args.cache, args.task, cfg, out.url)
         put_atomic(out.fs, f"{out.path}/advice.json", json.dumps(result, indent=1).encode())
     except BaseException as e:
         out.fail(f"{type(e).__name__}: {e}")

@@ -107,9 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "at that layer: the given cache for its own k (the task's missing examples are added to it), probe "
                        "caches of the task's slice under OUT/caches for the others (a cache holds one layer). Prints dev "
                        "metric and cost per k, recommends the largest k (fewest layers trained per task) within "
-                       "--tolerance points of the best, and writes OUT/advice.json.")
+                       "--tolerance points of the best, and writes OUT/advice.json. With several --task folders: each is probed, and the "
+                       "advice is the shallowest k any of them needs (one cache serves them all), with what one cache per k "
+                       "would cost instead; token tasks (NER) often need a shallower k than classification.")
     p.add_argument("--cache", required=True, help="a cache of the model to advise on (its k is probed too)")
-    p.add_argument("--task", required=True, help="task folder to probe with (its train and dev splits)")
+    p.add_argument("--task", required=True, nargs="+", help="task folder(s) to probe with (their train and dev splits)")
     p.add_argument("--layers", type=int, nargs="+", help="k values to probe (default 0, L/4, L/2, 3L/4 and the cache's k)")
     p.add_argument("--method", choices=["reduced", "lora"], default="reduced", help="what later tasks will train")
     p.add_argument("--budget", type=_count, default=1000, help="train examples per probe (default 1000)")

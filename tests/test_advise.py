@@ -44,3 +44,25 @@ def test_advise_on_a_bundled_task_probes_every_k_and_follows_its_rule(data_dir, 
     assert f"--layer {advice['recommended']}" in advice["command"]
     printed = capsys.readouterr().out
     assert f"recommended k={advice['recommended']}" in printed and "<- recommended" in printed
+
+
+def test_several_tasks_get_the_shallowest_k_any_of_them_needs(monkeypatch):
+    from er_core import advise as advise_mod
+    from er_core.advise import AdviseConfig, advise_tasks, format_advice
+
+    wants = {"cls": 4, "ner": 1, "cls2": 3}
+
+    def fake(cache, task, cfg, workdir, storage_options=None, log=print):
+        k = wants[task]
+        return {"cache": cache, "task": task, "model": "m", "num_layers": 6, "config": {}, "recommended": k,
+                "table": [{"layer": k, "trained_layers": 6 - k, "metric": "f1", "dev": 0.5, "train_seconds": 1.0,
+                           "train_examples_per_second": 1.0, "ingest_seconds": 1.0}], "rule": "r",
+                "command": f"er ingest CORPUS --cache NEW_CACHE --model m --layer {k} --codec fp16"}
+
+    monkeypatch.setattr(advise_mod, "advise", fake)
+    got = advise_tasks("c", list(wants), AdviseConfig(), "w")
+    assert got["recommended"] == 1 and got["per_task"] == wants and "--layer 1 " in got["command"]
+    assert "one cache at k=1 serves all 3 tasks" in got["rule"] and "ingest the corpus 3 times" in got["rule"]
+    text = format_advice(got)
+    assert "== ner" in text and "recommended k=1" in text.splitlines()[-2]
+    assert advise_tasks("c", ["cls"], AdviseConfig(), "w")["recommended"] == 4  # one task: its own advice
