@@ -143,8 +143,15 @@ def _inputs(value, field: str, where: str) -> dict:
         return {"text": value}
     if isinstance(value, list) and all(isinstance(w, str) for w in value):
         return {"words": value}  # pre-split words, like CoNLL
+    if isinstance(value, dict):  # an input as er keys it (`er serve`'s miss log): a QA pair keeps its truncation, stride
+        fields = {"text": str, "text_pair": str, "truncation": str, "stride": int, "words": list}
+        bad = [k for k, v in value.items() if k not in fields or not isinstance(v, fields[k])]
+        if not bad and (("words" in value) != ("text" in value)):
+            return value
+        raise DataFormatError(f"{where}: field {field!r} as an object takes text (with text_pair, truncation, stride) or "
+                              f"words; got {sorted(value)}")
     got = "null" if value is None else type(value).__name__
-    raise DataFormatError(f"{where}: field {field!r} must be a string (or a list of words), got {got}")
+    raise DataFormatError(f"{where}: field {field!r} must be a string (or a list of words, or an input object), got {got}")
 
 
 def _ident(record: dict, field: str | None, where: str) -> str | None:

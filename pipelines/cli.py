@@ -11,8 +11,8 @@ from dataclasses import fields
 from er_core import ErError
 from er_core.store import StorageConfig
 from er_core.train_config import TrainConfig
-from pipelines.configs import (INGEST_FLAGLESS, SWEEP_FLAGS, IngestConfig, Sweep, TrainRun, add_flags, field_docs,
-                               storage_options)
+from pipelines.configs import (INGEST_FLAGLESS, SERVE_FLAGLESS, SWEEP_FLAGS, IngestConfig, ServeConfig, Sweep, TrainRun,
+                               add_flags, field_docs, storage_options)
 
 EPILOG = """examples:
   er demo ../shared/data/tasks/chemprot                       # ingest a task folder, train from the cache, print metrics
@@ -21,6 +21,7 @@ EPILOG = """examples:
   er sweep sweep.yaml                                          # many tasks x methods, concurrently
   er advise --cache ./cache --task data/chemprot               # which k to cache at: short probes per k
   er predict --cache ./cache --model-dir runs/chemprot --corpus new.jsonl --out preds.jsonl
+  er serve --cache ./cache --model-dir runs/chemprot runs/ner   # online: POST http://127.0.0.1:8000/er/predict
   er cache info ./cache"""
 
 
@@ -101,6 +102,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="benchmarks/REPORT.md", help="report file (markdown; a .json is written beside it)")
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     p.add_argument("--data", default=None, help="task data folder (default ../shared/data/tasks)")
+
+    p = sub.add_parser("serve", help="serve trained tasks online (Ray Serve): cached documents run the upper layers only",
+                       description="Deploy the models on Ray Serve over the cache: POST ROUTE_PREFIX/predict with "
+                       '{"documents": [{"text": ...} | {"words": [...]} | {"question": ..., "context": ...} | {"id": ...}]} '
+                       "answers each document from every model that takes its form. A cached document's states are read "
+                       "once for all models and run only their upper layers; a miss runs the lower layers too, is answered "
+                       "the same, and is written to the miss log, which `er ingest MISS_LOG --cache CACHE` turns into hits. "
+                       "Without --token-env it listens on 127.0.0.1 only.")
+    p.add_argument("--cache", default=argparse.SUPPRESS, help="cache URL the models were trained from")
+    p.add_argument("--model-dir", nargs="+", default=argparse.SUPPRESS, help="trained model folders (er train), served together")
+    add_flags(p, ServeConfig, skip=SERVE_FLAGLESS + ("model_dir",), metavars={"token_env": "NAME"})
+    p.add_argument("--config", metavar="FILE", help="a YAML/JSON file of these settings by field name; flags given override it")
+    p.add_argument("--print-config", action="store_true", help="print the resolved settings as YAML and exit")
+    p.add_argument("--print-serve-config", action="store_true", help="print a `serve deploy` config (a RayService's "
+                   "serveConfigV2) of this application and exit")
+    p.add_argument("--detach", action="store_true", help="return once deployed, leaving it running on the cluster (--address)")
+    _ray_args(p)
+    _storage_args(p)
 
     p = sub.add_parser("advise", help="probe several k on a task and recommend the layer to cache a corpus at",
                        description="Trains one short probe per k (a train slice, dev only, never test), each from a cache "
@@ -341,6 +360,8 @@ def main(argv=None) -> int:
             from pipelines.bench import main as run
         elif args.cmd == "advise":
             from pipelines.advise import main as run
+        elif args.cmd == "serve":
+            from pipelines.serve import main as run
         else:
             from pipelines.demo import main as run
         return run(args) or 0

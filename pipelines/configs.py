@@ -32,16 +32,20 @@ def _help(text: str, **kw) -> dict:
 class IngestConfig:
     """Everything `er ingest` takes besides corpus and cache; each field is the CLI flag of the same name."""
 
-    model: str = field(default=DEFAULT_MODEL, **_help("HF model id or local folder (the default is bundled)"))
+    model: str | None = field(default=None, **_help(
+        "HF model id or local folder (default: an existing cache's model, else the bundled MiniLM)"))
     model_revision: str | None = field(default=None, **_help(
         "Hub commit, branch or tag to load the model at; recorded in the cache and reused by every later command "
         "(default: the cache's, else the Hub's latest)"))
-    layer: str | int = field(default="0.5", **_help("cut layer k: an int 0..L or a fraction of depth"))
-    codec: str = field(default=DEFAULT_CODEC, **_help("storage precision of the states", choices=tuple(sorted(CODECS))))
+    layer: str | int | None = field(default=None, **_help(
+        "cut layer k: an int 0..L or a fraction of depth (default: an existing cache's, else 0.5)"))
+    codec: str | None = field(default=None, **_help(f"storage precision of the states (default: an existing cache's, else "
+                                                    f"{DEFAULT_CODEC})", choices=tuple(sorted(CODECS))))
     text_field: str = field(default="text", **_help("field holding the text in JSONL/Parquet/CSV corpora"))
     id_field: str | None = field(default=None, **_help(
         "use this field as the example key instead of a content hash (trusted ids; the first row of an id wins)"))
-    max_length: int | None = field(default=None, **_help("truncate longer texts (counted in the cache); default: model max"))
+    max_length: int | None = field(default=None, **_help(
+        "truncate longer texts (counted in the cache); default: an existing cache's, else the model's max"))
     limit: int | None = field(default=None, **_help("only the first N rows of each source (of each split for a task folder)"))
     actors: int | None = field(default=None, **_help(
         "size of the lower-layer actor pool (default: one per GPU, else one single-threaded actor per CPU but one, left to "
@@ -71,12 +75,23 @@ class IngestConfig:
             raise ErError(f"limit must be an integer >= 0, got {self.limit!r}")
         if self.dtype not in ("fp32", *AUTOCAST):
             raise ErError(f"dtype must be fp32, bf16 or fp16, got {self.dtype!r}")
-        if self.codec not in CODECS:
+        if self.codec is not None and self.codec not in CODECS:
             raise ErError(f"codec must be one of {', '.join(sorted(CODECS))}, got {self.codec!r}")
         if not self.commit_seconds > 0:
             raise ErError(f"commit_seconds must be > 0, got {self.commit_seconds!r}")
-        if os.path.isdir(self.model):  # Ray workers run in other folders, and the cache records the model for later
+        if self.model is not None and os.path.isdir(self.model):  # Ray workers run elsewhere; the cache records the model
             self.model = os.path.abspath(self.model)
+
+    def against(self, spec) -> "IngestConfig":
+        """The settings left unset taken from an existing cache's spec (None: a new cache), else the defaults: so
+        `er ingest MORE --cache CACHE` adds to a cache without repeating how it was built."""
+        from dataclasses import replace
+
+        if spec is None:
+            return replace(self, model=self.model or DEFAULT_MODEL, layer="0.5" if self.layer is None else self.layer,
+                           codec=self.codec or DEFAULT_CODEC)
+        return replace(self, model=self.model or spec.model_name, layer=spec.layer if self.layer is None else self.layer,
+                       codec=self.codec or spec.codec, max_length=self.max_length or spec.tokenizer.max_length)
 
 
 INGEST_FLAGLESS = ("address", "storage_options", "progress")  # set by command-level flags, or by library callers
@@ -160,6 +175,80 @@ class Sweep:
         return float(self.resources.get("gpus_per_worker", 0.0))
 
 
+@dataclass
+class ServeConfig:
+    """`er serve`'s settings (flags, --config FILE) and the args of the Serve application (`serve deploy`)."""
+
+    cache: str | None = field(default=None, metadata={"help": "cache URL the served models were trained from"})
+    model_dir: list[str] = field(default_factory=list, metadata={"help": "trained model folders (er train), served together"})
+    name: str = field(default="er", metadata={"help": "Serve application name"})
+    route_prefix: str = field(default="/er", metadata={"help": "HTTP route prefix: POST PREFIX/predict, GET PREFIX/models"})
+    host: str = field(default="127.0.0.1", metadata={"help": "HTTP host to bind; beyond 127.0.0.1 only with a token"})
+    port: int = field(default=8000, metadata={"help": "HTTP port"})
+    token_env: str | None = field(default=None, metadata={
+        "help": "environment variable holding a bearer token (16+ characters) every request must carry; never logged"})
+    token_sha256: str | None = None  # the token's digest, for `serve deploy` configs that should not hold the token
+    max_documents: int = field(default=64, metadata={"help": "documents one request may name"})
+    min_replicas: int = field(default=1, metadata={"help": "Upper replicas at least (autoscaling on ongoing requests)"})
+    max_replicas: int = field(default=1, metadata={"help": "Upper replicas at most"})
+    target_ongoing_requests: int = field(default=8, metadata={"help": "ongoing requests per Upper replica autoscaling aims at"})
+    max_batch_size: int = field(default=32, metadata={"help": "documents per dynamic batch (@serve.batch)"})
+    batch_wait_timeout_s: float = field(default=0.005, metadata={"help": "how long a batch waits to fill"})
+    cpus_per_replica: float = field(default=1.0, metadata={"help": "CPUs per Upper replica (the Lookup takes half that)"})
+    gpus_per_replica: float | None = field(default=None, metadata={
+        "help": "GPUs per Upper replica (default: 1 when the cluster has GPUs, else 0)"})
+    lru_rows: int = field(default=1024, metadata={"help": "recent cached rows the Lookup keeps in memory (float32)"})
+    refresh_s: float = field(default=10.0, metadata={"help": "how often the Lookup looks for a newer cache version"})
+    miss_log: str | None = field(default=None, metadata={
+        "help": "folder for the miss log (JSONL files; default CACHE.misses beside the cache; '' turns it off)"})
+    flush_rows: int = field(default=256, metadata={"help": "misses that make the miss log write a file"})
+    flush_s: float = field(default=5.0, metadata={"help": "longest a miss waits before the miss log writes it"})
+    storage_options: dict | None = None  # from StorageConfig's flags
+
+    def __post_init__(self):
+        if isinstance(self.model_dir, str):
+            self.model_dir = [self.model_dir]
+        ints = ("port", "max_documents", "min_replicas", "max_replicas", "target_ongoing_requests", "max_batch_size",
+                "lru_rows", "flush_rows")
+        if any(getattr(self, k) < (0 if k == "min_replicas" else 1) for k in ints) or self.max_replicas < self.min_replicas:
+            raise ErError("er serve: " + ", ".join(f"{k} {getattr(self, k)}" for k in ints) + ": each must be >= 1 "
+                          "(min_replicas >= 0) and max_replicas >= min_replicas")
+        if not self.route_prefix.startswith("/"):
+            raise ErError(f"route_prefix {self.route_prefix!r} must start with /")
+
+    def require(self) -> "ServeConfig":
+        if not self.cache or not self.model_dir:
+            raise ErError("er serve needs --cache and at least one --model-dir (or both in --config)")
+        return self
+
+    def miss_log_url(self) -> str:
+        return "" if self.miss_log == "" else (self.miss_log or self.cache.rstrip("/") + ".misses")
+
+    @property
+    def gpus(self) -> float:
+        if self.gpus_per_replica is not None:
+            return self.gpus_per_replica
+        import ray
+
+        return 1.0 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+SERVE_FLAGLESS = ("cache", "model_dir", "token_sha256", "storage_options")
+
+
+def serve_settings(args) -> ServeConfig:
+    """`er serve`'s settings: the --config file if any, then the flags given over it, then the defaults."""
+    base = read_config_file(args.config, (ServeConfig,)) if getattr(args, "config", None) else {}
+    values = {**base, **given(ServeConfig, args), "storage_options": storage_options(args)}
+    try:
+        return ServeConfig(**values).require()
+    except TypeError as e:
+        raise ErError(f"er serve settings: {e}") from None
+
+
 SWEEP_FLAGS = ("max_concurrent",)  # sweep keys that `er sweep` flags override
 
 
@@ -241,7 +330,8 @@ def settings_tables() -> str:
                               (TrainConfig, True, "`er train`, and a sweep's `defaults`/`grid`/`search` keys (`TrainConfig`)"),
                               (IngestConfig, True, "`er ingest` (`IngestConfig`)"),
                               (StorageConfig, True, "S3, on every command that reads or writes a cache (`StorageConfig`)"),
-                              (Sweep, SWEEP_FLAGS, "`er sweep`: the keys of a sweep file (`Sweep`)")):
+                              (Sweep, SWEEP_FLAGS, "`er sweep`: the keys of a sweep file (`Sweep`)"),
+                              (ServeConfig, True, "`er serve`, and the args of its `serve deploy` config (`ServeConfig`)")):
         out += [f"**{title}**", "", "| setting | flag | type | default | what it does |", "|---|---|---|---|---|"]
         for f in fields(cls):
             if "help" not in f.metadata:
@@ -273,8 +363,9 @@ def given(cls, args) -> dict:
     return {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
 
 
-def read_config_file(path: str) -> dict:
-    """A flat YAML or JSON mapping of `er train` settings; an unknown key is an error naming the known ones."""
+def read_config_file(path: str, classes: tuple | None = None) -> dict:
+    """A flat YAML or JSON mapping of a command's settings (`er train`'s by default); an unknown key is an error naming
+    the known ones."""
     p = Path(path)
     if not p.is_file():
         raise ErError(f"--config {path}: no such file")
@@ -287,7 +378,7 @@ def read_config_file(path: str) -> dict:
         data = yaml.safe_load(text) or {}
     if not isinstance(data, dict):
         raise ErError(f"--config {path}: expected a mapping of settings, got {type(data).__name__}")
-    known = {f.name for c in TRAIN_CONFIGS for f in fields(c)}
+    known = {f.name for c in (classes or TRAIN_CONFIGS) for f in fields(c)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ErError(f"--config {path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")

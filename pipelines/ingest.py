@@ -341,6 +341,7 @@ def run(corpus: list[str], cache: str, config: IngestConfig | None = None, **kw)
     t0, wall0 = time.perf_counter(), time.time()
     sources = find_sources(corpus, cfg.storage_options)
     state = open_state(cache, cfg.storage_options)  # the one open: the writer reads only the commits after it
+    cfg = cfg.against(state.spec if state else None)
     # An existing cache was built at a model revision (or none): keep it.
     revision = cfg.model_revision or (state.spec.model_revision if state else None)
     if cfg.local:  # one pass; ingest_local refuses an empty corpus itself
