@@ -199,6 +199,8 @@ class ServeConfig:
         "help": "GPUs per Upper replica (default: 1 when the cluster has GPUs, else 0)"})
     lru_rows: int = field(default=1024, metadata={"help": "recent cached rows the Lookup keeps in memory (float32)"})
     refresh_s: float = field(default=10.0, metadata={"help": "how often the Lookup looks for a newer cache version"})
+    recycle: bool = field(default=True, metadata={
+        "help": "read cached states; off: run every document through all layers (what serving costs without recycling)"})
     miss_log: str | None = field(default=None, metadata={
         "help": "folder for the miss log (JSONL files; default CACHE.misses beside the cache; '' turns it off)"})
     flush_rows: int = field(default=256, metadata={"help": "misses that make the miss log write a file"})

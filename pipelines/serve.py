@@ -142,7 +142,8 @@ class Upper:
     """The served models' upper layers and heads (and the lower layers, for misses), on a GPU where the replica has one.
     Documents arrive one by one and run in dynamic batches: one Lookup call and one pass per model per batch."""
 
-    def __init__(self, model_dirs: list[str], spec: dict, lookup, max_batch_size: int, batch_wait_timeout_s: float):
+    def __init__(self, model_dirs: list[str], spec: dict, lookup, max_batch_size: int, batch_wait_timeout_s: float,
+                 recycle: bool = True):
         import torch
 
         from er_core.predict import MultiTaskPredictor
@@ -151,7 +152,7 @@ class Upper:
         self.spec = CacheSpec.from_dict(spec)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.p = MultiTaskPredictor(model_dirs, self.spec, device=self.device)
-        self.lookup = lookup
+        self.lookup = lookup if recycle and self.p.uses_cache else None
         self.kinds = {name: meta["task"]["kind"] for name, (meta, _, _) in self.p.tasks.items()}
         self.run.set_max_batch_size(max_batch_size)
         self.run.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -173,7 +174,7 @@ class Upper:
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def run(self, docs: list[dict]) -> list[dict]:
         t0 = time.perf_counter()
-        states = await self.lookup.get.remote([d["key"] for d in docs]) if self.p.uses_cache else [None] * len(docs)
+        states = await self.lookup.get.remote([d["key"] for d in docs]) if self.lookup is not None else [None] * len(docs)
         t_lookup = time.perf_counter() - t0
         out = [{"cached": s is not None} for s in states]
         groups: dict[tuple, list[int]] = {}
@@ -369,7 +370,7 @@ def app(args: dict):
                             "target_ongoing_requests": cfg.target_ongoing_requests},
         max_ongoing_requests=max(cfg.max_batch_size * 2, cfg.target_ongoing_requests * 2),
         ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": gpus}).bind(
-        list(cfg.model_dir), spec, lookup, cfg.max_batch_size, cfg.batch_wait_timeout_s)
+        list(cfg.model_dir), spec, lookup, cfg.max_batch_size, cfg.batch_wait_timeout_s, cfg.recycle)
     misses = None if cfg.miss_log == "" else MissLog.options(ray_actor_options={"num_cpus": 0}).bind(
         cfg.miss_log_url(), cfg.storage_options, cfg.flush_rows, cfg.flush_s)
     return Api.options(ray_actor_options={"num_cpus": 0}).bind(upper, misses, spec, digest, cfg.max_documents)
