@@ -18,7 +18,7 @@ LORA_VARIANTS = ("lora", "rslora", "dora")  # peft's LoRA, rank-stabilised scali
 METHOD_DEFAULTS = {
     "full": {"lr": 1e-4, "min_steps": 0},
     "reduced": {"lr": 3e-4, "min_steps": 0},
-    "lora": {"lr": 3e-3, "min_steps": 0, "lora_modules": "attention", "lora_r": 8, "lora_alpha": 16},
+    "lora": {"lr": 1e-3, "min_steps": 500, "lora_modules": "all", "lora_r": 16, "lora_alpha": 32},
 }
 DEFAULT_LR = {m: d["lr"] for m, d in METHOD_DEFAULTS.items()}
 _PER_METHOD = ("lr", "min_steps", "lora_modules", "lora_r", "lora_alpha")

@@ -27,7 +27,7 @@ def test_all_modules_wrap_every_linear_of_the_upper_layers_and_nothing_else(name
              if type(m) is torch.nn.Linear and not n.endswith(".base_layer") and ".lora_" not in n]
     assert wrapped and not plain, f"{name}: Linears left without LoRA: {sorted(plain)}"
     assert not any(".lora_A." in n for n, _ in model.named_parameters() if ".head." in n)  # the head trains whole
-    attention = build_model(make_tiny(name), 2, "classification", 3, TrainConfig(method="lora", lora_r=2))
+    attention = build_model(make_tiny(name), 2, "classification", 3, TrainConfig(method="lora", lora_r=2, lora_modules="attention"))
     fewer = {n for n, _ in attention.named_parameters() if ".lora_A." in n}
     assert 0 < len(fewer) < len([n for n, _ in model.named_parameters() if ".lora_A." in n])
     assert family_by_type(encoder.config.model_type).linear_targets
