@@ -85,6 +85,25 @@ class Load:
         return json.dumps({"documents": docs}).encode()
 
 
+async def _closed_loop(url: str, load: Load, clients: int, duration: float) -> float:
+    """Requests/s that `clients` senders, each waiting for its answer, complete: a first estimate of capacity."""
+    import aiohttp
+
+    done, stop = 0, time.perf_counter() + duration
+
+    async def client(session):
+        nonlocal done
+        while time.perf_counter() < stop:
+            async with session.post(url, data=load.body(), headers={"Content-Type": "application/json"}) as r:
+                await r.read()
+                done += r.status == 200
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(session) for _ in range(clients)))
+        return done / (time.perf_counter() - t0)
+
+
 async def _open_loop(url: str, load: Load, rate: float, duration: float) -> dict:
     """Poisson arrivals at `rate` requests/s for `duration` s; every request's latency and the server's timings."""
     import aiohttp
@@ -102,7 +121,7 @@ async def _open_loop(url: str, load: Load, rate: float, duration: float) -> dict
                 if r.status != 200:
                     fails += 1
                     return
-        except aiohttp.ClientError:
+        except (aiohttp.ClientError, asyncio.TimeoutError):
             fails += 1
             return
         t1 = time.perf_counter()
@@ -111,7 +130,7 @@ async def _open_loop(url: str, load: Load, rate: float, duration: float) -> dict
         lookup.append(statistics.fmean(d["timing_ms"]["lookup"] for d in got["documents"]) / 1000)
 
     conn = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=120)) as session:
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=60)) as session:
         tasks, start = [], time.perf_counter()
         t = start
         while t - start < duration:
@@ -123,7 +142,7 @@ async def _open_loop(url: str, load: Load, rate: float, duration: float) -> dict
     inside = [x for x in done_at if x <= start + duration]
     lat.sort()
     q = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] if lat else None  # noqa: E731
-    return {"offered_rps": rate, "sent": len(tasks), "ok": len(lat), "failed": fails,
+    return {"offered_rps": rate, "sent": len(tasks), "ok": len(lat), "failed": fails,  # failed: an error or > 60 s
             "achieved_rps": len(inside) / duration, "drain_s": round(end - start - duration, 2),
             "p50_ms": q(0.5) and 1000 * q(0.5), "p99_ms": q(0.99) and 1000 * q(0.99),
             "lookup_share_p50": (statistics.median(lookup) / q(0.5)) if lat else None}
@@ -133,9 +152,9 @@ def measure(url: str, corpus: list[str], docs: int, hits: float, words: int, dur
     """Saturation (offered load well above what a short probe reached), then 50% and 80% of it."""
     load = Load(corpus, docs, hits, words)
     asyncio.run(_open_loop(url, load, 5.0, 3.0))  # warm-up: replicas, connections, first batches
-    probe = asyncio.run(_open_loop(url, load, 200.0, min(5.0, duration / 2)))
-    sat = asyncio.run(_open_loop(url, load, max(2.0, 1.5 * probe["achieved_rps"]), duration))
-    capacity = max(probe["achieved_rps"], sat["achieved_rps"])
+    probe = asyncio.run(_closed_loop(url, load, 8, min(10.0, duration / 2)))  # enough in flight to fill the batches
+    sat = asyncio.run(_open_loop(url, load, 1.25 * probe, duration))  # offered above capacity: what completes is it
+    capacity = max(probe, sat["achieved_rps"])
     log(f"  saturation: {capacity * docs:.0f} docs/s ({capacity:.1f} requests/s of {docs} documents)")
     out = {"saturation_rps": capacity, "saturation_docs_per_s": capacity * docs, "saturation_run": sat, "at": {}}
     for frac in (0.5, 0.8):

@@ -165,10 +165,13 @@ class Upper:
         if doc["form"] == "question":
             return None
         inp = doc["input"]
+        limit = self.spec.tokenizer.max_length
+        parts = inp["words"] if "words" in inp else [inp["text"], inp.get("text_pair") or ""]
+        if sum(len(x.encode()) for x in parts) + 4 <= limit:  # every token covers a byte at least (specials aside)
+            return None
         kw = {"is_split_into_words": True} if "words" in inp else {}
         text = inp["words"] if "words" in inp else inp["text"]
         n = len(self.p.tokenizer(text, inp.get("text_pair"), **kw)["input_ids"])
-        limit = self.spec.tokenizer.max_length
         return None if n <= limit else f"{n} tokens; the model takes at most {limit}"
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
