@@ -90,8 +90,10 @@ class IngestConfig:
         if spec is None:
             return replace(self, model=self.model or DEFAULT_MODEL, layer="0.5" if self.layer is None else self.layer,
                            codec=self.codec or DEFAULT_CODEC)
+        # the cache's max length only with its model: a model given by name keeps its own default, as before
+        max_length = self.max_length or (spec.tokenizer.max_length if self.model is None else None)
         return replace(self, model=self.model or spec.model_name, layer=spec.layer if self.layer is None else self.layer,
-                       codec=self.codec or spec.codec, max_length=self.max_length or spec.tokenizer.max_length)
+                       codec=self.codec or spec.codec, max_length=max_length)
 
 
 INGEST_FLAGLESS = ("address", "storage_options", "progress")  # set by command-level flags, or by library callers

@@ -228,3 +228,17 @@ def test_a_mistyped_task_folder_fails_at_once_and_leaves_no_output(tiny_cache, t
     err = capsys.readouterr().err
     assert "does not exist" in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_ingest_settings_left_unset_come_from_an_existing_cache():
+    from types import SimpleNamespace
+
+    from pipelines.configs import IngestConfig
+
+    spec = SimpleNamespace(model_name="/models/m", layer=2, codec="int8", tokenizer=SimpleNamespace(max_length=96))
+    got = IngestConfig().against(spec)
+    assert (got.model, got.layer, got.codec, got.max_length) == ("/models/m", 2, "int8", 96)
+    mine = IngestConfig(model="org/other", layer="4", codec="fp32").against(spec)  # given flags win; the model's own max
+    assert (mine.model, mine.layer, mine.codec, mine.max_length) == ("org/other", "4", "fp32", None)
+    new = IngestConfig().against(None)
+    assert (new.layer, new.codec) == ("0.5", "fp16") and new.model
