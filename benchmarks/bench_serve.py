@@ -206,7 +206,7 @@ def run(rows: int, words: int, docs: int, duration: float, s3: bool, work: Path,
             url = f"s3://{server.bucket}/cache"
             small = build(work, s3_rows, words, url=url)
             log(f"S3: cache of {s3_rows} rows at {url}")
-            endpoint = deploy(url, b["model"], True, port, server.storage_options())
+            endpoint = deploy(url, b["model"], True, port)  # the replicas find the server and its keys in the environment
             sat = res["runs"]["recycled@1.0"]["saturation_rps"]
             load = Load(small["corpus"], docs, 1.0, words)
             asyncio.run(_open_loop(endpoint, load, 5.0, 3.0))

@@ -362,7 +362,10 @@ def check_models(cfg: ServeConfig) -> dict:
 
 def app(args: dict):
     """The application builder: ServeConfig fields in, a bound Serve application out (`serve deploy` calls it too)."""
+    from er_core.secrets import reject_secrets
+
     cfg = (args if isinstance(args, ServeConfig) else ServeConfig(**args)).require()
+    reject_secrets(cfg.storage_options)  # they would travel in the deployments' init args, shown by Serve's config
     spec = check_models(cfg)
     digest = cfg.token_sha256 or token_digest(cfg.token_env)
     gpus = cfg.gpus
