@@ -49,13 +49,16 @@ def tokenize(tokenizer, inputs: list[dict], max_length: int, **kw) -> list[Token
     for kind, idx in groups.items():
         if kind[0] == "words":
             args = ([list(inputs[i]["words"]) for i in idx],)
-            kw2 = {"is_split_into_words": True}
+            kw2 = {"is_split_into_words": True, "return_token_type_ids": False}
         elif kind[0] == "pair":
             args = ([inputs[i]["text"] for i in idx], [inputs[i]["text_pair"] for i in idx])
             kw2 = {"truncation": kind[1], "return_token_type_ids": True}
         else:
             args = ([inputs[i]["text"] for i in idx],)
-            kw2 = {}
+            kw2 = {"return_token_type_ids": False}
+        # Only the ids (and a pair's segment ids) are kept: building the other lists per text cost ingestion's CPU side
+        # a third of its tokenizing.
+        kw2["return_attention_mask"] = False
         # Tokenize in full first, so truncation is detected (and counted) rather than silent.
         enc = tokenizer(*args, **{**kw2, "truncation": False}, **kw)
         full, types = enc["input_ids"], enc.get("token_type_ids") if kind[0] == "pair" else None
@@ -214,12 +217,15 @@ class Embedder:
             if extra is not None:  # int8's fp32 scales, or fp16's overflow flag
                 extra = extra if extra.dtype == torch.float32 else extra.to(torch.uint8)
                 parts.append(extra.contiguous().view(torch.uint8).reshape(-1))
-            host = torch.cat(parts).cpu().numpy()  # the pass's one device-to-host copy
-            n = parts[0].numel()
-            payload.append(host[:n])
+            if self.device == "cpu":  # on the host already: no copy
+                host = [p.numpy() for p in parts]
+            else:
+                both = torch.cat(parts).cpu().numpy()  # the pass's one device-to-host copy
+                host = [both[:parts[0].numel()], both[parts[0].numel():]]
+            payload.append(host[0])
             if codec == "int8":
-                scale.append(host[n:])
-            elif codec == "fp16" and host[n:].any():
+                scale.append(host[1])
+            elif codec == "fp16" and host[1].any():
                 raise ErError("hidden states overflow fp16 (|x| > 65504); use codec 'bf16' or 'fp32' for this model")
         empty = np.zeros(0, np.uint8)
         return replace(rows, payload=np.concatenate(payload) if payload else empty,

@@ -48,6 +48,7 @@ from er_core.embed import CPU_BATCH, Embedder, is_empty, token_budget
 from er_core.keys import TokenizerSettings
 from er_core.recycle import cache_rows, cache_spec
 from er_core.errors import CacheMismatchError, LockLostError
+from er_core.host_memory import keep_freed_memory
 from er_core.keys import example_key
 from er_core.secrets import reject_secrets
 from pipelines.configs import AUTOCAST, IngestConfig
@@ -142,6 +143,7 @@ class EmbedStates:
         import ray
         import torch
 
+        keep_freed_memory()  # every shard's buffers reuse the last one's pages
         self.resources = ray.get_runtime_context().get_assigned_resources()
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.resources.get("GPU") and self.device == "cpu":
@@ -192,6 +194,7 @@ class TokenizeEmbedWrite(EmbedStates):
 def write_rows(batch: pa.Table, cache: str, storage_options, run_id: str, codec: str) -> dict:
     """CPU stage: one shard file per packed row (page checksums, row offsets and checksums computed here, off the GPU); its
     ShardInfo and index material go back to the driver, which commits."""
+    keep_freed_memory()
     out = []
     for i in range(batch.num_rows):
         t0 = time.perf_counter()

@@ -105,14 +105,18 @@ def is_local(fs) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,))
 
 
-def put_atomic(fs, path: str, data: bytes) -> None:
-    """Make `data` visible at `path` all at once: rename on local disk, a single PUT on object stores."""
+def put_atomic(fs, path: str, data: bytes, cached: bool = True) -> None:
+    """Make `data` visible at `path` all at once: rename on local disk, a single PUT on object stores.
+    `cached=False` (shards: big, written once, read later by few rows) drops the file's pages from the page cache
+    once they are on disk, so the next file's writes reuse them rather than claim fresh ones."""
     if is_local(fs):
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+            if not cached and hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         os.replace(tmp, path)
     else:
         fs.pipe_file(path, data)

@@ -123,7 +123,7 @@ def write_shard(url: str, name: str, table: pa.Table, storage_options: dict | No
     rel = f"shards/{name}"
     if is_local(fs):
         fs.makedirs(f"{root}/shards", exist_ok=True)
-    put_atomic(fs, f"{root}/{rel}", data)
+    put_atomic(fs, f"{root}/{rel}", data, cached=False)
     info = ShardInfo(path=rel, rows=table.num_rows, tokens=int(rows["length"].sum()), bytes=len(data),
                      checksum=file_checksum(data), truncated=int(pc.sum(table.column("truncated")).as_py() or 0),
                      footer_sha256=footer, group_rows=GROUP_ROWS)
