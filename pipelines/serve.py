@@ -21,6 +21,7 @@ import os
 import time
 import uuid
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -140,7 +141,8 @@ class Lookup:
 @serve.deployment(name="Upper")
 class Upper:
     """The served models' upper layers and heads (and the lower layers, for misses), on a GPU where the replica has one.
-    Documents arrive one by one and run in dynamic batches: one Lookup call and one pass per model per batch."""
+    A request's documents arrive in one call and run in dynamic batches of documents from several requests: one
+    Lookup call and one pass per model per batch."""
 
     def __init__(self, model_dirs: list[str], spec: dict, lookup, max_batch_size: int, batch_wait_timeout_s: float,
                  recycle: bool = True):
@@ -154,6 +156,7 @@ class Upper:
         self.p = MultiTaskPredictor(model_dirs, self.spec, device=self.device)
         self.lookup = lookup if recycle and self.p.uses_cache else None
         self.kinds = {name: meta["task"]["kind"] for name, (meta, _, _) in self.p.tasks.items()}
+        self.layers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="er-layers")  # one batch's layers at a time
         self.run.set_max_batch_size(max_batch_size)
         self.run.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
@@ -174,11 +177,28 @@ class Upper:
         n = len(self.p.tokenizer(text, inp.get("text_pair"), **kw)["input_ids"])
         return None if n <= limit else f"{n} tokens; the model takes at most {limit}"
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def run(self, docs: list[dict]) -> list[dict]:
+    # Two batches at once, their layers run one at a time in one thread: the next batch's Lookup call overlaps this one's
+    # layers, so the replica's core never idles waiting for rows.
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, max_concurrent_batches=2,
+                 batch_size_fn=lambda calls: sum(len(c) for c in calls))
+    async def run(self, calls: list[list[dict]]) -> list[list[dict]]:
+        """Each call is a request's documents (up to a batch of them): one handle call per request, not per document,
+        and batches counted in documents."""
+        docs = [d for c in calls for d in c]
+        out = iter(await self._documents(docs))
+        return [[next(out) for _ in c] for c in calls]
+
+    async def _documents(self, docs: list[dict]) -> list[dict]:
         t0 = time.perf_counter()
         states = await self.lookup.get.remote([d["key"] for d in docs]) if self.lookup is not None else [None] * len(docs)
         t_lookup = time.perf_counter() - t0
+        out = await asyncio.get_running_loop().run_in_executor(self.layers, self._predict, docs, states)
+        took = time.perf_counter() - t0
+        for o in out:
+            o["timing_ms"] = {"lookup": round(1000 * t_lookup, 3), "batch": round(1000 * took, 3), "batch_size": len(docs)}
+        return out
+
+    def _predict(self, docs: list[dict], states: list) -> list[dict]:
         out = [{"cached": s is not None} for s in states]
         groups: dict[tuple, list[int]] = {}
         for i, d in enumerate(docs):
@@ -197,9 +217,6 @@ class Upper:
                 preds = self.p.predict([_example(docs[i], i) for i in idx], [states[i] for i in idx], list(tasks), detail=True)
             for i, p in zip(idx, preds):
                 out[i]["predictions"] = p
-        took = time.perf_counter() - t0
-        for o in out:
-            o["timing_ms"] = {"lookup": round(1000 * t_lookup, 3), "batch": round(1000 * took, 3), "batch_size": len(docs)}
         return out
 
     def _by_states(self, states: list[np.ndarray], tasks: list[str]) -> list[dict]:
@@ -267,10 +284,10 @@ class Api:
     """HTTP JSON in front of Upper: checks the token and the request, answers each document from every model that
     takes its form, and sends the misses to the miss log."""
 
-    def __init__(self, upper, misses, spec: dict, token_sha256: str | None, max_documents: int):
+    def __init__(self, upper, misses, spec: dict, token_sha256: str | None, max_documents: int, max_batch_size: int):
         from er_core.store import CacheSpec
 
-        self.upper, self.misses, self.max_documents = upper, misses, max_documents
+        self.upper, self.misses, self.max_documents, self.batch = upper, misses, max_documents, max_batch_size
         self.settings = CacheSpec.from_dict(spec).tokenizer
         self.token = bytes.fromhex(token_sha256) if token_sha256 else None
 
@@ -316,7 +333,9 @@ class Api:
 
         for d in docs:
             d["key"] = d["id"] if d["form"] == "id" else example_key(d["input"], self.settings)
-        results = await asyncio.gather(*(self._one(d) for d in docs))
+        n = self.batch
+        parts = await asyncio.gather(*(self._call(docs[i:i + n]) for i in range(0, len(docs), n)))
+        results = [r for part in parts for r in part]
         missed = [(d["key"], d["input"]) for d, r in zip(docs, results) if not r["cached"] and d["form"] != "id" and "error" not in r]
         if missed and self.misses is not None:
             self.misses.record.remote(missed)  # not awaited: the answer does not wait for the log
@@ -329,11 +348,11 @@ class Api:
             raise BadRequest("; ".join(bad), 422 if any("tokens" in b for b in bad) else 400)
         return {"documents": out}
 
-    async def _one(self, doc: dict) -> dict:
+    async def _call(self, docs: list[dict]) -> list[dict]:
         try:
-            return await self.upper.run.remote(doc)
+            return await self.upper.run.remote(docs)
         except Exception:  # noqa: BLE001 - the replica died: Serve routes the retry to a live one
-            return await self.upper.run.remote(doc)
+            return await self.upper.run.remote(docs)
 
 
 # ---------------------------------------------------------------- the application
@@ -379,7 +398,7 @@ def app(args: dict):
         list(cfg.model_dir), spec, lookup, cfg.max_batch_size, cfg.batch_wait_timeout_s, cfg.recycle)
     misses = None if cfg.miss_log == "" else MissLog.options(ray_actor_options={"num_cpus": 0}).bind(
         cfg.miss_log_url(), cfg.storage_options, cfg.flush_rows, cfg.flush_s)
-    return Api.options(ray_actor_options={"num_cpus": 0}).bind(upper, misses, spec, digest, cfg.max_documents)
+    return Api.options(ray_actor_options={"num_cpus": 0}).bind(upper, misses, spec, digest, cfg.max_documents, cfg.max_batch_size)
 
 
 def serve_config(cfg: ServeConfig) -> dict:
