@@ -102,7 +102,8 @@ def served(ray_session, tiny_bert, tmp_path_factory):
     import hashlib
 
     cfg = ServeConfig(cache=cache, model_dir=list(models.values()), port=port, route_prefix="/er", refresh_s=0.5,
-                      flush_s=0.2, token_sha256=hashlib.sha256(TOKEN.encode()).hexdigest(), max_documents=40)
+                      flush_s=0.2, token_sha256=hashlib.sha256(TOKEN.encode()).hexdigest(), max_documents=40,
+                      max_batch_size=8)  # a request of 20 documents goes to Upper in 3 calls, answered in order
     handle = start(cfg)
     yield {"cfg": cfg, "handle": handle, "url": f"http://127.0.0.1:{port}/er", "cache": cache, "models": models,
            "tasks": loaded, "base": base, "rec": rec}
