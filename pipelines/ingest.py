@@ -64,6 +64,7 @@ CPU_STAGE = 0
 # The driver reads this many shards' worth of rows before starting (bad input or no text there fails before the
 # cache is touched; fewer rows than this size the pool); the read tasks validate the rest as they read it.
 PROBE_SHARDS = 8
+ROW_BYTES = 52  # a read row's size in a block beside its input's JSON: key (32), source and row numbers, offsets
 
 
 @dataclass
@@ -372,7 +373,8 @@ def run(corpus: list[str], cache: str, config: IngestConfig | None = None, **kw)
         spec, writer = fresh, CacheWriter(cache, fresh, cfg.storage_options, known=state)
     try:
         with _Heartbeat(writer):
-            totals, actors = _run_ray(sources, writer, spec, cfg, pool, total=stats.usable if stats.complete else None)
+            totals, actors = _run_ray(sources, writer, spec, cfg, pool, total=stats.usable if stats.complete else None,
+                                      row_bytes=ROW_BYTES + stats.input_bytes // stats.usable)
         if totals["empty"]:
             writer.count_skipped("empty_text", totals["empty"])
         manifest = writer.close()
@@ -420,7 +422,7 @@ def _plan(cache: str, cfg: IngestConfig, blocks: int | None = None) -> Pool:
     return pool
 
 
-def _run_ray(sources, writer, spec: CacheSpec, cfg: IngestConfig, pool: Pool, total: int):
+def _run_ray(sources, writer, spec: CacheSpec, cfg: IngestConfig, pool: Pool, total: int, row_bytes: int = 1024):
     import ray
 
     if not cfg.progress:  # er draws its own bar; Ray Data's are on only with --verbose (ray_env)
@@ -430,12 +432,12 @@ def _run_ray(sources, writer, spec: CacheSpec, cfg: IngestConfig, pool: Pool, to
     reader = writer.reader()
     claims = ray.remote(KeyClaims).options(num_cpus=0).remote(index=reader.index)  # asks the index per batch: no state read
     try:
-        return _stream(_pipeline(sources, writer, spec, cfg, pool, claims), writer, cfg, claims, total)
+        return _stream(_pipeline(sources, writer, spec, cfg, pool, claims, row_bytes), writer, cfg, claims, total)
     finally:
         ray.kill(claims)
 
 
-def _pipeline(sources, writer, spec: CacheSpec, cfg: IngestConfig, pool: Pool, claims):
+def _pipeline(sources, writer, spec: CacheSpec, cfg: IngestConfig, pool: Pool, claims, row_bytes: int = 1024):
     """sources -> rows (read tasks) -> claimed, tokenized, packed (CPU tasks) -> states (actor pool of GPUs)
     -> shard files (CPU tasks) -> ShardInfo rows; without GPUs, the middle three in one actor pool. The streaming
     executor paces the stages (backpressure), so each holds a bounded number of batches."""
@@ -445,14 +447,16 @@ def _pipeline(sources, writer, spec: CacheSpec, cfg: IngestConfig, pool: Pool, c
 
     env = worker_env()
     ds = ray.data.from_items([{"src": i} for i in range(len(sources))], override_num_blocks=len(sources))
+    # Blocks of one shard: the read yields a shard's rows at a time, and a block leaves once past the target size
+    # (Ray Data cuts only blocks past 1.5x it). At its default (128 MiB) a source's rows left in blocks of up to
+    # 128 MiB, so the first shard waited for the read of that much corpus; a repartition behind the read cut them
+    # back to shards, but stalled the read when the blocks were smaller (REPORT `ingest-cpu-side`).
+    ds.context.target_max_block_size = max(1, int(cfg.shard_rows * row_bytes / 1.25))
     rows = ds.map_batches(
         read_rows, batch_size=1, compute=ray.data.TaskPoolStrategy(size=min(len(sources), 4)), runtime_env=env,
         **read_args(sources), fn_kwargs=dict(
             sources=sources, text_field=cfg.text_field, id_field=cfg.id_field, tokenizer=spec.tokenizer,
             storage_options=cfg.storage_options, limit=cfg.limit, chunk=cfg.shard_rows, claims=claims))
-    # Ray Data merges small read outputs into big blocks; cut them back to one shard each, so each tokenize task
-    # makes one packed row and the actors share the work (a block is one actor call).
-    rows = rows.repartition(target_num_rows_per_block=cfg.shard_rows)
     tokenize = dict(claims=claims, settings=spec.tokenizer, revision=spec.model_revision)
     embed = dict(model=cfg.model, layer=cfg.layer, codec=cfg.codec, max_length=cfg.max_length, spec=spec,
                  batch_size=cfg.batch_size, max_tokens=cfg.max_tokens, dtype=cfg.dtype, threads=pool.threads)
