@@ -68,7 +68,6 @@ class CorpusStats:
     rows: int = 0
     empty: int = 0
     complete: bool = True  # False when scan stopped early (`enough` usable rows seen)
-    input_bytes: int = 0  # of the usable rows' inputs as JSON (what the read stage passes on with each key)
 
     @property
     def usable(self) -> int:
@@ -298,10 +297,7 @@ def scan(sources, text_field="text", id_field=None, storage_options=None, limit=
                 stats.complete = False
                 return stats
             stats.rows += 1
-            if is_empty(r.inputs):
-                stats.empty += 1
-            else:
-                stats.input_bytes += len(json.dumps(r.inputs, ensure_ascii=False).encode())
+            stats.empty += is_empty(r.inputs)
     return stats
 
 

@@ -1,6 +1,6 @@
 """`er ingest`: stream a corpus through the frozen lower layers into the cache, on Ray Data.
 
-    corpus sources --read_rows (tasks)--> rows {key, input, src, row}
+    corpus sources --read_rows (tasks)--> a row per shard's worth of rows {key[], input[], src[], row[]}
         --tokenize_rows (CPU tasks: claim keys, tokenize)--> one PackedRows per shard
         --EmbedStates (actor pool, GPUs or CPUs: lower layers, codec on the device)--> the same, with states
         --write_rows (CPU tasks: one shard file each)--> one ShardInfo row per shard
@@ -64,7 +64,6 @@ CPU_STAGE = 0
 # The driver reads this many shards' worth of rows before starting (bad input or no text there fails before the
 # cache is touched; fewer rows than this size the pool); the read tasks validate the rest as they read it.
 PROBE_SHARDS = 8
-ROW_BYTES = 52  # a read row's size in a block beside its input's JSON: key (32), source and row numbers, offsets
 
 
 @dataclass
@@ -78,8 +77,9 @@ class Report:
 
 
 def read_rows(batch, sources, text_field, id_field, tokenizer, storage_options, limit, chunk=1024, claims=None):
-    """Read stage (one call per source): non-empty rows with their key. It validates as it reads (bad input fails
-    here, naming file and line); empty rows are counted to `claims` (KeyClaims), once per source."""
+    """Read stage (one call per source): its non-empty rows with their keys, `chunk` (a shard's worth) to an output
+    row, so every later call takes exactly one shard. It validates as it reads (bad input fails here, naming file and
+    line); empty rows are counted to `claims` (KeyClaims), once per source."""
     for i in batch["src"]:
         src, out, empty = sources[int(i)], [], 0
         for r in read_source(src, text_field, id_field, storage_options, limit):
@@ -99,10 +99,11 @@ def read_rows(batch, sources, text_field, id_field, tokenizer, storage_options, 
             ray.get(claims.count_empty.remote(int(i), empty))
 
 
-def _columns(rows):
+def _columns(rows) -> pa.Table:
+    """One output row holding a shard's worth of read rows: keys, inputs (JSON), source and row numbers."""
     key, inp, src, row = zip(*rows)
-    return {"key": np.array(key, dtype=object), "input": np.array(inp, dtype=object),
-            "src": np.array(src, np.int32), "row": np.array(row, np.int64)}
+    return pa.table({"key": pa.array([key], pa.list_(pa.string())), "input": pa.array([inp], pa.list_(pa.string())),
+                     "src": pa.array([src], pa.list_(pa.int32())), "row": pa.array([row], pa.list_(pa.int64()))})
 
 
 @functools.lru_cache(maxsize=2)
@@ -123,13 +124,16 @@ def tokenize_rows(batch, claims, settings: TokenizerSettings, revision: str | No
     window of a long QA context), and pack them into one row of contiguous buffers."""
     import ray
 
-    keys, t0 = batch["key"], time.perf_counter()
-    mask = ray.get(claims.claim.remote(list(keys), batch_token(batch["src"], batch["row"])))
+    if batch.num_rows != 1:
+        raise ErError(f"the tokenize stage takes one shard's rows a call, not {batch.num_rows}")
+    t0 = time.perf_counter()
+    keys, inputs = (np.array(batch.column(c)[0].as_py(), dtype=object) for c in ("key", "input"))
+    src, row = (batch.column(c)[0].values.to_numpy() for c in ("src", "row"))
+    mask = ray.get(claims.claim.remote(list(keys), batch_token(src, row)))
     t1 = time.perf_counter()
     rows = []
     if mask.any():  # the read stage's keys (content hashes, or --id-field ids)
-        rows = cache_rows(_tokenizer(settings, revision), settings, [json.loads(s) for s in batch["input"][mask]],
-                          list(keys[mask]))
+        rows = cache_rows(_tokenizer(settings, revision), settings, [json.loads(s) for s in inputs[mask]], list(keys[mask]))
     packed = PackedRows.of(rows)
     stages = {"claim": t1 - t0, "tokenize": time.perf_counter() - t1}
     return packed.to_arrow(seen=len(keys), inputs=int(mask.sum()), stages=json.dumps(stages))
@@ -373,8 +377,7 @@ def run(corpus: list[str], cache: str, config: IngestConfig | None = None, **kw)
         spec, writer = fresh, CacheWriter(cache, fresh, cfg.storage_options, known=state)
     try:
         with _Heartbeat(writer):
-            totals, actors = _run_ray(sources, writer, spec, cfg, pool, total=stats.usable if stats.complete else None,
-                                      row_bytes=ROW_BYTES + stats.input_bytes // stats.usable)
+            totals, actors = _run_ray(sources, writer, spec, cfg, pool, total=stats.usable if stats.complete else None)
         if totals["empty"]:
             writer.count_skipped("empty_text", totals["empty"])
         manifest = writer.close()
@@ -422,7 +425,7 @@ def _plan(cache: str, cfg: IngestConfig, blocks: int | None = None) -> Pool:
     return pool
 
 
-def _run_ray(sources, writer, spec: CacheSpec, cfg: IngestConfig, pool: Pool, total: int, row_bytes: int = 1024):
+def _run_ray(sources, writer, spec: CacheSpec, cfg: IngestConfig, pool: Pool, total: int):
     import ray
 
     if not cfg.progress:  # er draws its own bar; Ray Data's are on only with --verbose (ray_env)
@@ -432,12 +435,12 @@ def _run_ray(sources, writer, spec: CacheSpec, cfg: IngestConfig, pool: Pool, to
     reader = writer.reader()
     claims = ray.remote(KeyClaims).options(num_cpus=0).remote(index=reader.index)  # asks the index per batch: no state read
     try:
-        return _stream(_pipeline(sources, writer, spec, cfg, pool, claims, row_bytes), writer, cfg, claims, total)
+        return _stream(_pipeline(sources, writer, spec, cfg, pool, claims), writer, cfg, claims, total)
     finally:
         ray.kill(claims)
 
 
-def _pipeline(sources, writer, spec: CacheSpec, cfg: IngestConfig, pool: Pool, claims, row_bytes: int = 1024):
+def _pipeline(sources, writer, spec: CacheSpec, cfg: IngestConfig, pool: Pool, claims):
     """sources -> rows (read tasks) -> claimed, tokenized, packed (CPU tasks) -> states (actor pool of GPUs)
     -> shard files (CPU tasks) -> ShardInfo rows; without GPUs, the middle three in one actor pool. The streaming
     executor paces the stages (backpressure), so each holds a bounded number of batches."""
@@ -447,11 +450,11 @@ def _pipeline(sources, writer, spec: CacheSpec, cfg: IngestConfig, pool: Pool, c
 
     env = worker_env()
     ds = ray.data.from_items([{"src": i} for i in range(len(sources))], override_num_blocks=len(sources))
-    # Blocks of one shard: the read yields a shard's rows at a time, and a block leaves once past the target size
-    # (Ray Data cuts only blocks past 1.5x it). At its default (128 MiB) a source's rows left in blocks of up to
-    # 128 MiB, so the first shard waited for the read of that much corpus; a repartition behind the read cut them
-    # back to shards, but stalled the read when the blocks were smaller (REPORT `ingest-cpu-side`).
-    ds.context.target_max_block_size = max(1, int(cfg.shard_rows * row_bytes / 1.25))
+    # Every stage outputs one row per shard; a block of its own each (a row is never cut), so each call takes one
+    # shard as soon as it is read. At Ray Data's default (128 MiB blocks) the first shard waited for the read of up
+    # to 128 MiB of corpus; a repartition behind the read cut the rows back to shards, but stalled the read when the
+    # blocks were smaller (REPORT `ingest-cpu-side`).
+    ds.context.target_max_block_size = 1
     rows = ds.map_batches(
         read_rows, batch_size=1, compute=ray.data.TaskPoolStrategy(size=min(len(sources), 4)), runtime_env=env,
         **read_args(sources), fn_kwargs=dict(
@@ -464,10 +467,10 @@ def _pipeline(sources, writer, spec: CacheSpec, cfg: IngestConfig, pool: Pool, c
     actors = dict(compute=ray.data.ActorPoolStrategy(size=pool.size), num_gpus=pool.num_gpus, num_cpus=pool.num_cpus,
                   runtime_env=env)
     if not pool.num_gpus:
-        return rows.map_batches(TokenizeEmbedWrite, batch_size=cfg.shard_rows, **actors,
+        return rows.map_batches(TokenizeEmbedWrite, batch_size=1, batch_format="pyarrow", **actors,
                                 fn_constructor_kwargs=dict(tokenize=tokenize, write=write, **embed))
     stage = dict(num_cpus=CPU_STAGE, compute=ray.data.TaskPoolStrategy(size=max(2, pool.size)), runtime_env=env)
-    packed = rows.map_batches(tokenize_rows, batch_size=cfg.shard_rows, **stage, fn_kwargs=tokenize)
+    packed = rows.map_batches(tokenize_rows, batch_size=1, batch_format="pyarrow", **stage, fn_kwargs=tokenize)
     states = packed.map_batches(EmbedStates, batch_size=1, batch_format="pyarrow", **actors, fn_constructor_kwargs=embed)
     return states.map_batches(write_rows, batch_size=1, batch_format="pyarrow", **stage, fn_kwargs=write)
 

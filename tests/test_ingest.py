@@ -294,12 +294,15 @@ def test_read_stage_skips_empties_and_uses_ids(tmp_path, rec):
     f.write_text("".join(json.dumps(r) + "\n" for r in [{"text": "a", "id": "x"}, {"text": "", "id": "y"}, {"text": "b", "id": 5}]))
     srcs = find_sources([str(f)])
     kw = dict(sources=srcs, text_field="text", tokenizer=rec.spec.tokenizer, storage_options=None, limit=None)
-    (out,) = read_rows({"src": np.array([0])}, id_field="id", **kw)
-    assert out["key"].tolist() == ["x", "5"] and out["row"].tolist() == [1, 3]
-    assert [len(b["key"]) for b in read_rows({"src": np.array([0])}, id_field=None, chunk=1, **kw)] == [1, 1]
+    (out,) = read_rows({"src": np.array([0])}, id_field="id", **kw)  # one output row: a shard's worth of rows
+    assert out.num_rows == 1
+    assert out.column("key")[0].as_py() == ["x", "5"] and out.column("row")[0].as_py() == [1, 3]
+    assert out.column("src")[0].as_py() == [0, 0]
+    chunks = list(read_rows({"src": np.array([0])}, id_field=None, chunk=1, **kw))
+    assert [b.num_rows for b in chunks] == [1, 1] and [len(b.column("key")[0]) for b in chunks] == [1, 1]
     (out,) = read_rows({"src": np.array([0])}, id_field=None, **kw)
-    assert out["key"].tolist() == [rec.key({"text": "a"}), rec.key({"text": "b"})]
-    assert [json.loads(s) for s in out["input"]] == [{"text": "a"}, {"text": "b"}]
+    assert out.column("key")[0].as_py() == [rec.key({"text": "a"}), rec.key({"text": "b"})]
+    assert [json.loads(s) for s in out.column("input")[0].as_py()] == [{"text": "a"}, {"text": "b"}]
 
 
 @pytest.mark.parametrize(
