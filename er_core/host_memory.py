@@ -10,13 +10,12 @@ stays at its peak (a few shards' worth) instead.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import sys
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 MMAP_THRESHOLD = 32 << 20  # glibc's upper limit: smaller buffers come from (and go back to) the heap
-TRIM_THRESHOLD = 1 << 30  # free heap kept before any is given back
+TRIM_THRESHOLD = 256 << 20  # free heap kept before any is given back: a few shards' buffers, no more
 
 
 @functools.cache
@@ -25,7 +24,7 @@ def keep_freed_memory() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)  # the C library this process runs on
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     except (OSError, AttributeError):  # no libc by that name, or one without mallopt (musl)
         return False

@@ -193,7 +193,7 @@ class ServeConfig:
     max_documents: int = field(default=64, metadata={"help": "documents one request may name"})
     min_replicas: int = field(default=1, metadata={"help": "Upper replicas at least (autoscaling on ongoing requests)"})
     max_replicas: int = field(default=1, metadata={"help": "Upper replicas at most"})
-    target_ongoing_requests: int = field(default=8, metadata={"help": "ongoing requests per Upper replica autoscaling aims at"})
+    target_ongoing_requests: int = field(default=8, metadata={"help": "ongoing requests per Upper replica autoscaling aims at (a request's documents go in calls of up to half a batch; each call counts)"})
     max_batch_size: int = field(default=32, metadata={"help": "documents per dynamic batch (@serve.batch)"})
     batch_wait_timeout_s: float = field(default=0.005, metadata={"help": "how long a batch waits to fill"})
     cpus_per_replica: float = field(default=1.0, metadata={"help": "CPUs per Upper replica (the Lookup takes half that)"})

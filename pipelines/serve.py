@@ -91,6 +91,15 @@ def _example(doc: dict, n: int):
     return Example(id=str(n), **{k: (tuple(v) if k == "words" else v) for k, v in d.items()})
 
 
+# Above the deployments: Serve pickles a deployment's class where it is declared, with the globals defined by then.
+def chunks(docs: list, max_batch_size: int) -> list[list]:
+    """A request's documents in near-equal calls of at most half a batch: a call as big as a whole batch would fit
+    only an empty one, and under load from small requests it would wait behind them again and again."""
+    n = max(1, max_batch_size // 2)
+    k = -(-len(docs) // n)
+    return [docs[i * len(docs) // k:(i + 1) * len(docs) // k] for i in range(k)]
+
+
 # ---------------------------------------------------------------- deployments
 
 
@@ -165,10 +174,14 @@ class Upper:
 
     def _too_long(self, doc: dict) -> str | None:
         """Texts longer than the model takes are refused (QA contexts are read in windows, so they may be long)."""
-        if doc["form"] == "question":
-            return None
         inp = doc["input"]
         limit = self.spec.tokenizer.max_length
+        if doc["form"] == "question":  # the question must leave room for a window of its context
+            if len(inp["text"].encode()) + 4 < limit:  # every token covers a byte at least (specials aside)
+                return None
+            q = len(self.p.tokenizer(inp["text"], add_special_tokens=False)["input_ids"])
+            room = limit - q - self.p.tokenizer.num_special_tokens_to_add(pair=True)
+            return None if room > 0 else f"the question is {q} tokens and leaves no room for its context (at most {limit} in all)"
         parts = inp["words"] if "words" in inp else [inp["text"], inp.get("text_pair") or ""]
         if sum(len(x.encode()) for x in parts) + 4 <= limit:  # every token covers a byte at least (specials aside)
             return None
@@ -333,8 +346,7 @@ class Api:
 
         for d in docs:
             d["key"] = d["id"] if d["form"] == "id" else example_key(d["input"], self.settings)
-        n = self.batch
-        parts = await asyncio.gather(*(self._call(docs[i:i + n]) for i in range(0, len(docs), n)))
+        parts = await asyncio.gather(*(self._call(chunk) for chunk in chunks(docs, self.batch)))
         results = [r for part in parts for r in part]
         missed = [(d["key"], d["input"]) for d, r in zip(docs, results) if not r["cached"] and d["form"] != "id" and "error" not in r]
         if missed and self.misses is not None:
@@ -349,9 +361,11 @@ class Api:
         return {"documents": out}
 
     async def _call(self, docs: list[dict]) -> list[dict]:
+        from ray.exceptions import RayActorError
+
         try:
             return await self.upper.run.remote(docs)
-        except Exception:  # noqa: BLE001 - the replica died: Serve routes the retry to a live one
+        except RayActorError:  # the replica died (or is unreachable): Serve routes the retry to a live one
             return await self.upper.run.remote(docs)
 
 

@@ -103,7 +103,7 @@ def served(ray_session, tiny_bert, tmp_path_factory):
 
     cfg = ServeConfig(cache=cache, model_dir=list(models.values()), port=port, route_prefix="/er", refresh_s=0.5,
                       flush_s=0.2, token_sha256=hashlib.sha256(TOKEN.encode()).hexdigest(), max_documents=40,
-                      max_batch_size=8)  # a request of 20 documents goes to Upper in 3 calls, answered in order
+                      max_batch_size=8)  # a request of 20 documents goes to Upper in 5 calls, answered in order
     handle = start(cfg)
     yield {"cfg": cfg, "handle": handle, "url": f"http://127.0.0.1:{port}/er", "cache": cache, "models": models,
            "tasks": loaded, "base": base, "rec": rec}
@@ -195,6 +195,7 @@ def test_bad_requests_get_a_4xx_and_one_line(served):
         (_post(url, {"documents": [{"txt": "x"}]}), 400, "documents[0]: expected one of"),
         (_post(url, {"documents": [{"text": "x"}] * 41}), 413, "at most 40"),
         (_post(url, {"documents": [{"text": " ".join(["cancer"] * 200)}]}), 422, "the model takes at most"),
+        (_post(url, {"documents": [{"question": " ".join(["cancer"] * 200), "context": "x"}]}), 422, "leaves no room"),
         (_post(url, {"documents": [{"text": "x"}]}, token=None), 401, "bearer token"),
         (_post(url, {"documents": [{"text": "x"}]}, token="wrong-token-of-24-chars!"), 401, "bearer token"),
     ]
@@ -236,6 +237,15 @@ def test_a_killed_upper_replica_is_replaced_and_service_resumes(served):
         assert status in (200, 503), body  # in flight during the restart: a clear 5xx, never a traceback
         time.sleep(0.5)
     assert status == 200 and len(uppers()) == 1 and uppers() != before, statuses
+
+
+def test_a_request_goes_to_upper_in_near_equal_calls_of_at_most_half_a_batch():
+    from pipelines.serve import chunks
+
+    assert [len(c) for c in chunks(list(range(20)), 8)] == [4, 4, 4, 4, 4]
+    assert [len(c) for c in chunks(list(range(17)), 32)] == [8, 9]
+    assert [len(c) for c in chunks(list(range(3)), 1)] == [1, 1, 1]
+    assert sum(chunks(list(range(37)), 10), []) == list(range(37))  # every document once, in order
 
 
 def test_documents_are_checked_before_any_model_runs():

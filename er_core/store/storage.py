@@ -116,7 +116,10 @@ def put_atomic(fs, path: str, data: bytes, cached: bool = True) -> None:
             f.flush()
             os.fsync(f.fileno())
             if not cached and hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+                try:
+                    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+                except OSError:  # only a hint: the file is written and synced either way
+                    pass
         os.replace(tmp, path)
     else:
         fs.pipe_file(path, data)
