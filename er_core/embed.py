@@ -99,6 +99,11 @@ def tokenize_rows(tokenizer, inputs: list[dict], max_length: int) -> list[tuple[
     return sorted(rows, key=lambda r: r[:2])
 
 
+def question_room(tokenizer, question: str, max_length: int) -> int:
+    """Context tokens a window holds beside the whole question and the pair's special tokens (<= 0: none)."""
+    return max_length - len(tokenizer(question, add_special_tokens=False)["input_ids"]) - tokenizer.num_special_tokens_to_add(pair=True)
+
+
 def windows(tokenizer, inputs: dict, max_length: int, offsets: bool = False) -> list[Tokenized]:
     """The overlapping windows of a question + context, as transformers' run_qa example makes them: the question
     whole in each, the context in spans of up to max_length tokens overlapping by `stride` tokens (at most half a
@@ -106,7 +111,7 @@ def windows(tokenizer, inputs: dict, max_length: int, offsets: bool = False) -> 
     q, c, stride = inputs["text"], inputs["text_pair"], int(inputs["stride"])
     if not getattr(tokenizer, "is_fast", False):
         raise ErError("reading long QA contexts in windows needs a fast tokenizer (offsets and overflow)")
-    room = max_length - len(tokenizer(q, add_special_tokens=False)["input_ids"]) - tokenizer.num_special_tokens_to_add(pair=True)
+    room = question_room(tokenizer, q, max_length)
     if room <= 0:
         raise ErError(f"QA question {q[:40]!r} leaves no room for its context at max length {max_length}; raise --max-length")
     stride = min(stride, room // 2)  # windows move forward at least half their context (the tokenizer needs stride < room)

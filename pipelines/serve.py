@@ -179,9 +179,10 @@ class Upper:
         if doc["form"] == "question":  # the question must leave room for a window of its context
             if len(inp["text"].encode()) + 4 < limit:  # every token covers a byte at least (specials aside)
                 return None
-            q = len(self.p.tokenizer(inp["text"], add_special_tokens=False)["input_ids"])
-            room = limit - q - self.p.tokenizer.num_special_tokens_to_add(pair=True)
-            return None if room > 0 else f"the question is {q} tokens and leaves no room for its context (at most {limit} in all)"
+            from er_core.embed import question_room  # the rule er's QA windows follow
+
+            ok = question_room(self.p.tokenizer, inp["text"], limit) > 0
+            return None if ok else f"the question leaves no room for its context within {limit} tokens"
         parts = inp["words"] if "words" in inp else [inp["text"], inp.get("text_pair") or ""]
         if sum(len(x.encode()) for x in parts) + 4 <= limit:  # every token covers a byte at least (specials aside)
             return None
