@@ -516,11 +516,12 @@ def notes(results: dict) -> list[str]:
     if big:
         keys = sum(results["task"].values())
         segs = results["builds"][str(hi)]["index_segments"]
-        out.append(f"- Index bytes are the buckets (16 entries of 60 bytes on average) of each task key in each index segment: "
-                   f"{big['first_step_bytes_by_part']['index'] / keys / 1e3:.1f} KB a key at {hi // 1000}k ({segs} segments), so "
-                   f"about 1 KB a key per segment (at most 3 per size tier, index.merge_plan); beside these short texts' "
-                   f"{task['runs'] / keys / 1e3:.1f} KB of states a key, {segs} segments bound first-step bytes near "
-                   f"{(task['runs'] / keys + segs * 1e3) / (task['runs'] / keys):.1f}x their own states.")
+        out.append(f"- Index bytes: {big['first_step_bytes_by_part']['index'] / keys / 1e3:.2f} KB a task key at {hi // 1000}k "
+                   f"({segs} segments). In each segment a lookup reads either the buckets of its keys (16 entries of 60 bytes "
+                   f"on average, about 1 KB a key) or, where that is fewer bytes, the segment's Bloom filter (1.25 bytes an "
+                   f"entry) and then the buckets of the keys it may hold; beside these short texts' "
+                   f"{task['runs'] / keys / 1e3:.1f} KB of states a key, that bounds first-step bytes near "
+                   f"{(task['runs'] + big['first_step_bytes_by_part']['index']) / task['runs']:.2f}x their own states.")
     done = max(r["reads_done_s"] for r in runs)
     first = min(r["time_to_first_step_s"] for r in runs)
     out.append(f"- Time to the first step is mostly fixed start-up: every cache read was over within {done:.0f} s of the "

@@ -201,7 +201,10 @@ def cmd_cache(args) -> int:
     reader = open_cache(args.url, storage_options=storage_options(args))
     m = reader.manifest
     if args.action == "info":
-        info = {"url": args.url, "generation": m.generation, "spec": m.spec.to_dict(), "totals": m.totals, "skipped": m.skipped}
+        from er_core.store import compact_hint
+
+        info = {"url": args.url, "generation": m.generation, "spec": m.spec.to_dict(), "totals": m.totals, "skipped": m.skipped,
+                "index_segments": len(m.index)}
         if args.json:
             print(json.dumps(info, indent=1))
         else:
@@ -215,6 +218,7 @@ def cmd_cache(args) -> int:
             t = m.totals
             print(f"rows        {t['rows']}   tokens {t['tokens']}   truncated {t['truncated']}   skipped {m.skipped or 0}")
             print(f"bytes       {t['bytes']}  ({t['bytes_per_token']} bytes/token, {t['shards']} shards)")
+            print(f"index       {len(m.index)} segment(s){compact_hint(args.url, len(m.index))}")
         return 0
     problems = reader.verify()
     for p in problems:

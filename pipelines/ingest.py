@@ -41,8 +41,8 @@ import numpy as np
 import pyarrow as pa
 
 from er_core import ErError, Recycler, ingest_local
-from er_core.store import (CacheSpec, CacheWriter, Manifest, PackedRows, ShardInfo, Written, open_state, packed_table,
-                           shard_name, write_shard)
+from er_core.store import (CacheSpec, CacheWriter, Manifest, PackedRows, ShardInfo, Written, compact_hint, open_state,
+                           packed_table, shard_name, write_shard)
 from er_core.corpus import KeyClaims, batch_token, find_sources, read_source, scan
 from er_core.embed import CPU_BATCH, Embedder, is_empty, token_budget
 from er_core.keys import TokenizerSettings
@@ -595,6 +595,7 @@ def _summary(t, empty, seconds, manifest, cache) -> dict:
         "cache": cache,
         "generation": manifest.generation,
         "cache_rows": manifest.totals["rows"],
+        "index_segments": len(manifest.index),
     }
 
 
@@ -611,7 +612,8 @@ def print_summary(rep: Report) -> None:
     nodes = Counter(a["node"][:8] for a in rep.actors if a.get("node"))
     if nodes:
         print(f"nodes             {len(nodes)}  (" + ", ".join(f"{k}: {n} actors" for k, n in sorted(nodes.items())) + ")")
-    print(f"cache             {s['cache']}  (generation {s['generation']}, {s['cache_rows']} rows)")
+    print(f"cache             {s['cache']}  (generation {s['generation']}, {s['cache_rows']} rows, "
+          f"{s['index_segments']} index segments{compact_hint(s['cache'], s['index_segments'])})")
 
 
 def main(args) -> int:

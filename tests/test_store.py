@@ -289,9 +289,60 @@ def test_key_claims_skip_the_buckets_of_segments_whose_bloom_filter_says_no(tmp_
         index = open_cache(url).index
         if bloom:
             KeyClaims(index=index)  # turns the filters on
+        else:
+            index.bloom = False  # buckets only (left to itself, a lookup this big would ask the filters too)
         assert np.array_equal(index.holds(asked), exact)  # the filter only skips, never answers
         read[bloom] = counted.bytes["index"]
     # 2,010 keys touch every bucket of every segment; through the filters, ~1% of the new keys and the 10 cached
     assert read[True] * 4 < read[False]
     got = KeyClaims(index=open_cache(url).index).claim([f"new{i}" for i in range(10)] + ["k0", "k1200"], "t1")
     assert got.tolist() == [True] * 10 + [False, False]
+
+
+def test_a_lookup_asks_a_segments_bloom_filter_only_where_that_reads_fewer_bytes(tmp_path, spec, monkeypatch):
+    from er_core.store.index import BUCKET_ENTRIES, RECORD, bloom_size, key_digests
+
+    url = str(tmp_path / "c")
+    with CacheWriter(url, spec, shard_rows=4000) as w:
+        for k, ids, h in _rows(4000):
+            w.add(k, ids, h)
+    keys = [f"k{i}" for i in range(0, 4000, 200)] + [f"new{i}" for i in range(1000)]
+    read = {}
+    for bloom in (None, False, True):
+        counted = _Counted(monkeypatch)
+        index = open_cache(url).index
+        index.bloom = bloom
+        assert index.holds(key_digests(keys)).sum() == 20
+        read[bloom] = counted.bytes["index"]
+    assert read[None] == read[True] < read[False] / 4  # 1,020 keys: the filter (5 KB) beats all 250 buckets (256 KB)
+    one = {}
+    for bloom in (None, True):
+        counted = _Counted(monkeypatch)
+        index = open_cache(url).index
+        index.bloom = bloom
+        assert index.holds(key_digests(["k8"])).tolist() == [True]
+        one[bloom] = counted.bytes["index"]
+    assert one[None] < one[True]  # one key: its bucket (~1 KB), not the filter too
+    assert one[None] <= 4 * BUCKET_ENTRIES * RECORD.itemsize and bloom_size(4000) == 5000
+
+
+def test_commits_merge_segments_up_to_a_top_tier_and_leave_bigger_ones_to_compaction():
+    from er_core.store.index import COMMIT_TIERS, TIER, TIER_BASE, SegmentInfo, merge_plan, tier
+
+    def segs(rows):
+        return [SegmentInfo(f"s{i}", rows, 0, "") for i in range(TIER)]
+
+    below = TIER_BASE * TIER ** (COMMIT_TIERS - 1)  # a tier COMMIT_TIERS - 1 segment: its merge makes a top one
+    assert tier(below) == COMMIT_TIERS - 1 and len(merge_plan(segs(below))) == TIER
+    top = TIER_BASE * TIER ** COMMIT_TIERS
+    assert tier(top) == COMMIT_TIERS and merge_plan(segs(top)) == []
+    assert len(merge_plan(segs(top), tiers=COMMIT_TIERS + 1)) == TIER
+
+
+
+def test_a_cache_with_many_index_segments_is_pointed_at_compaction():
+    from er_core.store import compact_hint
+    from er_core.store.index import COMPACT_HINT
+
+    assert compact_hint("s3://b/c", COMPACT_HINT) == ""
+    assert "`er cache compact s3://b/c`" in compact_hint("s3://b/c", COMPACT_HINT + 1)

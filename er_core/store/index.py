@@ -23,8 +23,10 @@ and the buckets of those keys only (nearby ranges merged up to COALESCE bytes ap
 with N, never with the cache. The layout follows from the row count and file size in the manifest,
 so opening a segment reads nothing. An Index keeps the buckets it fetched (up to CACHED_ENTRIES
 entries), so lookups one after another (a task's splits, a predictor's batches) fetch them once.
-Like an LSM tree, segments of one size tier merge once TIER of them exist (merge_plan), so lookups open
-a few files per size tier however many commits a cache has seen.
+Like an LSM tree, segments of one size tier merge once TIER of them exist (merge_plan), up to COMMIT_TIERS:
+a commit's cost is the same in a cache of 100k rows or of 1B. Bigger segments are `er cache compact`'s to merge
+(into one). A lookup of many keys reads a segment's Bloom filter instead of its buckets where that is fewer
+bytes, so the segments an uncompacted cache gathers cost it little.
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ from ..errors import CacheCorruptError
 BUCKET_ENTRIES = 16  # mean entries a bucket holds: the unit a lookup reads (about 1 KB)
 COALESCE = 4096  # ranges closer than this are fetched in one request
 TIER, TIER_BASE = 4, 8192  # segments merge TIER at a time, by size tier (a commit of 16 shards of 512 rows: 8k entries)
+COMMIT_TIERS = 3  # commits merge tiers 0-2; a tier-3 segment (64 commits' worth, ~512k entries) waits for compaction
+COMPACT_HINT = 32  # past this many segments (~12M rows) `er ingest` and `er cache info` suggest `er cache compact`:
+# a key claim asks every segment (9 ms a call of 512 keys at 25 segments, REPORT `scale`)
 CACHED_ENTRIES = 1_000_000  # index entries an Index keeps after reading them (about 64 MB), least recently used dropped
 MAGIC = b"ERI4"
 RECORD = np.dtype([("digest", "S16"), ("shard", "<i4"), ("length", "<i4"), ("name", "V12"), ("crc", "<u4"),
@@ -161,8 +166,13 @@ def _probes(digests: np.ndarray, m: int) -> np.ndarray:
     return (h1[:, None] + i[None, :] * h2[:, None]) % np.uint64(m)
 
 
+def bloom_size(rows: int) -> int:
+    """Bytes of the Bloom filter of `rows` entries."""
+    return max(64, -(-BLOOM_BITS * rows // 8) * 8) // 8
+
+
 def bloom_bytes(digests: np.ndarray) -> bytes:
-    m = max(64, -(-BLOOM_BITS * len(digests) // 8) * 8)
+    m = bloom_size(len(digests)) * 8
     bits = np.zeros(m, bool)
     bits[_probes(digests, m).ravel().astype(np.int64)] = True
     return np.packbits(bits, bitorder="little").tobytes()
@@ -287,6 +297,10 @@ class _Segment:
             raise CacheCorruptError(f"{self.where} fails its checksum (shard list); refusing to read it (`er cache repair`)")
         return json.loads(listing) if n else []
 
+    @property
+    def has_bloom(self) -> bool:
+        return self._bloom is not None
+
     def maybe(self, digests: np.ndarray) -> np.ndarray:
         """Bool mask: which digests this segment may hold, from its Bloom filter (read once, checked)."""
         if self._bloom is None:
@@ -305,9 +319,9 @@ class Index:
     `reopen`, if given, returns the latest version's segments, and a lookup that finds a segment gone carries
     on with those (the same rows, found through the merged segment)."""
 
-    def __init__(self, fs, root: str, segments: list[SegmentInfo], url: str, reopen=None, bloom: bool = False):
+    def __init__(self, fs, root: str, segments: list[SegmentInfo], url: str, reopen=None, bloom: bool | None = None):
         self.fs, self.root, self.segments, self.url, self.reopen = fs, root, list(segments), url, reopen
-        self.bloom = bloom  # ask each segment's Bloom filter first: for keys mostly absent (claims), not for a task's
+        self.bloom = bloom  # ask each segment's Bloom filter first: True always (claims), None where it reads less
         self._open: dict[str, _Segment] = {}
         self._buckets: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()  # (segment, bucket) -> its entries
         self._kept = 0
@@ -335,11 +349,14 @@ class Index:
         found = []
         for seg in self.segments if len(wanted) else []:
             s = self._segment(seg)
-            here = wanted[s.maybe(wanted)] if self.bloom else wanted
-            if not len(here):
-                continue
-            ids = np.unique(_bucket(here, s.bits))
+            here, ids = wanted, np.unique(_bucket(wanted, s.bits))
             need = np.array([b for b in ids.tolist() if (seg.path, b) not in self._buckets], np.int64)
+            if self._ask_bloom(s, len(need)):
+                here = wanted[s.maybe(wanted)]
+                if not len(here):
+                    continue
+                ids = np.unique(_bucket(here, s.bits))
+                need = np.array([b for b in ids.tolist() if (seg.path, b) not in self._buckets], np.int64)
             for b, rec in (s.read(need) if len(need) else {}).items():
                 if (seg.path, b) not in self._buckets:
                     self._buckets[(seg.path, b)] = rec
@@ -351,6 +368,13 @@ class Index:
                 self._kept -= len(self._buckets.popitem(last=False)[1])
             found.append(rec[np.isin(rec["digest"], here)])
         return np.concatenate(found) if found else np.empty(0, RECORD)
+
+    def _ask_bloom(self, s: _Segment, buckets: int) -> bool:
+        """Whether to ask the segment's filter before its buckets: always for claims, never if told not to, else
+        when it is already read or is fewer bytes than the buckets to fetch (a big lookup in a small segment)."""
+        if self.bloom is not None:
+            return self.bloom
+        return s.has_bloom or buckets * BUCKET_ENTRIES * RECORD.itemsize > bloom_size(s.seg.rows)
 
     def holds(self, digests: np.ndarray) -> np.ndarray:
         """Bool mask: which of the digests the cache holds."""
@@ -391,18 +415,26 @@ def tier(rows: int) -> int:
     return int(np.log(max(rows, 1) / TIER_BASE) / np.log(TIER)) if rows > TIER_BASE else 0
 
 
-def merge_plan(segments: list[SegmentInfo]) -> list[SegmentInfo]:
-    """The segments to merge into one after a commit: the smallest size tier that holds TIER segments, or none.
+def compact_hint(url: str, segments: int) -> str:
+    """What to add after a count of index segments: a pointer to `er cache compact` once they are many."""
+    return f"; `er cache compact {url}` merges them into one" if segments > COMPACT_HINT else ""
 
-    Size-tiered (as Cassandra's STCS): only segments of about one size merge, so an entry is rewritten about once
-    per tier it climbs, log_TIER(cache / commit) times in all, and a commit costs the same in a cache of 100k rows
-    or of 10M. Merging a fixed share of all segments instead rewrote one growing segment every few commits: a
-    commit's bytes then grew with the cache (15x from 100k to 10M rows, REPORT `scale`). Segments stay few:
-    at most TIER - 1 per tier, about 3 log_4(rows / 8k), so 15 at 10M rows and 26 at 1B."""
-    tiers: dict[int, list[SegmentInfo]] = {}
+
+def merge_plan(segments: list[SegmentInfo], tiers: int = COMMIT_TIERS) -> list[SegmentInfo]:
+    """The segments to merge into one after a commit: the smallest size tier below `tiers` that holds TIER
+    segments, or none.
+
+    Size-tiered (as Cassandra's STCS): only segments of about one size merge, so an entry is rewritten once per
+    tier it climbs. Without a top tier that is log_TIER(cache / commit) times, and a commit's mean cost grew with
+    the cache (1.7x from 100k to 10M rows, 16x to 100M, as replayed in REPORT `scale`). With merges stopping at
+    tier COMMIT_TIERS, an entry is written at most four times whatever the cache's size, so a commit costs the
+    same at 100k rows and at 1B; the price is one more segment every 64 commits (about 19 at 10M rows, 1,900 at
+    1B) until `er cache compact` merges them, as a major compaction does in HBase. Merging a fixed share of all
+    segments instead rewrote one growing segment every few commits (15x in bytes from 100k to 10M)."""
+    by_tier: dict[int, list[SegmentInfo]] = {}
     for s in segments:
-        tiers.setdefault(tier(s.rows), []).append(s)
-    for t in sorted(tiers):
-        if len(tiers[t]) >= TIER:
-            return tiers[t]
+        by_tier.setdefault(tier(s.rows), []).append(s)
+    for t in sorted(by_tier):
+        if t < tiers and len(by_tier[t]) >= TIER:
+            return by_tier[t]
     return []
