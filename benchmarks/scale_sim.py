@@ -321,9 +321,9 @@ def replay_merges(sizes, rows_per_commit: int, window: int = WINDOW) -> dict:
     """merge_plan replayed on segment sizes alone, to any size, as CacheWriter.commit applies it: the index entries
     a commit writes on average in the `window` commits from each size (x 60 bytes: most of a commit's bytes),
     and every entry written up to each size (what one writer keeping merged segments for the retention holds)."""
-    from er_core.store.index import SegmentInfo, merge_plan
+    from er_core.store.index import COMMIT_TIERS, SegmentInfo, merge_plan, tier
 
-    segs, rows, total = [], 0, 0
+    segs, rows, total = [], 0, 0  # segs: those commits may still merge (tier-COMMIT_TIERS ones wait for compaction)
     todo, means, totals = sorted(sizes), {}, {}
     start = left = in_window = 0
     while todo or left:
@@ -335,9 +335,11 @@ def replay_merges(sizes, rows_per_commit: int, window: int = WINDOW) -> dict:
         old = [s for s in merge if s is not new]
         written = rows_per_commit
         if old:
-            merged = SegmentInfo("", sum(s.rows for s in old) + (rows_per_commit if new in merge else 0), 0, "")
-            segs = [s for s in segs if all(s is not o for o in old)] + ([merged] if new in merge else [merged, new])
-            written = merged.rows + (0 if new in merge else rows_per_commit)
+            with_new = any(s is new for s in merge)
+            merged = SegmentInfo("", sum(s.rows for s in old) + (rows_per_commit if with_new else 0), 0, "")
+            segs = [s for s in segs if all(s is not o for o in old)] + ([merged] if with_new else [merged, new])
+            written = merged.rows + (0 if with_new else rows_per_commit)
+            segs = [s for s in segs if tier(s.rows) < COMMIT_TIERS]
         else:
             segs.append(new)
         rows, total = rows + rows_per_commit, total + written
