@@ -455,9 +455,9 @@ METRICS = [
     ("sample of 5,000 rows: bytes read / own states", lambda a: a["sample"]["ratio"], None),
     ("full index merge: bytes read", lambda a: a["full_merge"]["bytes"], "linear"),
     ("full index merge: time (s)", lambda a: a["full_merge"]["seconds"], "linear"),
-    ("KeyClaims, in process: s per call (512 keys)", lambda a: 1 / a["claims"]["in_process"]["calls_per_s"], None),
+    ("KeyClaims, in process: s per call (512 keys)", lambda a: 1 / a["claims"]["in_process"]["calls_per_s"], "segments"),
     ("KeyClaims, Ray actor: s per call (512 keys)",
-     lambda a: 1 / a["claims"]["ray_actor"]["calls_per_s"] if "ray_actor" in a["claims"] else None, None),
+     lambda a: 1 / a["claims"]["ray_actor"]["calls_per_s"] if "ray_actor" in a["claims"] else None, "segments"),
 ]
 
 
@@ -637,8 +637,8 @@ def notes(results: dict) -> list[str]:
         lo, hi = min(amortized), max(amortized)
         out.append(f"- A commit's bytes are mostly the index entries it and its merges write ({e} bytes each), and they follow "
                    f"`merge_plan` replayed on sizes alone ({pairs}). Segments merge by size tier, {TIER} of a tier into one, up "
-                   f"to tier {COMMIT_TIERS} ({TIER ** COMMIT_TIERS} commits' worth), so an entry is written at most "
-                   f"{COMMIT_TIERS + 1} times: averaged over every commit up to each size, a commit writes "
+                   f"to tier {COMMIT_TIERS} ({TIER ** COMMIT_TIERS} commits' worth), so an entry of these commits is written at "
+                   f"most {COMMIT_TIERS + 1} times: averaged over every commit up to each size, a commit writes "
                    f"{', '.join(f'{_n(k)}: {v * e / 1e6:.1f} MB' for k, v in sorted(amortized.items()))} "
                    f"({amortized[hi] / amortized[lo]:.1f}x from {_n(lo)} to {_n(hi)}). Bigger merges are `er cache compact`'s "
                    f"(the full index merge above, linear in the index, off the ingest path); until it runs, a cache gains a "

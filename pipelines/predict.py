@@ -57,7 +57,7 @@ def _columns(rows) -> dict:
 @functools.lru_cache(maxsize=4)
 def _reader(url: str, manifest_json: str, storage_options_json: str) -> CacheReader:
     """One reader per worker process and version: index buckets and connections are reused across batches. The
-    version's state is its spec and index segments (a few KB), never a shard list."""
+    version's state is its spec and index segments (~200 bytes each), never a shard list."""
     return CacheReader(url, Manifest.from_dict(json.loads(manifest_json), url), json.loads(storage_options_json))
 
 

@@ -288,7 +288,8 @@ def test_key_claims_skip_the_buckets_of_segments_whose_bloom_filter_says_no(tmp_
         counted = _Counted(monkeypatch)
         index = open_cache(url).index
         if bloom:
-            KeyClaims(index=index)  # turns the filters on
+            KeyClaims(index=index)  # turns the filters on, whatever the lookup's size
+            assert index.bloom is True
         else:
             index.bloom = False  # buckets only (left to itself, a lookup this big would ask the filters too)
         assert np.array_equal(index.holds(asked), exact)  # the filter only skips, never answers

@@ -1,6 +1,6 @@
 """The key index: where each cached example lives, down to its bytes, found without reading any hidden state.
 
-An entry (RECORD, 64 bytes) holds the 16-byte digest of the example's key, the id of the shard holding
+An entry (RECORD, 60 bytes) holds the 16-byte digest of the example's key, the id of the shard holding
 it, the shard's file name (`shards/part-<run>-<tag>.parquet`, 24 hex digits kept as 12 bytes), the byte offsets
 of the row's token ids, states and scales in that file, a crc32 of the states and scales and one of the
 token ids (so each read is checked on exactly what it fetched), its token count and its row in the shard. So a reader fetches one row's own bytes with nothing else read first: no
@@ -8,7 +8,7 @@ footer, no shard list (parquet_io.row_offsets says why the offsets are exact).
 
 Each commit writes the entries of the shards it adds as one segment, `index/seg-<run>-<generation>.idx`:
 
-    entries      rows x 64 bytes, sorted by digest (RECORD)
+    entries      rows x 60 bytes, sorted by digest (RECORD)
     buckets      (B + 1) x (start u32, crc32 u32): bucket b holds the entries whose digest starts with b
                  (its top `bits` bits, B = 2**bits, about BUCKET_ENTRIES entries each); the crc covers the
                  bucket's start, end and entries, so every bucket read is checked on its own
@@ -20,7 +20,8 @@ Each commit writes the entries of the shards it adds as one segment, `index/seg-
 
 Digests are hashes, so buckets are even. Locating N keys reads, per segment, the bucket table entries
 and the buckets of those keys only (nearby ranges merged up to COALESCE bytes apart): bytes grow
-with N, never with the cache. The layout follows from the row count and file size in the manifest,
+with N, not with the segment; what grows with the cache is the number of segments until it is compacted.
+The layout follows from the row count and file size in the manifest,
 so opening a segment reads nothing. An Index keeps the buckets it fetched (up to CACHED_ENTRIES
 entries), so lookups one after another (a task's splits, a predictor's batches) fetch them once.
 Like an LSM tree, segments of one size tier merge once TIER of them exist (merge_plan), up to COMMIT_TIERS:
@@ -50,7 +51,7 @@ BUCKET_ENTRIES = 16  # mean entries a bucket holds: the unit a lookup reads (abo
 COALESCE = 4096  # ranges closer than this are fetched in one request
 TIER, TIER_BASE = 4, 8192  # segments merge TIER at a time, by size tier (a commit of 16 shards of 512 rows: 8k entries)
 COMMIT_TIERS = 3  # commits merge tiers 0-2; a tier-3 segment (64 commits' worth, ~512k entries) waits for compaction
-COMPACT_HINT = 32  # past this many segments (~12M rows) `er ingest` and `er cache info` suggest `er cache compact`:
+COMPACT_HINT = 32  # past this many segments (~14M rows) `er ingest` and `er cache info` suggest `er cache compact`:
 # a key claim asks every segment (9 ms a call of 512 keys at 25 segments, REPORT `scale`)
 CACHED_ENTRIES = 1_000_000  # index entries an Index keeps after reading them (about 64 MB), least recently used dropped
 MAGIC = b"ERI4"
@@ -349,14 +350,11 @@ class Index:
         found = []
         for seg in self.segments if len(wanted) else []:
             s = self._segment(seg)
-            here, ids = wanted, np.unique(_bucket(wanted, s.bits))
+            here = wanted[s.maybe(wanted)] if self._ask_bloom(s, seg.path, wanted) else wanted
+            if not len(here):
+                continue
+            ids = np.unique(_bucket(here, s.bits))
             need = np.array([b for b in ids.tolist() if (seg.path, b) not in self._buckets], np.int64)
-            if self._ask_bloom(s, len(need)):
-                here = wanted[s.maybe(wanted)]
-                if not len(here):
-                    continue
-                ids = np.unique(_bucket(here, s.bits))
-                need = np.array([b for b in ids.tolist() if (seg.path, b) not in self._buckets], np.int64)
             for b, rec in (s.read(need) if len(need) else {}).items():
                 if (seg.path, b) not in self._buckets:
                     self._buckets[(seg.path, b)] = rec
@@ -369,12 +367,16 @@ class Index:
             found.append(rec[np.isin(rec["digest"], here)])
         return np.concatenate(found) if found else np.empty(0, RECORD)
 
-    def _ask_bloom(self, s: _Segment, buckets: int) -> bool:
+    def _ask_bloom(self, s: _Segment, path: str, wanted: np.ndarray) -> bool:
         """Whether to ask the segment's filter before its buckets: always for claims, never if told not to, else
         when it is already read or is fewer bytes than the buckets to fetch (a big lookup in a small segment)."""
-        if self.bloom is not None:
-            return self.bloom
-        return s.has_bloom or buckets * BUCKET_ENTRIES * RECORD.itemsize > bloom_size(s.seg.rows)
+        if self.bloom is not None or s.has_bloom:
+            return self.bloom is not False
+        budget = bloom_size(s.seg.rows) // (BUCKET_ENTRIES * RECORD.itemsize)  # buckets the filter's bytes buy
+        if len(wanted) <= budget:
+            return False  # fewer keys than that: fewer buckets too
+        ids = np.unique(_bucket(wanted, s.bits))
+        return sum((path, b) not in self._buckets for b in ids.tolist()) > budget
 
     def holds(self, digests: np.ndarray) -> np.ndarray:
         """Bool mask: which of the digests the cache holds."""
@@ -417,7 +419,8 @@ def tier(rows: int) -> int:
 
 def compact_hint(url: str, segments: int) -> str:
     """What to add after a count of index segments: a pointer to `er cache compact` once they are many."""
-    return f"; `er cache compact {url}` merges them into one" if segments > COMPACT_HINT else ""
+    return (f"; lookups and key claims ask each one, `er cache compact {url}` merges them into one"
+            if segments > COMPACT_HINT else "")
 
 
 def merge_plan(segments: list[SegmentInfo], tiers: int = COMMIT_TIERS) -> list[SegmentInfo]:
@@ -427,10 +430,12 @@ def merge_plan(segments: list[SegmentInfo], tiers: int = COMMIT_TIERS) -> list[S
     Size-tiered (as Cassandra's STCS): only segments of about one size merge, so an entry is rewritten once per
     tier it climbs. Without a top tier that is log_TIER(cache / commit) times, and a commit's mean cost grew with
     the cache (1.7x from 100k to 10M rows, 16x to 100M, as replayed in REPORT `scale`). With merges stopping at
-    tier COMMIT_TIERS, an entry is written at most four times whatever the cache's size, so a commit costs the
-    same at 100k rows and at 1B; the price is one more segment every 64 commits (about 19 at 10M rows, 1,900 at
-    1B) until `er cache compact` merges them, as a major compaction does in HBase. Merging a fixed share of all
-    segments instead rewrote one growing segment every few commits (15x in bytes from 100k to 10M)."""
+    tier COMMIT_TIERS, no merge is bigger than TIER**COMMIT_TIERS commits of TIER_BASE entries (an entry of ingest's
+    8k-entry commits is written at most four times; smaller commits merge more often within tier 0), so a
+    commit costs the same at 100k rows and at 1B. The price: with ingest's commits, one more segment every 64
+    commits (25 measured at 10M rows, about 1,900 at 1B) that lookups and key claims ask, until `er cache compact`
+    merges them all, as a major compaction does in HBase. Merging a fixed share of all segments instead rewrote
+    one growing segment every few commits (15x in bytes from 100k to 10M)."""
     by_tier: dict[int, list[SegmentInfo]] = {}
     for s in segments:
         by_tier.setdefault(tier(s.rows), []).append(s)

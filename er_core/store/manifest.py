@@ -2,7 +2,8 @@
 
 Since format 4 a cache's versions are a log (log.py): each commit names only what it adds or removes, and
 a `Manifest` is the state after one of them. It holds no list of shards: those live in the index segments
-that point into them (index.py), so opening a cache reads a few KB however big it is. `ShardInfo` is what
+that point into them (index.py), so opening a cache reads about 200 bytes an index segment (a few KB once
+compacted) however many shards it has. `ShardInfo` is what
 each segment records of its shards (checksums for `er cache verify`, sizes, counts).
 
 Formats 1-3 kept one `manifest.json` listing every shard, rewritten whole by each commit. Readers refuse

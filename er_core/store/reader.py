@@ -1,6 +1,6 @@
 """Reading a cache at one version: locate keys through the index, fetch exactly the bytes of their rows.
 
-A reader needs the state it was opened at (`Manifest`: spec and index segments, a few KB), never a list of
+A reader needs the state it was opened at (`Manifest`: spec and index segments, ~200 bytes each), never a list of
 shards: an index entry names its shard file and the byte offsets of its row (index.py). Every read is checked:
 index buckets against their crc, each row's bytes against the crc its entry holds, whole shards (checks,
 compaction) against their footer digest and page checksums; `verify` checks whole files against their checksums.
