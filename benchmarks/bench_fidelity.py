@@ -10,7 +10,8 @@ sliced by --train/--dev/--test (test: the whole split by default):
    `full` (same seed, same data order) as mean +- std, in points of the task's main metric; where the dev-chosen
    rate of `reduced`/`lora` is not the shipped default, the default runs the 3 seeds too (the shipped-defaults rows);
 4. accuracy vs k: the first classification and the first NER task, `reduced` and `lora` at their chosen rates at
-   every k = 0..L-1 (seed 0), each from a cache of its slice at that k;
+   every k = 0..L-1 (seed 0), each from a cache of its slice at that k; at the k's of --seeds-at-k (where the curve
+   says parity lies), every seed, paired to the tuned `full` as in the table;
 5. codec cost: the first classification task, `reduced` from fp32, fp16 and int8 caches;
 6. break-even: one ingestion plus N `reduced` runs against N `full` runs, from the measured times.
 
@@ -94,8 +95,9 @@ def _train(cache: str, task_dir: Path, out: Path, cfg: TrainConfig, limit: dict,
 
 def run(data: Path, quick: bool = False, seeds=(0, 1, 2), limit: dict | None = None, log=print, runs: Path | None = None,
         model: str = "bundled", k: int | None = None, only: list[str] | None = None, extras: bool = True,
-        device: str = "cpu") -> dict:
-    """runs: the RunLog file (None: measure everything now). only: task folder names to run (default all)."""
+        device: str = "cpu", seeds_at_k: tuple[int, ...] = ()) -> dict:
+    """runs: the RunLog file (None: measure everything now). only: task folder names to run (default all).
+    seeds_at_k: layers at which the accuracy-vs-k probe runs every seed, not only the first."""
     for method, grid in GRIDS.items():
         if DEFAULT_LR[method] not in grid:
             raise SystemExit(f"GRIDS[{method!r}] lacks the shipped default lr {DEFAULT_LR[method]:g}: add it")
@@ -168,7 +170,7 @@ def run(data: Path, quick: bool = False, seeds=(0, 1, 2), limit: dict | None = N
     log(f"ingesting {len(tasks)} task slices at k={k}: {res['ingest_seconds']} s")
     res["paired"] = _paired(table, "tuned") + _paired(table, "default")
 
-    probe: dict = {}
+    probe, at_k = {}, []
     firsts = [next((d for n, d in zip(tasks, dirs) if tasks[n].kind == kind), None) for kind in ("classification", "ner")]
     for first in (f for f in firsts if f is not None and extras):
         probe[first.name] = {}
@@ -177,7 +179,14 @@ def run(data: Path, quick: bool = False, seeds=(0, 1, 2), limit: dict | None = N
             probe[first.name][method] = [{"layer": layer, "lr": lr, **train("vs_k", first.name, first, config(method, lr, seeds[0]),
                                                                    layer, "fp16", (first.name,))}
                                          for layer in range(num_layers)]
-    res["vs_k"] = probe
+        full = [r for r in table if r["task"] == first.name and r["method"] == "full"]
+        for layer in seeds_at_k:
+            rows = [{"task": first.name, "method": method, "setting": f"k={layer}", "lr": chosen[first.name, method],
+                     "seed": seed, **train("vs_k", first.name, first, config(method, chosen[first.name, method], seed),
+                                           layer, "fp16", (first.name,))}
+                    for method in ("reduced", "lora") for seed in seeds]
+            at_k += [{**p, "layer": layer} for p in _paired(full + rows, f"k={layer}")]
+    res["vs_k"], res["at_k"] = probe, at_k
 
     res["codecs"] = {}
     if firsts[0] is not None and extras:
@@ -280,6 +289,16 @@ def report(res: dict, plots: list[str], section: str = "fidelity") -> str:
         for method, rows in by.items():
             lines += ["", f"Accuracy vs k, {task} (`{method}` at lr {rows[0]['lr']:g}, seed {res['seeds'][0]}): "
                       + ", ".join(f"k={r['layer']}: {r['test']:.4f}" for r in rows)]
+    if res.get("at_k"):
+        lines += ["", f"At the k's where the curve puts parity, every seed (a cache of the task's slice at k; paired to the "
+                  f"tuned `full` at k={res['k']}'s table rows):", "",
+                  "| task | k | method | lr | test metric (mean ± std) | vs tuned full, points (paired, mean ± std) "
+                  "| best epoch / run |", "|---|---|---|---|---|---|---|"]
+        for p in res["at_k"]:
+            lines.append(f"| {p['task']} | {p['layer']} | {p['method']} | {p['lr']:g} | {p['metric']} {p['mean']:.4f} ± "
+                         f"{p['std']:.4f} | {p['diff_points']:+.2f} ± {p['diff_std']:.2f} | {', '.join(p['epochs'])} |")
+        lines += ["", f"Goal at those k's: within {GOAL_POINTS} point of the tuned `full`: "
+                  + "; ".join(f"k={p['layer']} " + _goal(p) for p in res["at_k"]) + "."]
     if res["codecs"]:
         c = res["codecs"]
         lines += ["", f"Codec cost, {next(iter(c.values()))['task']} (`reduced`, seed {res['seeds'][0]}): "
@@ -377,6 +396,9 @@ def main(argv=None) -> None:
     ap.add_argument("--dev", type=int, default=FULL_LIMIT["dev"], help="dev examples per task (tuning, early stopping)")
     ap.add_argument("--test", type=int, help="test examples per task (default: the whole split)")
     ap.add_argument("--no-extras", action="store_true", help="the table only: no accuracy vs k, no codec cost")
+    ap.add_argument("--seeds-at-k", type=int, nargs="+", default=[], metavar="K",
+                    help="layers at which accuracy vs k runs every seed, paired to the tuned full (e.g. where the "
+                         "curve puts parity for NER)")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
     ap.add_argument("--section", default="fidelity", help="REPORT section (and plot file prefix) to write")
     ap.add_argument("--quick", action="store_true", help="tiny slices, 2 seeds, 1 epoch, the default lr only")
@@ -388,7 +410,8 @@ def main(argv=None) -> None:
         runs.unlink(missing_ok=True)
     limit = None if args.quick else {"train": args.train, "dev": args.dev, **({"test": args.test} if args.test else {})}
     res = run(args.data, quick=args.quick, seeds=(0, 1) if args.quick else (0, 1, 2), limit=limit, runs=runs,
-              model=args.model, k=args.k, only=args.tasks, extras=not args.no_extras, device=args.device)
+              model=args.model, k=args.k, only=args.tasks, extras=not args.no_extras, device=args.device,
+              seeds_at_k=tuple(args.seeds_at_k))
     (args.out.parent / "results").mkdir(exist_ok=True)
     (args.out.parent / "results" / f"{args.section}.json").write_text(json.dumps(res, indent=1))
     write_section(args.section, report(res, plot(res, args.out.parent, args.section), args.section), args.out)

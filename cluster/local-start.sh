@@ -32,8 +32,32 @@ if [[ -e "$DIR/head.pid" ]]; then
 fi
 mkdir -p "$DIR" "$RAY_TMP"
 
+# A free port below the kernel's ephemeral range (where any outgoing connection could take it
+# before Ray binds it), and not one this script already gave out (listed in $DIR/ports).
 free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+  python3 - "$DIR/ports" <<'PY'
+import os, random, socket, sys
+try:
+    high = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+except (OSError, ValueError, IndexError):
+    high = 32768
+given = set(open(sys.argv[1]).read().split()) if os.path.exists(sys.argv[1]) else set()
+for _ in range(1000):
+    port = random.randrange(max(1024, high - 12000), high)
+    if str(port) in given:
+        continue
+    try:
+        for host in ("0.0.0.0", "127.0.0.1"):
+            with socket.socket() as s:
+                s.bind((host, port))
+    except OSError:
+        continue
+    open(sys.argv[1], "a").write(f"{port}\n")
+    print(port)
+    break
+else:
+    sys.exit("no free port found")
+PY
 }
 
 # Two nodes on one host must not share any listening port; Ray's defaults for the agent

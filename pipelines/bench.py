@@ -52,7 +52,7 @@ def main(args) -> int:
     out = Path(args.out)
     runs = out.parent / "results" / ("fidelity-runs-quick.jsonl" if args.quick else "fidelity-runs.jsonl")
     results["fidelity"] = bench_fidelity.run(data, quick=args.quick, seeds=(0, 1) if args.quick else (0, 1, 2),
-                                             runs=None if args.quick else runs)
+                                             runs=None if args.quick else runs, seeds_at_k=(1,) if args.quick else ())
     plots = bench_train.plot(results["train"], out.parent)
     write_section("er-bench", _report(results) + "".join(f"\n![{p}]({p})\n" for p in plots), out)  # other sections stay
     write_section("fidelity", bench_fidelity.report(results["fidelity"], bench_fidelity.plot(results["fidelity"], out.parent)), out)

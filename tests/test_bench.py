@@ -45,6 +45,7 @@ def test_er_bench_help_and_a_tiny_quick_run_from_outside_the_repo(tmp_path):
     text = report.read_text()
     assert text.startswith("# kept") and "<!-- begin er-bench -->" in text and "| train reduced (cache) |" in text
     assert "<!-- begin fidelity -->" in text and "| tiny | reduced |" in text and "Accuracy vs k, tiny" in text
+    assert "| tiny | 1 | lora |" in text and "k=1 tiny reduced" in text  # --seeds-at-k: every seed at k=1, paired
     assert (tmp_path / "REPORT.json").is_file()
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import random
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -23,6 +22,7 @@ from pipelines.cli import main as er
 from pipelines.serve import BadRequest, parse_documents
 
 from .conftest import WORDS, write_tiny_task
+from .ports import free_port
 
 TOKEN = "a-test-token-of-24-chars"
 FILLERS = [w for w in WORDS if w not in ("cancer", "protein", "gene")]
@@ -62,12 +62,6 @@ def _qa_task(folder: Path, seed=0) -> Path:
     return folder
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url: str, body, token: str | None = TOKEN, raw: bytes | None = None) -> tuple[int, dict]:
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
     req = urllib.request.Request(url, data=raw if raw is not None else json.dumps(body).encode(), headers=headers)
@@ -98,7 +92,7 @@ def served(ray_session, tiny_bert, tmp_path_factory):
         models[kind] = str(base / f"model-{kind}")
         finetune(cache, str(folder), models[kind], TrainConfig(epochs=2, lr=1e-3, batch_size=16), progress=False,
                  log=lambda r: None)
-    port = _free_port()
+    port = free_port()
     import hashlib
 
     cfg = ServeConfig(cache=cache, model_dir=list(models.values()), port=port, route_prefix="/er", refresh_s=0.5,
@@ -209,7 +203,7 @@ def test_bad_requests_get_a_4xx_and_one_line(served):
 def test_a_model_of_another_cache_is_refused_at_start_in_one_line(served, tiny_bert, tmp_path, capsys):
     other = str(tmp_path / "other")
     ingest_local([{"text": "a gene"}], other, Recycler.load(tiny_bert, layer=1, codec="fp16"), progress=False)
-    assert er(["serve", "--cache", other, "--model-dir", served["models"]["cls"], "--port", str(_free_port())]) != 0
+    assert er(["serve", "--cache", other, "--model-dir", served["models"]["cls"], "--port", str(free_port())]) != 0
     # er's own lines only: the shared Ray forwards its replicas' logs to this process's stderr too
     err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith(("(", "\x1b", "INFO", "WARNING"))]
     assert len(err) == 1 and err[0].startswith("er serve: error:") and "trained on another cache" in err[0], err

@@ -1,0 +1,50 @@
+"""Free TCP ports for the servers tests start (Ray nodes, SeaweedFS, er serve).
+
+The kernel's own pick (bind to port 0) comes from the ephemeral range, which every outgoing connection on the
+host also draws from: between our pick and the server's bind, a Ray worker's connection can take the port (CI saw
+this). So ports come from below that range, where only explicit binds go, each handed out once per process.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+from pathlib import Path
+
+_given: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def _bindable(port: int) -> bool:
+    for host in ("0.0.0.0", "127.0.0.1"):  # servers bind the node's address or loopback; both must be free
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                return False
+    return True
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct ports that are free now, outside the ephemeral range, never given out before in this process."""
+    high = _ephemeral_low()
+    low = max(1024, high - 12000)
+    out: list[int] = []
+    for _ in range(50 * n + 200):
+        port = random.randrange(low, high)
+        if port not in _given and _bindable(port):
+            _given.add(port)
+            out.append(port)
+            if len(out) == n:
+                return out
+    raise RuntimeError(f"found only {len(out)} of {n} free ports in {low}..{high - 1}")
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
