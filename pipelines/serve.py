@@ -106,7 +106,9 @@ def chunks(docs: list, max_batch_size: int) -> list[list]:
 @serve.deployment(name="Lookup")
 class Lookup:
     """Keys -> cached states of one cache version, with a bounded LRU of recent rows. Every `refresh_s` it opens the
-    latest version (a checkpoint and a few commits, not the shards), so rows committed since are found."""
+    latest version (a checkpoint and a few commits, not the shards), so rows committed since are found. Rows stay
+    encoded as cached (fp16 or int8): the LRU holds twice the rows per byte and the object store carries half the
+    bytes to Upper, which decodes."""
 
     def __init__(self, cache: str, storage_options: dict | None, lru_rows: int, refresh_s: float):
         from er_core.store import open_cache
@@ -114,7 +116,7 @@ class Lookup:
         self.url, self.opts, self.lru_rows, self.refresh_s = cache, storage_options, lru_rows, refresh_s
         self.reader = open_cache(cache, storage_options=storage_options)
         self.opened = time.monotonic()
-        self.rows: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.rows: OrderedDict[str, tuple] = OrderedDict()
 
     def _refresh(self) -> None:
         from er_core.store import open_cache
@@ -129,10 +131,10 @@ class Lookup:
         self._refresh()
         return self.reader.version
 
-    def get(self, keys: list[str]) -> list[np.ndarray | None]:
-        """float32 (length, H) states per key; None where the cache lacks it."""
+    def get(self, keys: list[str]) -> list[tuple | None]:
+        """Encoded states per key, (length, hidden bytes, scale bytes or None); None where the cache lacks it."""
         self._refresh()
-        out: dict[str, np.ndarray] = {}
+        out: dict[str, tuple] = {}
         for k in keys:
             if k in self.rows:
                 self.rows.move_to_end(k)
@@ -141,7 +143,7 @@ class Lookup:
         if todo:
             got = self.reader.read_located(self.reader.locate(todo), ["length", "hidden", "scale"])
             for k, n, h, s in zip(*(got.column(c).to_pylist() for c in ("key", "length", "hidden", "scale"))):
-                out[k] = self.rows[k] = self.reader.decode(n, h, s)
+                out[k] = self.rows[k] = (n, h, s)
             while len(self.rows) > self.lru_rows:
                 self.rows.popitem(last=False)
         return [out.get(k) for k in keys]
@@ -204,15 +206,19 @@ class Upper:
 
     async def _documents(self, docs: list[dict]) -> list[dict]:
         t0 = time.perf_counter()
-        states = await self.lookup.get.remote([d["key"] for d in docs]) if self.lookup is not None else [None] * len(docs)
+        rows = await self.lookup.get.remote([d["key"] for d in docs]) if self.lookup is not None else [None] * len(docs)
         t_lookup = time.perf_counter() - t0
-        out = await asyncio.get_running_loop().run_in_executor(self.layers, self._predict, docs, states)
+        out = await asyncio.get_running_loop().run_in_executor(self.layers, self._predict, docs, rows)
         took = time.perf_counter() - t0
         for o in out:
             o["timing_ms"] = {"lookup": round(1000 * t_lookup, 3), "batch": round(1000 * took, 3), "batch_size": len(docs)}
         return out
 
-    def _predict(self, docs: list[dict], states: list) -> list[dict]:
+    def _predict(self, docs: list[dict], rows: list) -> list[dict]:
+        from er_core.store import get_codec
+
+        codec, hidden_size = get_codec(self.spec.codec), self.spec.hidden_size
+        states = [None if r is None else codec.decode(r[1], r[2], (r[0], hidden_size)) for r in rows]
         out = [{"cached": s is not None} for s in states]
         groups: dict[tuple, list[int]] = {}
         for i, d in enumerate(docs):

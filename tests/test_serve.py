@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from er_core import TrainConfig, finetune, ingest_local, load_task
@@ -231,6 +232,21 @@ def test_a_killed_upper_replica_is_replaced_and_service_resumes(served):
         assert status in (200, 503), body  # in flight during the restart: a clear 5xx, never a traceback
         time.sleep(0.5)
     assert status == 200 and len(uppers()) == 1 and uppers() != before, statuses
+
+
+def test_the_lookup_hands_rows_on_encoded_as_cached_and_keeps_at_most_lru_rows(served):
+    from er_core.store import open_cache
+    from pipelines.serve import Lookup
+
+    reader = open_cache(served["cache"])
+    keys = list(reader.keys())[:3]
+    look = Lookup.func_or_class(served["cache"], None, 2, 60.0)  # the class behind the deployment, in this process
+    rows = look.get([*keys, "not-a-key"])
+    assert rows[-1] is None and len(look.rows) == 2
+    for key, (n, hidden, scale) in zip(keys, rows):
+        assert len(hidden) == n * reader.spec.hidden_size * 2  # fp16 as cached: half the bytes of float32 to Upper
+        want = reader.load([key])
+        assert np.array_equal(reader.decode(n, hidden, scale), want.hidden(want.index[key]))
 
 
 def test_a_request_goes_to_upper_in_near_equal_calls_of_at_most_half_a_batch():
