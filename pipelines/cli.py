@@ -201,10 +201,10 @@ def cmd_cache(args) -> int:
     reader = open_cache(args.url, storage_options=storage_options(args))
     m = reader.manifest
     if args.action == "info":
-        from er_core.store import compact_hint
+        from er_core.store import compact_advised, compact_hint
 
         info = {"url": args.url, "generation": m.generation, "spec": m.spec.to_dict(), "totals": m.totals, "skipped": m.skipped,
-                "index_segments": len(m.index)}
+                "index_segments": len(m.index), "compact_advised": compact_advised(len(m.index))}
         if args.json:
             print(json.dumps(info, indent=1))
         else:

@@ -41,8 +41,8 @@ import numpy as np
 import pyarrow as pa
 
 from er_core import ErError, Recycler, ingest_local
-from er_core.store import (CacheSpec, CacheWriter, Manifest, PackedRows, ShardInfo, Written, compact_hint, open_state,
-                           packed_table, shard_name, write_shard)
+from er_core.store import (CacheSpec, CacheWriter, Manifest, PackedRows, ShardInfo, Written, compact_advised, compact_hint,
+                           open_state, packed_table, shard_name, write_shard)
 from er_core.corpus import KeyClaims, batch_token, find_sources, read_source, scan
 from er_core.embed import CPU_BATCH, Embedder, is_empty, token_budget
 from er_core.keys import TokenizerSettings
@@ -596,6 +596,7 @@ def _summary(t, empty, seconds, manifest, cache) -> dict:
         "generation": manifest.generation,
         "cache_rows": manifest.totals["rows"],
         "index_segments": len(manifest.index),
+        "compact_advised": compact_advised(len(manifest.index)),
     }
 
 

@@ -369,6 +369,9 @@ def test_local_mode_ids_and_cache_info_verify(tmp_path, tiny_bert, rec, capsys):
 
     capsys.readouterr()
     assert er(["cache", "info", url]) == 0 and "rows        30" in capsys.readouterr().out
+    assert er(["cache", "info", url, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["totals"]["rows"] == 30 and info["index_segments"] >= 1 and info["compact_advised"] is False
     assert er(["cache", "verify", url]) == 0
     shard = Path(url) / open_cache(url).shards()[0].path
     data = bytearray(shard.read_bytes())

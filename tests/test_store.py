@@ -342,8 +342,10 @@ def test_commits_merge_segments_up_to_a_top_tier_and_leave_bigger_ones_to_compac
 
 
 def test_a_cache_with_many_index_segments_is_pointed_at_compaction():
-    from er_core.store import compact_hint
+    from er_core.store import compact_advised, compact_hint
     from er_core.store.index import COMPACT_HINT
+
+    assert not compact_advised(COMPACT_HINT) and compact_advised(COMPACT_HINT + 1)
 
     assert compact_hint("s3://b/c", COMPACT_HINT) == ""
     assert "`er cache compact s3://b/c`" in compact_hint("s3://b/c", COMPACT_HINT + 1)

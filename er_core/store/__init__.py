@@ -17,7 +17,7 @@ Everything here is pyarrow, numpy and fsspec: a Ray Data task that reads the cac
 """
 
 from .codecs import CODECS, DEFAULT_CODEC, get_codec
-from .index import compact_hint, key_digests
+from .index import compact_advised, compact_hint, key_digests
 from .maintenance import compact_cache, repair_cache, upgrade_cache
 from .manifest import CacheSpec, Manifest, ShardInfo
 from .packed import PackedRows
@@ -27,5 +27,5 @@ from .writer import CacheWriter, Written, encode_table, packed_table, shard_name
 
 __all__ = ["open_cache", "open_state", "CacheReader", "CachedRows", "CacheWriter", "Written", "write_shard", "shard_name",
            "encode_table", "packed_table", "compact_cache", "repair_cache", "upgrade_cache", "CacheSpec", "Manifest",
-           "ShardInfo", "PackedRows", "compact_hint", "key_digests", "get_codec", "CODECS", "DEFAULT_CODEC", "StorageConfig",
+           "ShardInfo", "PackedRows", "compact_advised", "compact_hint", "key_digests", "get_codec", "CODECS", "DEFAULT_CODEC", "StorageConfig",
            "explain_storage_error", "is_local", "put_atomic", "read_bytes", "url_to_fs"]

@@ -417,10 +417,15 @@ def tier(rows: int) -> int:
     return int(np.log(max(rows, 1) / TIER_BASE) / np.log(TIER)) if rows > TIER_BASE else 0
 
 
+def compact_advised(segments: int) -> bool:
+    """Whether a cache of this many index segments should be compacted (the JSON summaries say so, not the 32)."""
+    return segments > COMPACT_HINT
+
+
 def compact_hint(url: str, segments: int) -> str:
     """What to add after a count of index segments: a pointer to `er cache compact` once they are many."""
     return (f"; lookups and key claims ask each one, `er cache compact {url}` merges them into one"
-            if segments > COMPACT_HINT else "")
+            if compact_advised(segments) else "")
 
 
 def merge_plan(segments: list[SegmentInfo], tiers: int = COMMIT_TIERS) -> list[SegmentInfo]:
