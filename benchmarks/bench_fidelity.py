@@ -134,9 +134,9 @@ def run(data: Path, quick: bool = False, seeds=(0, 1, 2), limit: dict | None = N
         key = {**base, "what": what, "task": name, "layer": layer, "codec": codec, "config": c.to_dict()}
         if quick:
             key["quick"] = True
-        url = cache(layer, codec, names) if c.method != "full" else cache(k, "fp16", names)  # full reads text
 
-        def measure():
+        def measure():  # a cache is ingested only for a run still to do: a finished table reruns in seconds
+            url = cache(layer, codec, names) if c.method != "full" else cache(k, "fp16", names)  # full reads text
             r = _train(url, d, work / f"{what}-{name}-{c.method}-{c.lr:g}-{c.seed}-k{layer}-{codec}", c, limit, device)
             log(f"{what} {name} {c.method} lr {c.lr:g} seed {c.seed} k={layer} {codec}: dev {r['dev']} test {r['test']:.4f} "
                 f"({r['epochs_run']} epochs, best {r['best_epoch']}) in {r['wall_seconds']} s")
@@ -186,6 +186,7 @@ def run(data: Path, quick: bool = False, seeds=(0, 1, 2), limit: dict | None = N
                                            layer, "fp16", (first.name,))}
                     for method in ("reduced", "lora") for seed in seeds]
             at_k += [{**p, "layer": layer} for p in _paired(full + rows, f"k={layer}")]
+            res.setdefault("at_k_runs", []).extend(rows)
     res["vs_k"], res["at_k"] = probe, at_k
 
     res["codecs"] = {}
@@ -239,7 +240,8 @@ def _break_even(res: dict) -> dict:
 
 def _span(res: dict) -> str:
     probes = [r for by in res["vs_k"].values() for rs in by.values() for r in rs]
-    whens = sorted(r["when"] for r in res["runs"] + res["tuning"] + probes + list(res["codecs"].values()))
+    whens = sorted(r["when"] for r in res["runs"] + res["tuning"] + probes + res.get("at_k_runs", [])
+                   + list(res["codecs"].values()))
     return whens[0] if whens[0] == whens[-1] else f"from {whens[0]} to {whens[-1]}"
 
 
@@ -290,8 +292,8 @@ def report(res: dict, plots: list[str], section: str = "fidelity") -> str:
             lines += ["", f"Accuracy vs k, {task} (`{method}` at lr {rows[0]['lr']:g}, seed {res['seeds'][0]}): "
                       + ", ".join(f"k={r['layer']}: {r['test']:.4f}" for r in rows)]
     if res.get("at_k"):
-        lines += ["", f"At the k's where the curve puts parity, every seed (a cache of the task's slice at k; paired to the "
-                  f"tuned `full` at k={res['k']}'s table rows):", "",
+        lines += ["", "At the k's where the curve puts parity, every seed (a cache of the task's slice at k; paired by seed "
+                  "to the tuned `full` rows of the table, which read text, so k does not enter them):", "",
                   "| task | k | method | lr | test metric (mean ± std) | vs tuned full, points (paired, mean ± std) "
                   "| best epoch / run |", "|---|---|---|---|---|---|---|"]
         for p in res["at_k"]:
