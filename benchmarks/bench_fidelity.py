@@ -95,9 +95,10 @@ def _train(cache: str, task_dir: Path, out: Path, cfg: TrainConfig, limit: dict,
 
 def run(data: Path, quick: bool = False, seeds=(0, 1, 2), limit: dict | None = None, log=print, runs: Path | None = None,
         model: str = "bundled", k: int | None = None, only: list[str] | None = None, extras: bool = True,
-        device: str = "cpu", seeds_at_k: tuple[int, ...] = ()) -> dict:
+        device: str = "cpu", seeds_at_k: tuple[int, ...] = (), epochs: int | None = None) -> dict:
     """runs: the RunLog file (None: measure everything now). only: task folder names to run (default all).
-    seeds_at_k: layers at which the accuracy-vs-k probe runs every seed, not only the first."""
+    seeds_at_k: layers at which the accuracy-vs-k probe runs every seed, not only the first. epochs: the cap instead
+    of CONVERGE's (every run's key holds it, so runs at another cap are measured anew)."""
     for method, grid in GRIDS.items():
         if DEFAULT_LR[method] not in grid:
             raise SystemExit(f"GRIDS[{method!r}] lacks the shipped default lr {DEFAULT_LR[method]:g}: add it")
@@ -110,7 +111,7 @@ def run(data: Path, quick: bool = False, seeds=(0, 1, 2), limit: dict | None = N
     num_layers = Recycler.load(path, layer=0).spec.num_layers
     k = num_layers // 2 if k is None else k
     grids = {m: (DEFAULT_LR[m],) for m in METHODS} if quick else GRIDS
-    converge = {"epochs": 1, "patience": 1} if quick else CONVERGE
+    converge = {"epochs": 1, "patience": 1} if quick else {**CONVERGE, **({"epochs": epochs} if epochs else {})}
     work = Path(tempfile.mkdtemp(prefix="er-fidelity-"))
     done = RunLog(runs)
     res = {"model": model, "num_layers": num_layers, "k": k, "limit": limit, "seeds": list(seeds), "quick": quick,
@@ -401,6 +402,8 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds-at-k", type=int, nargs="+", default=[], metavar="K",
                     help="layers at which accuracy vs k runs every seed, paired to the tuned full (e.g. where the "
                          "curve puts parity for NER)")
+    ap.add_argument("--epochs", type=int, help=f"epoch cap of every run (default {CONVERGE['epochs']}; early stopping "
+                    "on dev usually ends a run first)")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
     ap.add_argument("--section", default="fidelity", help="REPORT section (and plot file prefix) to write")
     ap.add_argument("--quick", action="store_true", help="tiny slices, 2 seeds, 1 epoch, the default lr only")
@@ -413,7 +416,7 @@ def main(argv=None) -> None:
     limit = None if args.quick else {"train": args.train, "dev": args.dev, **({"test": args.test} if args.test else {})}
     res = run(args.data, quick=args.quick, seeds=(0, 1) if args.quick else (0, 1, 2), limit=limit, runs=runs,
               model=args.model, k=args.k, only=args.tasks, extras=not args.no_extras, device=args.device,
-              seeds_at_k=tuple(args.seeds_at_k))
+              seeds_at_k=tuple(args.seeds_at_k), epochs=args.epochs)
     (args.out.parent / "results").mkdir(exist_ok=True)
     (args.out.parent / "results" / f"{args.section}.json").write_text(json.dumps(res, indent=1))
     write_section(args.section, report(res, plot(res, args.out.parent, args.section), args.section), args.out)
