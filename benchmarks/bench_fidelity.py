@@ -182,10 +182,9 @@ def run(data: Path, quick: bool = False, seeds=(0, 1, 2), limit: dict | None = N
                                          for layer in range(num_layers)]
         full = [r for r in table if r["task"] == first.name and r["method"] == "full"]
         for layer in seeds_at_k:
-            rows = [{"task": first.name, "method": method, "setting": f"k={layer}", "lr": chosen[first.name, method],
-                     "seed": seed, **train("vs_k", first.name, first, config(method, chosen[first.name, method], seed),
-                                           layer, "fp16", (first.name,))}
-                    for method in ("reduced", "lora") for seed in seeds]
+            rows = [{"task": first.name, "method": method, "setting": f"k={layer}", "layer": layer, "lr": lr, "seed": seed,
+                     **train("vs_k", first.name, first, config(method, lr, seed), layer, "fp16", (first.name,))}
+                    for method, lr in ((m, chosen[first.name, m]) for m in ("reduced", "lora")) for seed in seeds]
             at_k += [{**p, "layer": layer} for p in _paired(full + rows, f"k={layer}")]
             res.setdefault("at_k_runs", []).extend(rows)
     res["vs_k"], res["at_k"] = probe, at_k
@@ -284,8 +283,11 @@ def report(res: dict, plots: list[str], section: str = "fidelity") -> str:
         f"{t} {m}: " + ", ".join(f"{r['lr']:g} {r['dev']:.4f}{'*' if r['chosen'] else ''}" for r in res["tuning"]
                                  if r["task"] == t and r["method"] == m)
         for t, m in dict.fromkeys((r["task"], r["method"]) for r in res["tuning"]))]
-    capped = [f"{r['task']} {r['method']} lr {r['lr']:g} seed {r['seed']}" for r in res["runs"]
-              if r["best_epoch"] == r["epochs_run"] == res["converge"]["epochs"]]
+    probes = [{**r, "task": t, "method": m, "seed": res["seeds"][0]} for t, by in res["vs_k"].items()
+              for m, rows in by.items() for r in rows]
+    capped = list(dict.fromkeys(  # a probe's first seed is also an at-k run
+        f"{r['task']} {r['method']} lr {r['lr']:g} seed {r['seed']}" + (f" k={r['layer']}" if "layer" in r else "")
+        for r in res["runs"] + probes + res.get("at_k_runs", []) if r["best_epoch"] == r["epochs_run"] == res["converge"]["epochs"]))
     if capped:
         lines += ["", f"Still improving at the epoch cap (not converged): {'; '.join(capped)}."]
     for task, by in res["vs_k"].items():
@@ -401,7 +403,7 @@ def main(argv=None) -> None:
     ap.add_argument("--no-extras", action="store_true", help="the table only: no accuracy vs k, no codec cost")
     ap.add_argument("--seeds-at-k", type=int, nargs="+", default=[], metavar="K",
                     help="layers at which accuracy vs k runs every seed, paired to the tuned full (e.g. where the "
-                         "curve puts parity for NER)")
+                         "curve puts parity for NER); for both of its tasks, the first classification and first NER")
     ap.add_argument("--epochs", type=int, help=f"epoch cap of every run (default {CONVERGE['epochs']}; early stopping "
                     "on dev usually ends a run first)")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
@@ -410,6 +412,10 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, default=HERE / "REPORT.md")
     ap.add_argument("--fresh", action="store_true", help="measure everything again, ignoring results/fidelity-runs.jsonl")
     args = ap.parse_args(argv)
+    if args.seeds_at_k and args.no_extras:
+        ap.error("--seeds-at-k runs with accuracy vs k, which --no-extras leaves out")
+    if args.epochs and args.quick:
+        ap.error("--quick runs 1 epoch; --epochs is for the full runs")
     runs = args.out.parent / "results" / ("fidelity-runs-quick.jsonl" if args.quick else "fidelity-runs.jsonl")
     if args.fresh:
         runs.unlink(missing_ok=True)

@@ -32,18 +32,20 @@ if [[ -e "$DIR/head.pid" ]]; then
 fi
 mkdir -p "$DIR" "$RAY_TMP"
 
-# A free port below the kernel's ephemeral range (where any outgoing connection could take it
-# before Ray binds it), and not one this script already gave out (listed in $DIR/ports).
+# A free port between Ray's worker ports (10002-19999) and the kernel's ephemeral range (where any
+# outgoing connection could take it before Ray binds it), or above that range where the gap is
+# small; never one this script already gave out (listed in $DIR/ports).
 free_port() {
   python3 - "$DIR/ports" <<'PY'
 import os, random, socket, sys
 try:
-    high = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
-except (OSError, ValueError, IndexError):
-    high = 32768
+    first, last = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[:2])
+except (OSError, ValueError):
+    first, last = 32768, 60999
+low, high = (max(20000, first - 12000), first) if first - 20000 >= 1000 else (last + 1, 65536)
 given = set(open(sys.argv[1]).read().split()) if os.path.exists(sys.argv[1]) else set()
 for _ in range(1000):
-    port = random.randrange(max(1024, high - 12000), high)
+    port = random.randrange(low, high)
     if str(port) in given:
         continue
     try:
@@ -62,10 +64,14 @@ PY
 
 # Two nodes on one host must not share any listening port; Ray's defaults for the agent
 # (52365) would collide, so every per-node port is picked free.
+# Called as `ports=$(node_ports) || exit 1`: a flag without its port must not reach ray start.
 node_ports() {
-  echo "--node-manager-port=$(free_port) --object-manager-port=$(free_port)" \
-       "--dashboard-agent-listen-port=$(free_port) --dashboard-agent-grpc-port=$(free_port)" \
-       "--runtime-env-agent-port=$(free_port) --metrics-export-port=$(free_port)"
+  local name port flags=""
+  for name in node-manager object-manager dashboard-agent-listen dashboard-agent-grpc runtime-env-agent metrics-export; do
+    port=$(free_port) || return 1
+    flags+=" --$name-port=$port"
+  done
+  echo "$flags"
 }
 
 # setsid: each node gets its own process group (pgid = the pid we record), so local-stop.sh
@@ -103,14 +109,16 @@ DASHBOARD=${ER_RAY_DASHBOARD:-true}
 DASH_PORT=${ER_DASHBOARD_PORT:-8265}
 dashboard_flags=(--include-dashboard="$DASHBOARD")
 [[ $DASHBOARD == true ]] && dashboard_flags+=(--dashboard-host=127.0.0.1 --dashboard-port="$DASH_PORT")
-# shellcheck disable=SC2046  # node_ports is meant to split into separate flags
-start_node head --head --port="$PORT" "${dashboard_flags[@]}" \
-  --ray-client-server-port="${ER_RAY_CLIENT_PORT:-$(free_port)}" $(node_ports)
+client_port=${ER_RAY_CLIENT_PORT:-$(free_port)} || exit 1
+ports=$(node_ports) || exit 1
+# shellcheck disable=SC2086  # $ports is meant to split into separate flags
+start_node head --head --port="$PORT" "${dashboard_flags[@]}" --ray-client-server-port="$client_port" $ports
 wait_nodes 1 || { bash "$(dirname "$0")/local-stop.sh"; exit 1; }
 
 for i in $(seq "$WORKERS"); do
-  # shellcheck disable=SC2046
-  start_node "worker$i" --address="127.0.0.1:$PORT" $(node_ports)
+  ports=$(node_ports) || { bash "$(dirname "$0")/local-stop.sh"; exit 1; }
+  # shellcheck disable=SC2086
+  start_node "worker$i" --address="127.0.0.1:$PORT" $ports
 done
 wait_nodes $((WORKERS + 1)) || { bash "$(dirname "$0")/local-stop.sh"; exit 1; }
 

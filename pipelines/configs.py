@@ -199,7 +199,7 @@ class ServeConfig:
     cpus_per_replica: float = field(default=1.0, metadata={"help": "CPUs per Upper replica (the Lookup takes half that)"})
     gpus_per_replica: float | None = field(default=None, metadata={
         "help": "GPUs per Upper replica (default: 1 when the cluster has GPUs, else 0)"})
-    lru_rows: int = field(default=1024, metadata={"help": "recent cached rows the Lookup keeps in memory (as cached: fp16 or int8)"})
+    lru_rows: int = field(default=1024, metadata={"help": "recent cached rows the Lookup keeps in memory, encoded as cached"})
     refresh_s: float = field(default=10.0, metadata={"help": "how often the Lookup looks for a newer cache version"})
     recycle: bool = field(default=True, metadata={
         "help": "read cached states; off: run every document through all layers (what serving costs without recycling)"})

@@ -89,6 +89,7 @@ class LocalCluster:
                 # Something else bound one of our ports between the pick and Ray's bind: pick all again.
                 if attempt == attempts - 1:
                     raise
+                shutil.rmtree(self.root, ignore_errors=True)
                 self.root = Path(tempfile.mkdtemp(prefix="er-c", dir="/tmp"))
                 self.address = f"127.0.0.1:{free_port()}"
                 self.env["RAY_ADDRESS"] = self.address
@@ -111,7 +112,7 @@ class LocalCluster:
                 self._start_node(f"w{i}", cpus, [f"--address={self.address}"])
             self._wait_nodes(1 + len(self.layout.workers))
         except BaseException:
-            self.stop()
+            self.stop(keep_logs=True)  # the error points at them
             raise
         return self
 
@@ -172,10 +173,12 @@ class LocalCluster:
                 pass
         p.wait()
 
-    def stop(self) -> None:
+    def stop(self, keep_logs: bool = False) -> None:
+        """Stop every node and remove the temp dir (but the nodes' logs, with keep_logs)."""
         for name in sorted(self.procs, key=lambda n: n == "head"):  # workers first, then the head
             self.stop_node(name)
-        shutil.rmtree(self.root, ignore_errors=True)
+        for path in ([p for p in self.root.iterdir() if p.is_dir()] if keep_logs and self.root.exists() else [self.root]):
+            shutil.rmtree(path, ignore_errors=True)
 
     def log(self, name: str) -> str:
         return (self.root / f"{name}.log").read_text(errors="replace")

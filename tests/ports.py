@@ -2,7 +2,9 @@
 
 The kernel's own pick (bind to port 0) comes from the ephemeral range, which every outgoing connection on the
 host also draws from: between our pick and the server's bind, a Ray worker's connection can take the port (CI saw
-this). So ports come from below that range, where only explicit binds go, each handed out once per process.
+this). So ports come from between Ray's worker ports (10002-19999, which `ray start` binds itself) and the
+ephemeral range, where only explicit binds go, each handed out once per process; above the ephemeral range where
+the gap is too small.
 """
 
 from __future__ import annotations
@@ -14,11 +16,18 @@ from pathlib import Path
 _given: set[int] = set()
 
 
-def _ephemeral_low() -> int:
+RAY_WORKER_PORTS_END = 20000  # ray start's --max-worker-port is 19999
+
+
+def port_range() -> tuple[int, int]:
+    """[low, high) to pick from: below the ephemeral range and above Ray's worker ports, or above the ephemeral range."""
     try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768  # Linux's default
+        first, last = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[:2])
+    except (OSError, ValueError):
+        first, last = 32768, 60999  # Linux's default
+    if first - RAY_WORKER_PORTS_END >= 1000:
+        return max(RAY_WORKER_PORTS_END, first - 12000), first
+    return last + 1, 65536
 
 
 def _bindable(port: int) -> bool:
@@ -33,8 +42,7 @@ def _bindable(port: int) -> bool:
 
 def free_ports(n: int) -> list[int]:
     """n distinct ports that are free now, outside the ephemeral range, never given out before in this process."""
-    high = _ephemeral_low()
-    low = max(1024, high - 12000)
+    low, high = port_range()
     out: list[int] = []
     for _ in range(50 * n + 200):
         port = random.randrange(low, high)

@@ -241,8 +241,8 @@ def test_the_lookup_hands_rows_on_encoded_as_cached_and_keeps_at_most_lru_rows(s
     reader = open_cache(served["cache"])
     keys = list(reader.keys())[:3]
     look = Lookup.func_or_class(served["cache"], None, 2, 60.0)  # the class behind the deployment, in this process
-    rows = look.get([*keys, "not-a-key"])
-    assert rows[-1] is None and len(look.rows) == 2
+    codec, rows = look.get([*keys, "not-a-key"])
+    assert codec == "fp16" and rows[-1] is None and len(look.rows) == 2
     for key, (n, hidden, scale) in zip(keys, rows):
         assert len(hidden) == n * reader.spec.hidden_size * 2  # fp16 as cached: half the bytes of float32 to Upper
         want = reader.load([key])
