@@ -155,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "of it are merged (default: the largest shard's rows)")
     p.add_argument("--retain", type=float, default=None, help="with compact: seconds the merged-away files stay for "
                    "readers of older versions, before a later writer deletes them (default $ER_RETAIN, else 86400)")
+    p.add_argument("--index-only", action="store_true", help="with compact: merge the index segments only, reading "
+                   "no states (for a big cache whose segments pile up: `er cache info` says when)")
     p.add_argument("--json", action="store_true", help="print JSON")
     _storage_args(p)
 
@@ -253,7 +255,7 @@ def _compact(args) -> int:
 
     retain = {} if args.retain is None else {"retain": args.retain}
     rep = compact_cache(args.url, storage_options=storage_options(args), shard_rows=args.shard_rows,
-                        progress=None if args.json else progress, **retain)
+                        progress=None if args.json else progress, index_only=args.index_only, **retain)
     if args.json:
         print(json.dumps(rep, indent=1))
     elif rep["compacted"]:

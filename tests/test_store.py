@@ -165,6 +165,22 @@ def test_compaction_merges_small_shards_while_an_open_reader_keeps_reading(tmp_p
     assert open_cache(url).verify() == []
 
 
+def test_index_only_compaction_merges_the_segments_and_reads_no_states(tmp_path, spec):
+    url = str(tmp_path / "c")
+    rows = _incremental(url, spec, runs=12)
+    before = open_cache(url)
+    assert len(before.manifest.index) > 1
+    shard_files = {s.path: os.path.getmtime(tmp_path / "c" / s.path) for s in before.shards()}
+    rep = compact_cache(url, shard_rows=64, index_only=True)
+    assert rep["compacted"] and rep["merged"] == rep["written"] == 0 and rep["segments"] == 1
+    after = open_cache(url)
+    assert {s.path: os.path.getmtime(tmp_path / "c" / s.path) for s in after.shards()} == shard_files  # untouched
+    assert after.verify() == [] and after.manifest.totals["rows"] == len(rows)
+    got, want = after.load([k for k, _, _ in rows]), before.load([k for k, _, _ in rows])
+    assert all(np.array_equal(got.hidden(got.index[k]), want.hidden(want.index[k])) for k, _, _ in rows)
+    assert not compact_cache(url, index_only=True)["compacted"]  # one segment: nothing to do
+
+
 _SLOW_COMPACT = """
 import sys, time
 from er_core.store import maintenance, writer
@@ -348,4 +364,4 @@ def test_a_cache_with_many_index_segments_is_pointed_at_compaction():
     assert not compact_advised(COMPACT_HINT) and compact_advised(COMPACT_HINT + 1)
 
     assert compact_hint("s3://b/c", COMPACT_HINT) == ""
-    assert "`er cache compact s3://b/c`" in compact_hint("s3://b/c", COMPACT_HINT + 1)
+    assert "`er cache compact --index-only s3://b/c`" in compact_hint("s3://b/c", COMPACT_HINT + 1)

@@ -424,7 +424,7 @@ def compact_advised(segments: int) -> bool:
 
 def compact_hint(url: str, segments: int) -> str:
     """What to add after a count of index segments: a pointer to `er cache compact` once they are many."""
-    return (f"; lookups and key claims ask each one, `er cache compact {url}` merges them into one"
+    return (f"; lookups and key claims ask each one, `er cache compact --index-only {url}` merges them into one"
             if compact_advised(segments) else "")
 
 

@@ -102,18 +102,19 @@ def upgrade_cache(url: str, storage_options: dict | None = None, progress=None) 
 
 
 def compact_cache(url: str, storage_options: dict | None = None, shard_rows: int | None = None, retain: float = RETAIN,
-                  progress=None) -> dict:
+                  progress=None, index_only: bool = False) -> dict:
     """Merge small shards (under half of `shard_rows`, default the largest shard's) into full ones and every index
-    segment into one, in one commit. The merged files stay `retain` seconds for readers of older versions;
-    a later writer (any ingest, repair or compaction) deletes them after that. A kill before the commit loses
-    nothing: the next writer removes what it wrote."""
+    segment into one, in one commit; `index_only`: the segments alone, reading no states (what lookups and key
+    claims of a big cache need, at the index's cost rather than the small shards'). The merged files stay `retain`
+    seconds for readers of older versions; a later writer (any ingest, repair or compaction) deletes them after
+    that. A kill before the commit loses nothing: the next writer removes what it wrote."""
     spec = open_cache(url, storage_options=storage_options).spec
     writer = CacheWriter(url, spec, storage_options, retain=retain)
     try:
         reader = writer.reader()
         shards = reader.shards()
         target = shard_rows or max((s.rows for s in shards), default=0)
-        small = [s for s in shards if s.rows < target / 2]
+        small = [] if index_only else [s for s in shards if s.rows < target / 2]
         if len(small) < 2 and len(writer.manifest.index) <= 1:
             return {"url": url, "compacted": False, "shards": len(shards), "segments": len(writer.manifest.index),
                     "generation": writer.manifest.generation}
