@@ -316,6 +316,31 @@ def test_key_claims_skip_the_buckets_of_segments_whose_bloom_filter_says_no(tmp_
     assert got.tolist() == [True] * 10 + [False, False]
 
 
+def test_a_reader_keeps_bloom_filters_within_its_budget_and_claims_keep_all(tmp_path, spec, monkeypatch):
+    from er_core.corpus import KeyClaims
+    from er_core.store import index as index_mod
+    from er_core.store.index import bloom_size, key_digests
+
+    url = str(tmp_path / "c")
+    with CacheWriter(url, spec, shard_rows=2000) as w:
+        for i in range(3):
+            for k, ids, h in _rows(4000, seed=i, start=4000 * i):
+                w.add(k, ids, h)
+            w.commit()
+    monkeypatch.setattr(index_mod, "CACHED_FILTER_BYTES", bloom_size(4000) + 1)  # room for one segment's filter
+    asked = key_digests([f"new{i}" for i in range(2000)] + [f"k{i}" for i in range(0, 12000, 1200)])
+    want = open_cache(url).index.holds(asked)
+    reader = open_cache(url).index
+    for _ in range(2):  # a lookup this big asks every segment's filter, and keeps one of them
+        assert np.array_equal(reader.holds(asked), want)
+        held = [s for s in reader._open.values() if s.has_bloom]
+        assert len(reader._open) == 3 and len(held) == 1 and reader._filter_bytes == held[0].bloom_bytes
+    claims = open_cache(url).index
+    KeyClaims(index=claims)
+    assert np.array_equal(claims.holds(asked), want)
+    assert sum(s.has_bloom for s in claims._open.values()) == 3  # a claim asks them all again on every call
+
+
 def test_a_lookup_asks_a_segments_bloom_filter_only_where_that_reads_fewer_bytes(tmp_path, spec, monkeypatch):
     from er_core.store.index import BUCKET_ENTRIES, RECORD, bloom_size, key_digests
 

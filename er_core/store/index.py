@@ -23,7 +23,8 @@ and the buckets of those keys only (nearby ranges merged up to COALESCE bytes ap
 with N, not with the segment; what grows with the cache is the number of segments until it is compacted.
 The layout follows from the row count and file size in the manifest,
 so opening a segment reads nothing. An Index keeps the buckets it fetched (up to CACHED_ENTRIES
-entries), so lookups one after another (a task's splits, a predictor's batches) fetch them once.
+entries) and the filters it read (up to CACHED_FILTER_BYTES, unless it claims keys, which ask every filter each
+call), so lookups one after another (a task's splits, a predictor's batches) fetch them once.
 Like an LSM tree, segments of one size tier merge once TIER of them exist (merge_plan), up to COMMIT_TIERS:
 a commit's cost is the same in a cache of 100k rows or of 1B. Bigger segments are `er cache compact`'s to merge
 (into one). A lookup of many keys reads a segment's Bloom filter instead of its buckets where that is fewer
@@ -54,6 +55,7 @@ COMMIT_TIERS = 3  # commits merge tiers 0-2; a tier-3 segment (64 commits' worth
 COMPACT_HINT = 32  # past this many segments (~14M rows) `er ingest` and `er cache info` suggest `er cache compact`:
 # a key claim asks every segment (9 ms a call of 512 keys at 25 segments, REPORT `scale`)
 CACHED_ENTRIES = 1_000_000  # index entries an Index keeps after reading them (about 64 MB), least recently used dropped
+CACHED_FILTER_BYTES = 64 << 20  # Bloom filters a reader keeps (an uncompacted 1B cache has 1.25 GB); claims keep all
 MAGIC = b"ERI4"
 RECORD = np.dtype([("digest", "S16"), ("shard", "<i4"), ("length", "<i4"), ("name", "V12"), ("crc", "<u4"),
                    ("ids_at", "<u4"), ("hidden_at", "<u4"), ("scale_at", "<u4"), ("ids_crc", "<u4"), ("row", "<i4")])
@@ -302,6 +304,13 @@ class _Segment:
     def has_bloom(self) -> bool:
         return self._bloom is not None
 
+    @property
+    def bloom_bytes(self) -> int:
+        return 0 if self._bloom is None else len(self._bloom)
+
+    def drop_bloom(self) -> None:
+        self._bloom = None  # read again if asked
+
     def maybe(self, digests: np.ndarray) -> np.ndarray:
         """Bool mask: which digests this segment may hold, from its Bloom filter (read once, checked)."""
         if self._bloom is None:
@@ -326,6 +335,8 @@ class Index:
         self._open: dict[str, _Segment] = {}
         self._buckets: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()  # (segment, bucket) -> its entries
         self._kept = 0
+        self._filters: OrderedDict[str, int] = OrderedDict()  # segments whose filter is held -> its bytes
+        self._filter_bytes = 0
 
     def _segment(self, seg: SegmentInfo) -> _Segment:
         if seg.path not in self._open:
@@ -342,7 +353,7 @@ class Index:
             latest = list(self.reopen())
             if {s.path for s in latest} >= {s.path for s in self.segments}:
                 raise  # nothing was merged away: the file is lost
-            self.segments, self._open = latest, {}
+            self.segments, self._open, self._filters, self._filter_bytes = latest, {}, OrderedDict(), 0
             return self._lookup(digests)
 
     def _lookup(self, digests: np.ndarray) -> np.ndarray:
@@ -351,6 +362,8 @@ class Index:
         for seg in self.segments if len(wanted) else []:
             s = self._segment(seg)
             here = wanted[s.maybe(wanted)] if self._ask_bloom(s, seg.path, wanted) else wanted
+            if s.has_bloom:
+                self._hold_filter(seg.path, s)
             if not len(here):
                 continue
             ids = np.unique(_bucket(here, s.bits))
@@ -366,6 +379,21 @@ class Index:
                 self._kept -= len(self._buckets.popitem(last=False)[1])
             found.append(rec[np.isin(rec["digest"], here)])
         return np.concatenate(found) if found else np.empty(0, RECORD)
+
+    def _hold_filter(self, path: str, s: _Segment) -> None:
+        """Count the segment's filter as held, most recent last; past the budget a reader drops the oldest (the
+        segments after it ask their buckets again, or read their filter anew where that is fewer bytes)."""
+        if path not in self._filters:
+            self._filters[path] = s.bloom_bytes
+            self._filter_bytes += s.bloom_bytes
+        self._filters.move_to_end(path)
+        if self.bloom is True:
+            return  # claims ask every filter on every call: dropping one would read it again each time
+        while self._filter_bytes > CACHED_FILTER_BYTES and len(self._filters) > 1:
+            old, n = self._filters.popitem(last=False)
+            self._filter_bytes -= n
+            if old in self._open:
+                self._open[old].drop_bloom()
 
     def _ask_bloom(self, s: _Segment, path: str, wanted: np.ndarray) -> bool:
         """Whether to ask the segment's filter before its buckets: always for claims, never if told not to, else
