@@ -286,16 +286,22 @@ def test_row_reads_equal_whole_shard_reads_for_every_codec(tmp_path, spec, codec
         assert by_key.input_ids[by_key.index[k]] == whole.input_ids[whole.index[k]]
 
 
-def test_key_claims_skip_the_buckets_of_segments_whose_bloom_filter_says_no(tmp_path, spec, monkeypatch):
-    from er_core.corpus import KeyClaims
-    from er_core.store.index import key_digests
-
+def _three_segments(tmp_path, spec) -> str:
+    """A cache of 3 commits of 4,000 rows (k0..k11999): 3 index segments, none merged."""
     url = str(tmp_path / "c")
     with CacheWriter(url, spec, shard_rows=2000) as w:
         for i in range(3):
             for k, ids, h in _rows(4000, seed=i, start=4000 * i):
                 w.add(k, ids, h)
             w.commit()
+    return url
+
+
+def test_key_claims_skip_the_buckets_of_segments_whose_bloom_filter_says_no(tmp_path, spec, monkeypatch):
+    from er_core.corpus import KeyClaims
+    from er_core.store.index import key_digests
+
+    url = _three_segments(tmp_path, spec)
     asked = key_digests([f"new{i}" for i in range(2000)] + [f"k{i}" for i in range(0, 12000, 1200)])
     exact = open_cache(url).index.holds(asked)
     assert exact.sum() == 10
@@ -321,12 +327,7 @@ def test_a_reader_keeps_bloom_filters_within_its_budget_and_claims_keep_all(tmp_
     from er_core.store import index as index_mod
     from er_core.store.index import bloom_size, key_digests
 
-    url = str(tmp_path / "c")
-    with CacheWriter(url, spec, shard_rows=2000) as w:
-        for i in range(3):
-            for k, ids, h in _rows(4000, seed=i, start=4000 * i):
-                w.add(k, ids, h)
-            w.commit()
+    url = _three_segments(tmp_path, spec)
     monkeypatch.setattr(index_mod, "CACHED_FILTER_BYTES", bloom_size(4000) + 1)  # room for one segment's filter
     asked = key_digests([f"new{i}" for i in range(2000)] + [f"k{i}" for i in range(0, 12000, 1200)])
     want = open_cache(url).index.holds(asked)
