@@ -303,6 +303,8 @@ def _fit_on_ray(out: OutputDir, cache_url, task_dir, cfg, workers, cpus_per_work
     say = (lambda line: print(line, file=sys.stderr, flush=True)) if progress else (lambda line: None)
     say(f"reading {n_train} train examples of {p.task.name} " + ("(text)" if cfg.method == "full" else f"from {cache_url}"))
     t0 = time.perf_counter()
+    # Blocks in plan order, not in the order read tasks finish: the same seed on the same cache, the same model.
+    ds.context.execution_options.preserve_order = True
     ds = ds.materialize()  # read once: every epoch of every worker is shuffled from this copy
     # Each worker's share of it, split once here: Ray Train's `datasets=` would start one more actor per run (a
     # split coordinator) to stream what already sits in the object store.

@@ -99,3 +99,18 @@ def test_models_and_batches_go_to_the_worker_device(ray_session, tiny_cache, tmp
     assert all(d == device for d, _ in moved) and m["history"][0]["epoch"] == 1
     # every row once per pass: 256 train rows, dev after the epoch, dev and test at the end
     assert sum(n for _, n in moved) == 256 + 48 + 48 + 48
+
+
+def test_the_same_seed_on_the_same_cache_trains_the_same_model(ray_session, tiny_cache, tmp_path, monkeypatch):
+    """A rerun reproduces a run: the train rows come back from their read tasks in plan order, not in the order
+    the tasks happen to finish (which varies run to run once the task's rows take more than one read task)."""
+    import pipelines.train_ray as train_ray
+    from er_core import TrainConfig
+
+    url, folder, _ = tiny_cache
+    monkeypatch.setattr(train_ray, "PLAN_ROWS", 16)  # 256 train rows: 16 read tasks, several at a time
+    cfg = TrainConfig(epochs=2, lr=5e-3, batch_size=16, seed=0)
+    runs = [train_ray.train_on_ray(url, str(folder), str(tmp_path / f"r{i}"), cfg, workers=0) for i in range(3)]
+    curves = [[{k: v for k, v in e.items() if k != "ended_at"} for e in r["history"]] for r in runs]
+    assert curves[1:] == [curves[0]] * 2
+    assert [r["test"] for r in runs[1:]] == [runs[0]["test"]] * 2
