@@ -44,7 +44,7 @@ class TrainConfig:
     warmup_ratio: float = field(default=0.06, metadata={"help": "share of steps with linear warm-up"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     patience: int = field(default=2, metadata={"help": "epochs without dev improvement before stopping"})
-    seed: int = field(default=0, metadata={"help": "seed for init, dropout and shuffling"})
+    seed: int = field(default=0, metadata={"help": "seed for init, dropout and shuffling: the same seed on the same cache repeats a run on CPU"})
     lora_modules: str | None = field(default=None, metadata={
         "choices": LORA_MODULES, "help": "LoRA on the attention's query and value Linears, or on every Linear of the upper "
         f"layers (attention and FFN) ({_defaults('lora_modules')})"})

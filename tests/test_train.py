@@ -80,6 +80,10 @@ def test_methods_train_save_and_reload(tiny_cache, tmp_path, method):
     from er_core.evaluate import score
 
     assert score("classification", data.items, preds) == m["test"]
+    # the same seed on the same cache repeats the run
+    again = finetune(url, str(folder), str(tmp_path / "again"), cfg, progress=False, log=lambda r: None)
+    assert again["test"] == m["test"]
+    assert [e["train_loss"] for e in again["history"]] == [e["train_loss"] for e in m["history"]]
 
 
 def test_lora_trains_only_adapters_and_head(tiny_bert):
