@@ -114,7 +114,7 @@ def run(data: Path, quick: bool = False, seeds=(0, 1, 2), limit: dict | None = N
     converge = {"epochs": 1, "patience": 1} if quick else {**CONVERGE, **({"epochs": epochs} if epochs else {})}
     work = Path(tempfile.mkdtemp(prefix="er-fidelity-"))
     done = RunLog(runs)
-    res = {"model": model, "num_layers": num_layers, "k": k, "limit": limit, "seeds": list(seeds), "quick": quick,
+    res = {"model": model, "tasks": list(tasks), "num_layers": num_layers, "k": k, "limit": limit, "seeds": list(seeds), "quick": quick,
            "device": device, "grids": {m: list(g) for m, g in grids.items()}, "converge": converge}
     shipped = {m: TrainConfig(method=m) for m in METHODS}
     res["defaults"] = {m: {f: v for f, v in c.to_dict().items() if f not in ("method", "seed", "peft_config")}
@@ -254,8 +254,13 @@ def report(res: dict, plots: list[str], section: str = "fidelity") -> str:
     lim = ", ".join(f"{k} {v}" for k, v in res["limit"].items()) + ("" if "test" in res["limit"] else ", test all")
     d = res["defaults"]
     lora = d["lora"]
-    title = "Fidelity and cost of recycling" + ("" if section == "fidelity" else f" ({res['model']})")
-    args = (" --quick" if res["quick"] else "") + ("" if res["model"] == "bundled" else f" --model {res['model']}")
+    own = section != "fidelity" and "tasks" in res  # a section of its own: say which tasks, and how to remake it
+    title = "Fidelity and cost of recycling" + (f": {', '.join(res['tasks'])} ({res['model']})" if own else "")
+    args = ((" --quick" if res["quick"] else "") + ("" if res["model"] == "bundled" else f" --model {res['model']}")
+            + (f" --tasks {' '.join(res['tasks'])}" if own else "") + ("" if res["vs_k"] or res["quick"] else " --no-extras")
+            + "".join(f" --seeds-at-k {k}" for k in dict.fromkeys(p["layer"] for p in res.get("at_k", [])))
+            + ("" if res["converge"]["epochs"] == CONVERGE["epochs"] or res["quick"] else f" --epochs {res['converge']['epochs']}")
+            + (f" --section {section}" if own else ""))
     lines = [f"## {title} (`python -m benchmarks.bench_fidelity{args}`)", "",
              f"{res['model']}, L={res['num_layers']}, k={res['k']}, fp16 cache; task slices: {lim}; seeds {res['seeds']}; "
              f"every run at most {res['converge']['epochs']} epochs with early stopping on dev (patience "
