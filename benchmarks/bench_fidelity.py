@@ -5,7 +5,8 @@ sliced by --train/--dev/--test (test: the whole split by default):
 
 1. one ingestion of every task's slice at k (default L/2, fp16), timed;
 2. tuning, on dev only: per task and method, every learning rate of GRIDS (seed 0), each trained to convergence
-   (at most CONVERGE epochs, early stopping on dev); the dev-best rate then runs seeds 1 and 2 too;
+   (at most CONVERGE epochs, early stopping on dev; a run that ends at the cap with dev still rising runs again with
+   EXTEND times the cap, and that run counts); the dev-best rate then runs seeds 1 and 2 too;
 3. accuracy table: task x method at its dev-chosen rate, test metric over 3 seeds and the paired difference to
    `full` (same seed, same data order) as mean +- std, in points of the task's main metric; where the dev-chosen
    rate of `reduced`/`lora` is not the shipped default, the default runs the 3 seeds too (the shipped-defaults rows);
@@ -30,6 +31,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from er_core import Recycler, TrainConfig, finetune, ingest_local, load_task
@@ -47,6 +49,7 @@ MODELS = {"bundled": "bundled", "mpnet": MPNET}
 # Learning rates tuned on dev per task and method; each holds the method's shipped default (checked at start).
 GRIDS = {"full": (2e-5, 5e-5, 1e-4), "reduced": (1e-4, 3e-4, 1e-3), "lora": (3e-4, 1e-3, 3e-3)}
 CONVERGE = {"epochs": 10, "patience": 3}  # to convergence: early stopping on dev ends a run, rarely the cap
+EXTEND = 2  # a run still improving at its cap runs again with this many times the cap (once)
 QUICK_LIMIT = {"train": 64, "dev": 32, "test": 32}
 FULL_LIMIT = {"train": 2000, "dev": 500}  # test: the whole split
 
@@ -115,7 +118,7 @@ def run(data: Path, quick: bool = False, seeds=(0, 1, 2), limit: dict | None = N
     work = Path(tempfile.mkdtemp(prefix="er-fidelity-"))
     done = RunLog(runs)
     res = {"model": model, "tasks": list(tasks), "num_layers": num_layers, "k": k, "limit": limit, "seeds": list(seeds), "quick": quick,
-           "device": device, "grids": {m: list(g) for m, g in grids.items()}, "converge": converge}
+           "device": device, "grids": {m: list(g) for m, g in grids.items()}, "converge": converge, "extend": EXTEND}
     shipped = {m: TrainConfig(method=m) for m in METHODS}
     res["defaults"] = {m: {f: v for f, v in c.to_dict().items() if f not in ("method", "seed", "peft_config")}
                        for m, c in shipped.items()}
@@ -143,7 +146,10 @@ def run(data: Path, quick: bool = False, seeds=(0, 1, 2), limit: dict | None = N
                 f"({r['epochs_run']} epochs, best {r['best_epoch']}) in {r['wall_seconds']} s")
             return r
 
-        return done.measure(key, measure)
+        r = done.measure(key, measure)
+        if not quick and c.epochs == converge["epochs"] and _capped(r):  # still rising at the cap: give it room
+            return {**train(what, name, d, replace(c, epochs=c.epochs * EXTEND), layer, codec, names), "extended_from": c.epochs}
+        return r
 
     def config(method: str, lr: float, seed: int) -> TrainConfig:
         return TrainConfig(method=method, lr=lr, seed=seed, **converge)
@@ -199,6 +205,11 @@ def run(data: Path, quick: bool = False, seeds=(0, 1, 2), limit: dict | None = N
     res["when"] = _span(res)
     shutil.rmtree(work, ignore_errors=True)  # caches and models of the runs: the figures are in `res`
     return res
+
+
+def _capped(r: dict) -> bool:
+    """The run's best dev epoch was its last: the cap ended it, not early stopping, so it may not have converged."""
+    return r["best_epoch"] == r["epochs_run"]
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
@@ -261,10 +272,13 @@ def report(res: dict, plots: list[str], section: str = "fidelity") -> str:
             + "".join(f" --seeds-at-k {k}" for k in dict.fromkeys(p["layer"] for p in res.get("at_k", [])))
             + ("" if res["converge"]["epochs"] == CONVERGE["epochs"] or res["quick"] else f" --epochs {res['converge']['epochs']}")
             + (f" --section {section}" if own else ""))
+    # results from before EXTEND carry no "extended_from" anywhere and were not extended: say so only where it applied
+    extend_note = "" if res["quick"] or "extend" not in res else \
+        f", or {res['extend']}x that for a run still improving at the cap"
     lines = [f"## {title} (`python -m benchmarks.bench_fidelity{args}`)", "",
              f"{res['model']}, L={res['num_layers']}, k={res['k']}, fp16 cache; task slices: {lim}; seeds {res['seeds']}; "
              f"every run at most {res['converge']['epochs']} epochs with early stopping on dev (patience "
-             f"{res['converge']['patience']}). Tuned on dev (seed {res['seeds'][0]}) over lr "
+             f"{res['converge']['patience']}){extend_note}. Tuned on dev (seed {res['seeds'][0]}) over lr "
              + "; ".join(f"{m} {', '.join(f'{x:g}' for x in g)}" for m, g in res["grids"].items())
              + f"; the other seeds then ran at the dev-chosen rate. Shipped defaults: lr full {d['full']['lr']:g}, reduced "
              f"{d['reduced']['lr']:g}, lora {lora['lr']:g} (LoRA {lora['lora_modules']}, r{lora['lora_r']}/{lora['lora_alpha']}, "
@@ -290,11 +304,20 @@ def report(res: dict, plots: list[str], section: str = "fidelity") -> str:
         for t, m in dict.fromkeys((r["task"], r["method"]) for r in res["tuning"]))]
     probes = [{**r, "task": t, "method": m, "seed": res["seeds"][0]} for t, by in res["vs_k"].items()
               for m, rows in by.items() for r in rows]
-    capped = list(dict.fromkeys(  # a probe's first seed is also an at-k run
-        f"{r['task']} {r['method']} lr {r['lr']:g} seed {r['seed']}" + (f" k={r['layer']}" if "layer" in r else "")
-        for r in res["runs"] + probes + res.get("at_k_runs", []) if r["best_epoch"] == r["epochs_run"] == res["converge"]["epochs"]))
+
+    def named(r):
+        return f"{r['task']} {r['method']} lr {r['lr']:g} seed {r['seed']}" + (f" k={r['layer']}" if "layer" in r else "")
+
+    cap = res["converge"]["epochs"]
+    every = res["runs"] + probes + res.get("at_k_runs", []) + res["tuning"]
+    # a probe's first seed is also an at-k run, and a tuning run also a table run: each named once
+    extended = list(dict.fromkeys(named(r) for r in every if "extended_from" in r))
+    capped = list(dict.fromkeys(named(r) for r in every if _capped(r)))
+    if extended:
+        lines += ["", f"Ended at the {cap}-epoch cap with dev still rising, so run again with at most {cap * EXTEND} epochs "
+                      f"(the longer run is the one reported): {'; '.join(extended)}."]
     if capped:
-        lines += ["", f"Still improving at the epoch cap (not converged): {'; '.join(capped)}."]
+        lines += ["", f"Still improving at the last epoch run (not converged): {'; '.join(capped)}."]
     for task, by in res["vs_k"].items():
         for method, rows in by.items():
             lines += ["", f"Accuracy vs k, {task} (`{method}` at lr {rows[0]['lr']:g}, seed {res['seeds'][0]}): "
@@ -410,7 +433,7 @@ def main(argv=None) -> None:
                     help="layers at which accuracy vs k runs every seed, paired to the tuned full (e.g. where the "
                          "curve puts parity for NER); for both of its tasks, the first classification and first NER")
     ap.add_argument("--epochs", type=int, help=f"epoch cap of every run (default {CONVERGE['epochs']}; early stopping "
-                    "on dev usually ends a run first)")
+                    f"on dev usually ends a run first, and a run still improving at the cap runs again with {EXTEND}x it)")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
     ap.add_argument("--section", default="fidelity", help="REPORT section (and plot file prefix) to write")
     ap.add_argument("--quick", action="store_true", help="tiny slices, 2 seeds, 1 epoch, the default lr only")

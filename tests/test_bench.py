@@ -123,3 +123,37 @@ def test_scale_simulation_at_tiny_sizes_measures_every_figure(tmp_path):
         assert a["claims"]["in_process"]["claims_per_s"] > 0 and a["claims"]["calls"] == 2
     assert res["at"]["6000"]["shards"] > res["at"]["2000"]["shards"]
     assert set(res["verdicts"]) == {"commit", "open", "sample"}
+
+
+@pytest.mark.real
+def test_fidelity_runs_a_run_still_improving_at_the_cap_again_with_twice_the_cap(tmp_path, monkeypatch):
+    """Training to convergence: a run whose last epoch was its best gets a longer run, and that one is reported;
+    a run that converged is not run again, nor is anything on a rerun from the run log."""
+    from er_bench import bench_fidelity as bf
+
+    calls = []
+
+    def fake_train(cache, task_dir, out, cfg, limit, device):
+        calls.append((cfg.method, cfg.lr, cfg.seed, cfg.epochs))
+        rising = cfg.method == "lora" and (cfg.epochs == 10 or cfg.lr == 3e-4)  # 3e-4 rises even at 20 epochs
+        best, ran = (cfg.epochs, cfg.epochs) if rising else (14, 17) if cfg.epochs == 20 else (2, 5)
+        score = 0.9 if cfg.method == "lora" and cfg.lr == 1e-3 else 0.7
+        return {"wall_seconds": 1.0, "train_examples_per_second": 1.0, "metric": "micro_f1", "dev": score,
+                "test": score + cfg.epochs / 1000, "test_macro_f1": None, "best_epoch": best, "epochs_run": ran}
+
+    monkeypatch.setattr(bf, "_train", fake_train)
+    monkeypatch.setattr(bf, "_ingest", lambda *a, **k: 0.1)
+    write_tiny_task(tmp_path / "data" / "tiny")
+    args = dict(seeds=(0, 1), runs=tmp_path / "runs.jsonl", extras=False, log=lambda line: None)
+    res = bf.run(tmp_path / "data", **args)
+    assert sorted(c for c in calls if c[3] == 20) == [("lora", 3e-4, 0, 20), ("lora", 1e-3, 0, 20), ("lora", 1e-3, 1, 20),
+                                                      ("lora", 3e-3, 0, 20)]
+    lora = [r for r in res["runs"] if r["method"] == "lora"]
+    assert [(r["lr"], r["extended_from"], r["best_epoch"], r["epochs_run"]) for r in lora] == [(1e-3, 10, 14, 17)] * 2
+    assert all("extended_from" not in r for r in res["runs"] if r["method"] != "lora")
+    assert [p["mean"] for p in res["paired"] if p["method"] == "lora"] == [pytest.approx(0.92)]  # the 20-epoch runs count
+    text = bf.report(res, [], "fidelity-tiny")
+    assert "run again with at most 20 epochs (the longer run is the one reported): tiny lora lr 0.001 seed 0" in text
+    assert "Still improving at the last epoch run (not converged): tiny lora lr 0.0003 seed 0." in text
+    n = len(calls)
+    assert bf.run(tmp_path / "data", **args)["paired"] == res["paired"] and len(calls) == n
