@@ -147,7 +147,8 @@ def run(data: Path, quick: bool = False, seeds=(0, 1, 2), limit: dict | None = N
             return r
 
         r = done.measure(key, measure)
-        if not quick and c.epochs == converge["epochs"] and _capped(r):  # still rising at the cap: give it room
+        # still rising at the cap: give it room (unless --min-steps already ran it past the longer cap)
+        if not quick and c.epochs == converge["epochs"] and _capped(r) and r["epochs_run"] < c.epochs * EXTEND:
             return {**train(what, name, d, replace(c, epochs=c.epochs * EXTEND), layer, codec, names), "extended_from": c.epochs}
         return r
 
@@ -314,7 +315,7 @@ def report(res: dict, plots: list[str], section: str = "fidelity") -> str:
     extended = list(dict.fromkeys(named(r) for r in every if "extended_from" in r))
     capped = list(dict.fromkeys(named(r) for r in every if _capped(r)))
     if extended:
-        lines += ["", f"Ended at the {cap}-epoch cap with dev still rising, so run again with at most {cap * EXTEND} epochs "
+        lines += ["", f"Ended at the {cap}-epoch cap with dev still rising, so run again with at most {cap * res['extend']} epochs "
                       f"(the longer run is the one reported): {'; '.join(extended)}."]
     if capped:
         lines += ["", f"Still improving at the last epoch run (not converged): {'; '.join(capped)}."]
