@@ -157,3 +157,28 @@ def test_fidelity_runs_a_run_still_improving_at_the_cap_again_with_twice_the_cap
     assert "Still improving at the last epoch run (not converged): tiny lora lr 0.0003 seed 0." in text
     n = len(calls)
     assert bf.run(tmp_path / "data", **args)["paired"] == res["paired"] and len(calls) == n
+
+
+def test_fidelity_summary_lists_every_recycled_row_of_the_tuned_sections_against_the_goal(tmp_path):
+    from er_bench.fidelity_summary import load, summary
+
+    def paired(method, setting, lr, diff, **extra):
+        return {"task": "t", "method": method, "setting": setting, "lr": lr, "metric": "f1", "mean": 0.8 + diff / 100,
+                "std": 0.01, "diff_points": diff, "diff_std": 0.5, **extra}
+
+    res = {"model": "bundled", "num_layers": 6, "k": 3, "limit": {"train": 2000, "dev": 500}, "tuning": [{}],
+           "defaults": {"reduced": {"lr": 3e-4}, "lora": {"lr": 1e-3}},
+           "paired": [paired("full", "tuned", 1e-4, 0.0), paired("reduced", "tuned", 3e-4, -0.4),
+                      paired("lora", "tuned", 3e-3, -2.5), paired("lora", "default", 1e-3, -0.9)],
+           "at_k": [paired("lora", "k=1", 3e-3, 0.3, layer=1)]}
+    (tmp_path / "fidelity-t.json").write_text(json.dumps(res))
+    (tmp_path / "fidelity.json").write_text(json.dumps({k: v for k, v in res.items() if k != "tuning"}))  # untuned
+    (tmp_path / "fidelity-q.json").write_text(json.dumps({**res, "quick": True}))
+    sections = load(tmp_path)
+    assert list(sections) == ["fidelity-t"]
+    rows = [line for line in summary(sections).splitlines() if line.startswith("| `fidelity-t`")]
+    assert [r.split(" | ")[4:8] + r.split(" | ")[-2:] for r in rows] == [
+        ["3", "reduced", "tuned = default", "0.0003", "-0.40 ± 0.50", "met |"],
+        ["3", "lora", "tuned", "0.003", "-2.50 ± 0.50", "missed by 1.50 |"],
+        ["3", "lora", "default", "0.001", "-0.90 ± 0.50", "met |"],
+        ["1", "lora", "tuned", "0.003", "+0.30 ± 0.50", "met |"]]
