@@ -6,7 +6,8 @@ sliced by --train/--dev/--test (test: the whole split by default):
 1. one ingestion of every task's slice at k (default L/2, fp16), timed;
 2. tuning, on dev only: per task and method, every learning rate of GRIDS (seed 0), each trained to convergence
    (at most CONVERGE epochs, early stopping on dev; a run that ends at the cap with dev still rising runs again with
-   EXTEND times the cap, and that run counts); the dev-best rate then runs seeds 1 and 2 too;
+   EXTEND times the cap, and that run counts); the dev-best rate then runs seeds 1 and 2 too (--no-tune: the
+   shipped default rate only, for every method, `full` included);
 3. accuracy table: task x method at its dev-chosen rate, test metric over 3 seeds and the paired difference to
    `full` (same seed, same data order) as mean +- std, in points of the task's main metric; where the dev-chosen
    rate of `reduced`/`lora` is not the shipped default, the default runs the 3 seeds too (the shipped-defaults rows);
@@ -98,7 +99,7 @@ def _train(cache: str, task_dir: Path, out: Path, cfg: TrainConfig, limit: dict,
 
 def run(data: Path, quick: bool = False, seeds=(0, 1, 2), limit: dict | None = None, log=print, runs: Path | None = None,
         model: str = "bundled", k: int | None = None, only: list[str] | None = None, extras: bool = True,
-        device: str = "cpu", seeds_at_k: tuple[int, ...] = (), epochs: int | None = None) -> dict:
+        device: str = "cpu", seeds_at_k: tuple[int, ...] = (), epochs: int | None = None, tune: bool = True) -> dict:
     """runs: the RunLog file (None: measure everything now). only: task folder names to run (default all).
     seeds_at_k: layers at which the accuracy-vs-k probe runs every seed, not only the first. epochs: the cap instead
     of CONVERGE's (every run's key holds it, so runs at another cap are measured anew)."""
@@ -113,12 +114,13 @@ def run(data: Path, quick: bool = False, seeds=(0, 1, 2), limit: dict | None = N
     path = MODELS.get(model, model)
     num_layers = Recycler.load(path, layer=0).spec.num_layers
     k = num_layers // 2 if k is None else k
-    grids = {m: (DEFAULT_LR[m],) for m in METHODS} if quick else GRIDS
+    grids = {m: (DEFAULT_LR[m],) for m in METHODS} if quick or not tune else GRIDS
     converge = {"epochs": 1, "patience": 1} if quick else {**CONVERGE, **({"epochs": epochs} if epochs else {})}
     work = Path(tempfile.mkdtemp(prefix="er-fidelity-"))
     done = RunLog(runs)
     res = {"model": model, "tasks": list(tasks), "num_layers": num_layers, "k": k, "limit": limit, "seeds": list(seeds), "quick": quick,
-           "device": device, "grids": {m: list(g) for m, g in grids.items()}, "converge": converge, "extend": EXTEND}
+           "device": device, "grids": {m: list(g) for m, g in grids.items()}, "converge": converge, "extend": EXTEND,
+           "tuned": tune}
     shipped = {m: TrainConfig(method=m) for m in METHODS}
     res["defaults"] = {m: {f: v for f, v in c.to_dict().items() if f not in ("method", "seed", "peft_config")}
                        for m, c in shipped.items()}
@@ -164,8 +166,8 @@ def run(data: Path, quick: bool = False, seeds=(0, 1, 2), limit: dict | None = N
             chosen[name, method] = best
             tuning += [{"task": name, "method": method, "lr": lr, "seed": seeds[0], "chosen": lr == best, **r}
                        for lr, r in by_lr.items()]
-            for which, lr in (("tuned", best), ("default", DEFAULT_LR[method])):
-                if which == "default" and (method == "full" or lr == best):
+            for which, lr in (("tuned" if tune else "default", best), ("default", DEFAULT_LR[method])):
+                if which == "default" and (method == "full" or lr == best) and tune:
                     continue  # full's baseline is tuned; a default that won on dev is the tuned row itself
                 for seed in seeds:
                     r = by_lr[lr] if seed == seeds[0] else train("table", name, d, config(method, lr, seed), k, "fp16", all_names)
@@ -272,21 +274,25 @@ def report(res: dict, plots: list[str], section: str = "fidelity") -> str:
             + (f" --tasks {' '.join(res['tasks'])}" if own else "") + ("" if res["vs_k"] or res["quick"] else " --no-extras")
             + "".join(f" --seeds-at-k {k}" for k in dict.fromkeys(p["layer"] for p in res.get("at_k", [])))
             + ("" if res["converge"]["epochs"] == CONVERGE["epochs"] or res["quick"] else f" --epochs {res['converge']['epochs']}")
-            + (f" --section {section}" if own else ""))
+            + ("" if res.get("tuned", True) else " --no-tune") + (f" --section {section}" if own else ""))
     # results from before EXTEND carry no "extended_from" anywhere and were not extended: say so only where it applied
     extend_note = "" if res["quick"] or "extend" not in res else \
         f", or {res['extend']}x that for a run still improving at the cap"
+    kept, base = _main_setting(res), "the tuned `full`" if res.get("tuned", True) else "`full` at its default"
+    vs = "vs tuned full" if kept == "tuned" else "vs full at its default"  # the column heading
+    how = ((f"Tuned on dev (seed {res['seeds'][0]}) over lr " + "; ".join(f"{m} {', '.join(f'{x:g}' for x in g)}"
+                                                                       for m, g in res["grids"].items())
+            + "; the other seeds then ran at the dev-chosen rate") if kept == "tuned"
+           else "Not tuned (--no-tune): every method at its shipped default lr")
     lines = [f"## {title} (`python -m benchmarks.bench_fidelity{args}`)", "",
              f"{res['model']}, L={res['num_layers']}, k={res['k']}, fp16 cache; task slices: {lim}; seeds {res['seeds']}; "
              f"every run at most {res['converge']['epochs']} epochs with early stopping on dev (patience "
-             f"{res['converge']['patience']}){extend_note}. Tuned on dev (seed {res['seeds'][0]}) over lr "
-             + "; ".join(f"{m} {', '.join(f'{x:g}' for x in g)}" for m, g in res["grids"].items())
-             + f"; the other seeds then ran at the dev-chosen rate. Shipped defaults: lr full {d['full']['lr']:g}, reduced "
+             f"{res['converge']['patience']}){extend_note}. {how}. Shipped defaults: lr full {d['full']['lr']:g}, reduced "
              f"{d['reduced']['lr']:g}, lora {lora['lr']:g} (LoRA {lora['lora_modules']}, r{lora['lora_r']}/{lora['lora_alpha']}, "
              f"at least {lora['min_steps']} steps); batch {d['reduced']['batch_size']}, warmup {d['reduced']['warmup_ratio']}. "
              f"Measured {res['when']} on {res['device']}, one process, one run after another (a rerun keeps the runs already in "
              f"`results/fidelity-runs.jsonl`); wall time is `finetune` from its call to metrics.json.", "",
-             "| task | method | setting | lr | test metric (mean ± std) | vs tuned full, points (paired, mean ± std) | macro-F1 "
+             f"| task | method | setting | lr | test metric (mean ± std) | {vs}, points (paired, mean ± std) | macro-F1 "
              "| best epoch / run | wall s | train ex/s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for p in res["paired"]:
         diff = "" if p["method"] == "full" or p["diff_points"] is None else f"{p['diff_points']:+.2f} ± {p['diff_std']:.2f}"
@@ -297,7 +303,7 @@ def report(res: dict, plots: list[str], section: str = "fidelity") -> str:
     for setting in ("tuned", "default"):
         ps = [p for p in res["paired"] if p["setting"] == setting and p["method"] != "full" and p["diff_points"] is not None]
         if ps:
-            lines += ["", f"Goal, {setting}: `reduced` and `lora` within {GOAL_POINTS} point of the tuned `full` (paired mean): "
+            lines += ["", f"Goal, {setting}: `reduced` and `lora` within {GOAL_POINTS} point of {base} (paired mean): "
                       + "; ".join(_goal(p) for p in ps) + "."]
     lines += ["", "Dev by lr (seed 0; * chosen): " + "; ".join(
         f"{t} {m}: " + ", ".join(f"{r['lr']:g} {r['dev']:.4f}{'*' if r['chosen'] else ''}" for r in res["tuning"]
@@ -325,20 +331,20 @@ def report(res: dict, plots: list[str], section: str = "fidelity") -> str:
                       + ", ".join(f"k={r['layer']}: {r['test']:.4f}" for r in rows)]
     if res.get("at_k"):
         lines += ["", "At the k's where the curve puts parity, every seed (a cache of the task's slice at k; paired by seed "
-                  "to the tuned `full` rows of the table, which read text, so k does not enter them):", "",
-                  "| task | k | method | lr | test metric (mean ± std) | vs tuned full, points (paired, mean ± std) "
+                  f"to {base} rows of the table, which read text, so k does not enter them):", "",
+                  f"| task | k | method | lr | test metric (mean ± std) | {vs}, points (paired, mean ± std) "
                   "| best epoch / run |", "|---|---|---|---|---|---|---|"]
         for p in res["at_k"]:
             lines.append(f"| {p['task']} | {p['layer']} | {p['method']} | {p['lr']:g} | {p['metric']} {p['mean']:.4f} ± "
                          f"{p['std']:.4f} | {p['diff_points']:+.2f} ± {p['diff_std']:.2f} | {', '.join(p['epochs'])} |")
-        lines += ["", f"Goal at those k's: within {GOAL_POINTS} point of the tuned `full`: "
+        lines += ["", f"Goal at those k's: within {GOAL_POINTS} point of {base}: "
                   + "; ".join(f"k={p['layer']} " + _goal(p) for p in res["at_k"]) + "."]
     if res["codecs"]:
         c = res["codecs"]
         lines += ["", f"Codec cost, {next(iter(c.values()))['task']} (`reduced`, seed {res['seeds'][0]}): "
                   + ", ".join(f"{name} {r['test']:.4f}" for name, r in c.items())]
     ideal = _ideal(res)
-    lines += ["", f"Training speed vs `full` (mean examples/s of the tuned rows; ideal L/(L-k) = {ideal:.2f}): " + "; ".join(
+    lines += ["", f"Training speed vs `full` (mean examples/s of the {kept} rows; ideal L/(L-k) = {ideal:.2f}): " + "; ".join(
         f"{t}: reduced {s['reduced']:.2f}x ({100 * s['reduced'] / ideal:.0f}% of ideal), lora {s['lora']:.2f}x "
         f"({100 * s['lora'] / ideal:.0f}%)" for t, s in _speedups(res).items())]
     b = res["break_even"]
@@ -362,7 +368,7 @@ def plot(res: dict, folder: Path, prefix: str = "fidelity") -> list[str]:
         print("matplotlib not installed: no plots (pip install -e '.[bench]')")
         return []
     names = []
-    tuned = [p for p in res["paired"] if p["setting"] == "tuned"]
+    tuned = [p for p in res["paired"] if p["setting"] == _main_setting(res)]
     fig, ax = plt.subplots(figsize=(7, 3.5))
     tasks = list(dict.fromkeys(p["task"] for p in tuned))
     for i, method in enumerate(METHODS):
@@ -370,7 +376,7 @@ def plot(res: dict, folder: Path, prefix: str = "fidelity") -> list[str]:
         ax.bar([j + 0.27 * (i - 1) for j in range(len(tasks))], [p["mean"] for p in ps], 0.27,
                yerr=[p["std"] for p in ps], label=method, capsize=3)
     ax.set_xticks(range(len(tasks)), tasks)
-    ax.set_ylabel("test main metric (tuned)")
+    ax.set_ylabel(f"test main metric ({_main_setting(res)})")
     ax.legend()
     names.append(_save(fig, folder, f"{prefix}_accuracy.png"))
     if res["vs_k"]:
@@ -403,13 +409,18 @@ def plot(res: dict, folder: Path, prefix: str = "fidelity") -> list[str]:
     return names
 
 
+def _main_setting(res: dict) -> str:
+    """The rows every method has: tuned on dev, or (--no-tune) the shipped defaults."""
+    return "tuned" if res.get("tuned", True) else "default"
+
+
 def _ideal(res: dict) -> float:
     return res["num_layers"] / (res["num_layers"] - res["k"])
 
 
 def _speedups(res: dict) -> dict:
-    """Per task: mean training examples/s of each method over that of `full` (the tuned rows, side by side)."""
-    by = {(p["task"], p["method"]): p["train_examples_per_second"] for p in res["paired"] if p["setting"] == "tuned"}
+    """Per task: mean training examples/s of each method over that of `full` (the table's main rows, side by side)."""
+    by = {(p["task"], p["method"]): p["train_examples_per_second"] for p in res["paired"] if p["setting"] == _main_setting(res)}
     return {t: {m: by[t, m] / by[t, "full"] for m in METHODS} for t in dict.fromkeys(t for t, _ in by)}
 
 
@@ -435,6 +446,8 @@ def main(argv=None) -> None:
                          "curve puts parity for NER); for both of its tasks, the first classification and first NER")
     ap.add_argument("--epochs", type=int, help=f"epoch cap of every run (default {CONVERGE['epochs']}; early stopping "
                     f"on dev usually ends a run first, and a run still improving at the cap runs again with {EXTEND}x it)")
+    ap.add_argument("--no-tune", action="store_true", help="every method at its shipped default lr only, 3 seeds: "
+                    "a third of the runs (e.g. for the 12-layer model on CPU); compared with `full` at its default")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
     ap.add_argument("--section", default="fidelity", help="REPORT section (and plot file prefix) to write")
     ap.add_argument("--quick", action="store_true", help="tiny slices, 2 seeds, 1 epoch, the default lr only")
@@ -443,6 +456,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.seeds_at_k and args.no_extras:
         ap.error("--seeds-at-k runs with accuracy vs k, which --no-extras leaves out")
+    if args.no_tune and args.quick:
+        ap.error("--quick runs the default lr only already")
     if args.epochs and args.quick:
         ap.error("--quick runs 1 epoch; --epochs is for the full runs")
     runs = args.out.parent / "results" / ("fidelity-runs-quick.jsonl" if args.quick else "fidelity-runs.jsonl")
@@ -451,7 +466,7 @@ def main(argv=None) -> None:
     limit = None if args.quick else {"train": args.train, "dev": args.dev, **({"test": args.test} if args.test else {})}
     res = run(args.data, quick=args.quick, seeds=(0, 1) if args.quick else (0, 1, 2), limit=limit, runs=runs,
               model=args.model, k=args.k, only=args.tasks, extras=not args.no_extras, device=args.device,
-              seeds_at_k=tuple(args.seeds_at_k), epochs=args.epochs)
+              seeds_at_k=tuple(args.seeds_at_k), epochs=args.epochs, tune=not args.no_tune)
     (args.out.parent / "results").mkdir(exist_ok=True)
     (args.out.parent / "results" / f"{args.section}.json").write_text(json.dumps(res, indent=1))
     write_section(args.section, report(res, plot(res, args.out.parent, args.section), args.section), args.out)

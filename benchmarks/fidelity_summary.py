@@ -35,11 +35,12 @@ def _goal(diff: float) -> str:
 def summary(sections: dict[str, dict]) -> str:
     lines = ["## Fidelity at a glance (`python -m benchmarks.fidelity_summary`)", "",
              f"Every tuned fidelity section below, one row per recycled method and setting: test metric over the seeds, "
-             f"and its paired difference to the tuned `full` of the same task (points; goal: within {GOAL_POINTS:g}). "
+             f"and its paired difference to the `full` of the same task and section, tuned unless the section ran "
+             f"`--no-tune` (points; goal: within {GOAL_POINTS:g}). "
              "`tuned`: the method at its dev-chosen lr; `default`: at the shipped default lr, where that differs; "
              "`k=N`: every seed at a k other than the section's. The sections say how each was measured.", "",
              "| section | model | task | train / dev / test | k | method | setting | lr | test (mean ± std) "
-             "| tuned full | vs tuned full (paired) | goal |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| full (lr) | vs that full (paired) | goal |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, res in sections.items():
         lim = res["limit"]
         slices = f"{lim['train']} / {lim['dev']} / {lim.get('test', 'all')}"
@@ -53,7 +54,7 @@ def summary(sections: dict[str, dict]) -> str:
                 setting = "tuned = default"  # the default won on dev: no separate default row
             lines.append(f"| `{name}` | {res['model']} (L={res['num_layers']}) | {p['task']} | {slices} | "
                          f"{p.get('layer', res['k'])} | {p['method']} | {setting} | {p['lr']:g} | "
-                         f"{p['metric']} {p['mean']:.4f} ± {p['std']:.4f} | {f['mean']:.4f} (lr {f['lr']:g}) | "
+                         f"{p['metric']} {p['mean']:.4f} ± {p['std']:.4f} | {f['mean']:.4f} ({f['setting']} lr {f['lr']:g}) | "
                          f"{p['diff_points']:+.2f} ± {p['diff_std']:.2f} | {_goal(p['diff_points'])} |")
     return "\n".join(lines)
 

@@ -125,17 +125,16 @@ def test_scale_simulation_at_tiny_sizes_measures_every_figure(tmp_path):
     assert set(res["verdicts"]) == {"commit", "open", "sample"}
 
 
-@pytest.mark.real
-def test_fidelity_runs_a_run_still_improving_at_the_cap_again_with_twice_the_cap(tmp_path, monkeypatch):
-    """Training to convergence: a run whose last epoch was its best gets a longer run, and that one is reported;
-    a run that converged is not run again, nor is anything on a rerun from the run log."""
+def _fake_fidelity(tmp_path, monkeypatch):
+    """bench_fidelity with a stand-in for training (lora at lr 1e-3 does best; lora is still rising at 10 epochs, and at
+    lr 3e-4 at 20 too) and no ingestion; a tiny task under tmp_path/data. Returns the module and its list of runs."""
     from er_bench import bench_fidelity as bf
 
     calls = []
 
     def fake_train(cache, task_dir, out, cfg, limit, device):
         calls.append((cfg.method, cfg.lr, cfg.seed, cfg.epochs))
-        rising = cfg.method == "lora" and (cfg.epochs == 10 or cfg.lr == 3e-4)  # 3e-4 rises even at 20 epochs
+        rising = cfg.method == "lora" and (cfg.epochs == 10 or cfg.lr == 3e-4)
         best, ran = (cfg.epochs, cfg.epochs) if rising else (14, 17) if cfg.epochs == 20 else (2, 5)
         score = 0.9 if cfg.method == "lora" and cfg.lr == 1e-3 else 0.7
         return {"wall_seconds": 1.0, "train_examples_per_second": 1.0, "metric": "micro_f1", "dev": score,
@@ -144,6 +143,14 @@ def test_fidelity_runs_a_run_still_improving_at_the_cap_again_with_twice_the_cap
     monkeypatch.setattr(bf, "_train", fake_train)
     monkeypatch.setattr(bf, "_ingest", lambda *a, **k: 0.1)
     write_tiny_task(tmp_path / "data" / "tiny")
+    return bf, calls
+
+
+@pytest.mark.real
+def test_fidelity_runs_a_run_still_improving_at_the_cap_again_with_twice_the_cap(tmp_path, monkeypatch):
+    """Training to convergence: a run whose last epoch was its best gets a longer run, and that one is reported;
+    a run that converged is not run again, nor is anything on a rerun from the run log."""
+    bf, calls = _fake_fidelity(tmp_path, monkeypatch)
     args = dict(seeds=(0, 1), runs=tmp_path / "runs.jsonl", extras=False, log=lambda line: None)
     res = bf.run(tmp_path / "data", **args)
     assert sorted(c for c in calls if c[3] == 20) == [("lora", 3e-4, 0, 20), ("lora", 1e-3, 0, 20), ("lora", 1e-3, 1, 20),
@@ -182,3 +189,19 @@ def test_fidelity_summary_lists_every_recycled_row_of_the_tuned_sections_against
         ["3", "lora", "tuned", "0.003", "-2.50 ± 0.50", "missed by 1.50 |"],
         ["3", "lora", "default", "0.001", "-0.90 ± 0.50", "met |"],
         ["1", "lora", "tuned", "0.003", "+0.30 ± 0.50", "met |"]]
+
+
+@pytest.mark.real
+def test_fidelity_without_tuning_runs_each_method_at_its_default_only_and_says_so(tmp_path, monkeypatch):
+    from er_core.train_config import DEFAULT_LR
+
+    bf, calls = _fake_fidelity(tmp_path, monkeypatch)
+    res = bf.run(tmp_path / "data", seeds=(0, 1), runs=None, extras=False, log=lambda line: None, tune=False)
+    assert sorted({(m, lr) for m, lr, _, _ in calls}) == sorted(DEFAULT_LR.items())
+    assert [(p["method"], p["setting"]) for p in res["paired"]] == [("full", "default"), ("reduced", "default"),
+                                                                     ("lora", "default")]
+    text = bf.report(res, [], "fidelity-tiny")
+    assert "Not tuned (--no-tune): every method at its shipped default lr" in text and "Tuned on dev" not in text
+    assert "--no-tune --section fidelity-tiny" in text and "| vs full at its default, points" in text and "| vs tuned full" not in text
+    assert "within 1.0 point of `full` at its default" in text
+    assert bf._speedups(res)["tiny"]["reduced"] == 1.0  # the speed line reads the default rows
