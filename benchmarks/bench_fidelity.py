@@ -143,7 +143,7 @@ def run(data: Path, quick: bool = False, seeds=(0, 1, 2), limit: dict | None = N
 
         def measure():  # a cache is ingested only for a run still to do: a finished table reruns in seconds
             url = cache(layer, codec, names) if c.method != "full" else cache(k, "fp16", names)  # full reads text
-            r = _train(url, d, work / f"{what}-{name}-{c.method}-{c.lr:g}-{c.seed}-k{layer}-{codec}", c, limit, device)
+            r = _train(url, d, work / f"{what}-{name}-{c.method}-{c.lr:g}-{c.seed}-k{layer}-{codec}-e{c.epochs}", c, limit, device)
             log(f"{what} {name} {c.method} lr {c.lr:g} seed {c.seed} k={layer} {codec}: dev {r['dev']} test {r['test']:.4f} "
                 f"({r['epochs_run']} epochs, best {r['best_epoch']}) in {r['wall_seconds']} s")
             return r

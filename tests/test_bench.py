@@ -133,6 +133,8 @@ def _fake_fidelity(tmp_path, monkeypatch):
     calls = []
 
     def fake_train(cache, task_dir, out, cfg, limit, device):
+        assert not out.exists(), out  # finetune refuses a folder holding an earlier run, an extended run's too
+        out.mkdir(parents=True)
         calls.append((cfg.method, cfg.lr, cfg.seed, cfg.epochs))
         rising = cfg.method == "lora" and (cfg.epochs == 10 or cfg.lr == 3e-4)
         best, ran = (cfg.epochs, cfg.epochs) if rising else (14, 17) if cfg.epochs == 20 else (2, 5)
