@@ -259,9 +259,13 @@ def _span(res: dict) -> str:
     return whens[0] if whens[0] == whens[-1] else f"from {whens[0]} to {whens[-1]}"
 
 
+def verdict(diff: float) -> str:
+    """A paired gap to `full`, in points, against the goal."""
+    return "met" if diff >= -GOAL_POINTS else f"missed by {-GOAL_POINTS - diff:.2f}"
+
+
 def _goal(p: dict) -> str:
-    d = p["diff_points"]
-    return f"{p['task']} {p['method']} {d:+.2f}: " + ("met" if d >= -GOAL_POINTS else f"missed by {-GOAL_POINTS - d:.2f}")
+    return f"{p['task']} {p['method']} {p['diff_points']:+.2f}: " + verdict(p["diff_points"])
 
 
 def report(res: dict, plots: list[str], section: str = "fidelity") -> str:

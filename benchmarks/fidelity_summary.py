@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .bench_fidelity import GOAL_POINTS
+from .bench_fidelity import GOAL_POINTS, verdict
 from .report import REPORT, write_section
 
 HERE = Path(__file__).resolve().parent
@@ -26,10 +26,6 @@ def load(results: Path) -> dict[str, dict]:
         if "tuning" in res and not res.get("quick"):
             out[path.stem] = res
     return out
-
-
-def _goal(diff: float) -> str:
-    return "met" if diff >= -GOAL_POINTS else f"missed by {-GOAL_POINTS - diff:.2f}"
 
 
 def summary(sections: dict[str, dict]) -> str:
@@ -55,7 +51,7 @@ def summary(sections: dict[str, dict]) -> str:
             lines.append(f"| `{name}` | {res['model']} (L={res['num_layers']}) | {p['task']} | {slices} | "
                          f"{p.get('layer', res['k'])} | {p['method']} | {setting} | {p['lr']:g} | "
                          f"{p['metric']} {p['mean']:.4f} ± {p['std']:.4f} | {f['mean']:.4f} ({f['setting']} lr {f['lr']:g}) | "
-                         f"{p['diff_points']:+.2f} ± {p['diff_std']:.2f} | {_goal(p['diff_points'])} |")
+                         f"{p['diff_points']:+.2f} ± {p['diff_std']:.2f} | {verdict(p['diff_points'])} |")
     return "\n".join(lines)
 
 
