@@ -100,6 +100,14 @@ def chunks(docs: list, max_batch_size: int) -> list[list]:
     return [docs[i * len(docs) // k:(i + 1) * len(docs) // k] for i in range(k)]
 
 
+def decode_rows(rows: tuple[str, list], hidden_size: int) -> list:
+    """Lookup's answer -> float32 states per key (None where the cache lacks it)."""
+    from er_core.store import get_codec
+
+    codec = get_codec(rows[0])
+    return [None if r is None else codec.decode(r[1], r[2], (r[0], hidden_size)) for r in rows[1]]
+
+
 # ---------------------------------------------------------------- deployments
 
 
@@ -219,10 +227,7 @@ class Upper:
         return out
 
     def _predict(self, docs: list[dict], rows: tuple[str, list]) -> list[dict]:
-        from er_core.store import get_codec
-
-        codec, hidden_size = get_codec(rows[0]), self.spec.hidden_size
-        states = [None if r is None else codec.decode(r[1], r[2], (r[0], hidden_size)) for r in rows[1]]
+        states = decode_rows(rows, self.spec.hidden_size)
         out = [{"cached": s is not None} for s in states]
         groups: dict[tuple, list[int]] = {}
         for i, d in enumerate(docs):

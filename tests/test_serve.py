@@ -249,6 +249,26 @@ def test_the_lookup_hands_rows_on_encoded_as_cached_and_keeps_at_most_lru_rows(s
         assert np.array_equal(reader.decode(n, hidden, scale), want.hidden(want.index[key]))
 
 
+def test_an_int8_cache_reaches_upper_as_a_quarter_of_the_bytes_and_decodes_as_the_cache_does(tiny_bert, tmp_path):
+    from er_core.store import open_cache
+    from pipelines.serve import Lookup, decode_rows
+
+    cache = str(tmp_path / "cache8")
+    ingest_local([{"text": t} for t in ("a gene", "the cancer protein binds", "cells")], cache,
+                 Recycler.load(tiny_bert, layer=2, codec="int8"), progress=False)
+    reader = open_cache(cache)
+    keys = list(reader.keys())
+    look = Lookup.func_or_class(cache, None, 8, 60.0)
+    got = look.get([*keys, "not-a-key"])
+    assert got[0] == "int8" and got[1][-1] is None
+    for (n, hidden, scale) in got[1][:-1]:
+        assert len(hidden) == n * reader.spec.hidden_size and len(scale) == 4 * n  # int8, one float32 scale a token
+    want = reader.load(keys)
+    for key, states in zip(keys, decode_rows(got, reader.spec.hidden_size)):
+        assert np.array_equal(states, want.hidden(want.index[key]))
+    assert decode_rows(got, reader.spec.hidden_size)[-1] is None
+
+
 def test_a_request_goes_to_upper_in_near_equal_calls_of_at_most_half_a_batch():
     from pipelines.serve import chunks
 
