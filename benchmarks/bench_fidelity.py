@@ -6,7 +6,7 @@ sliced by --train/--dev/--test (test: the whole split by default):
 1. one ingestion of every task's slice at k (default L/2, fp16), timed;
 2. tuning, on dev only: per task and method, every learning rate of GRIDS (seed 0), each trained to convergence
    (at most CONVERGE epochs, early stopping on dev; a run that ends at the cap with dev still rising runs again with
-   EXTEND times the cap, and that run counts); the dev-best rate then runs seeds 1 and 2 too (--no-tune: the
+   EXTEND times the cap, and the one better on dev counts); the dev-best rate then runs seeds 1 and 2 too (--no-tune: the
    shipped default rate only, for every method, `full` included);
 3. accuracy table: task x method at its dev-chosen rate, test metric over 3 seeds and the paired difference to
    `full` (same seed, same data order) as mean +- std, in points of the task's main metric; where the dev-chosen
@@ -149,9 +149,13 @@ def run(data: Path, quick: bool = False, seeds=(0, 1, 2), limit: dict | None = N
             return r
 
         r = done.measure(key, measure)
-        # still rising at the cap: give it room (unless --min-steps already ran it past the longer cap)
+        # still rising at the cap: give it room (unless --min-steps already ran it past the longer cap). The longer cap
+        # is a longer schedule too (the lr decays over the whole run), not the same run continued: dev picks the cap.
         if not quick and c.epochs == converge["epochs"] and _capped(r) and r["epochs_run"] < c.epochs * EXTEND:
-            return {**train(what, name, d, replace(c, epochs=c.epochs * EXTEND), layer, codec, names), "extended_from": c.epochs}
+            longer = train(what, name, d, replace(c, epochs=c.epochs * EXTEND), layer, codec, names)
+            if longer["dev"] > r["dev"]:
+                return {**longer, "extended_from": c.epochs}
+            return {**r, "longer_dev": longer["dev"]}
         return r
 
     def config(method: str, lr: float, seed: int) -> TrainConfig:
@@ -323,10 +327,14 @@ def report(res: dict, plots: list[str], section: str = "fidelity") -> str:
     every = res["runs"] + probes + res.get("at_k_runs", []) + res["tuning"]
     # a probe's first seed is also an at-k run, and a tuning run also a table run: each named once
     extended = list(dict.fromkeys(named(r) for r in every if "extended_from" in r))
-    capped = list(dict.fromkeys(named(r) for r in every if _capped(r)))
-    if extended:
+    shorter = list(dict.fromkeys(f"{named(r)} (dev {r['dev']:.4f}, at {cap * res['extend']}: {r['longer_dev']:.4f})"
+                                 for r in every if "longer_dev" in r))
+    capped = list(dict.fromkeys(named(r) for r in every if _capped(r) and "longer_dev" not in r))
+    if extended or shorter:
         lines += ["", f"Ended at the {cap}-epoch cap with dev still rising, so run again with at most {cap * res['extend']} epochs "
-                      f"(the longer run is the one reported): {'; '.join(extended)}."]
+                      "(a longer schedule, since the lr decays over the whole run); the run better on dev is the one reported."
+                  + (f" The longer: {'; '.join(extended)}." if extended else "")
+                  + (f" The {cap}-epoch one, better on dev: {'; '.join(shorter)}." if shorter else "")]
     if capped:
         lines += ["", f"Still improving at the last epoch run (not converged): {'; '.join(capped)}."]
     for task, by in res["vs_k"].items():

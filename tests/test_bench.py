@@ -127,7 +127,8 @@ def test_scale_simulation_at_tiny_sizes_measures_every_figure(tmp_path):
 
 def _fake_fidelity(tmp_path, monkeypatch):
     """bench_fidelity with a stand-in for training (lora at lr 1e-3 does best; lora is still rising at 10 epochs, and at
-    lr 3e-4 at 20 too) and no ingestion; a tiny task under tmp_path/data. Returns the module and its list of runs."""
+    lr 3e-4 at 20 too; at lr 3e-3 the 20-epoch schedule does worse on dev) and no ingestion; a tiny task under
+    tmp_path/data. Returns the module and its list of runs."""
     from er_bench import bench_fidelity as bf
 
     calls = []
@@ -139,7 +140,8 @@ def _fake_fidelity(tmp_path, monkeypatch):
         rising = cfg.method == "lora" and (cfg.epochs == 10 or cfg.lr == 3e-4)
         best, ran = (cfg.epochs, cfg.epochs) if rising else (14, 17) if cfg.epochs == 20 else (2, 5)
         score = 0.9 if cfg.method == "lora" and cfg.lr == 1e-3 else 0.7
-        return {"wall_seconds": 1.0, "train_examples_per_second": 1.0, "metric": "micro_f1", "dev": score,
+        dev = 0.6 if (cfg.method, cfg.lr, cfg.epochs) == ("lora", 3e-3, 20) else score + cfg.epochs / 2000
+        return {"wall_seconds": 1.0, "train_examples_per_second": 1.0, "metric": "micro_f1", "dev": dev,
                 "test": score + cfg.epochs / 1000, "test_macro_f1": None, "best_epoch": best, "epochs_run": ran}
 
     monkeypatch.setattr(bf, "_train", fake_train)
@@ -150,8 +152,8 @@ def _fake_fidelity(tmp_path, monkeypatch):
 
 @pytest.mark.real
 def test_fidelity_runs_a_run_still_improving_at_the_cap_again_with_twice_the_cap(tmp_path, monkeypatch):
-    """Training to convergence: a run whose last epoch was its best gets a longer run, and that one is reported;
-    a run that converged is not run again, nor is anything on a rerun from the run log."""
+    """Training to convergence: a run whose last epoch was its best gets a longer run, and the one better on dev is
+    reported; a run that converged is not run again, nor is anything on a rerun from the run log."""
     bf, calls = _fake_fidelity(tmp_path, monkeypatch)
     args = dict(seeds=(0, 1), runs=tmp_path / "runs.jsonl", extras=False, log=lambda line: None)
     res = bf.run(tmp_path / "data", **args)
@@ -162,7 +164,12 @@ def test_fidelity_runs_a_run_still_improving_at_the_cap_again_with_twice_the_cap
     assert all("extended_from" not in r for r in res["runs"] if r["method"] != "lora")
     assert [p["mean"] for p in res["paired"] if p["method"] == "lora"] == [pytest.approx(0.92)]  # the 20-epoch runs count
     text = bf.report(res, [], "fidelity-tiny")
-    assert "run again with at most 20 epochs (the longer run is the one reported): tiny lora lr 0.001 seed 0" in text
+    tuning = {r["lr"]: r for r in res["tuning"] if r["method"] == "lora"}
+    assert (tuning[3e-3]["epochs_run"], tuning[3e-3]["longer_dev"], "extended_from" in tuning[3e-3]) == (10, 0.6, False)
+    assert tuning[3e-4]["extended_from"] == 10 and tuning[3e-4]["dev"] == pytest.approx(0.71)
+    assert "run again with at most 20 epochs" in text and "the run better on dev is the one reported" in text
+    assert "The longer: tiny lora lr 0.001 seed 0; tiny lora lr 0.001 seed 1; tiny lora lr 0.0003 seed 0." in text
+    assert "The 10-epoch one, better on dev: tiny lora lr 0.003 seed 0 (dev 0.7050, at 20: 0.6000)." in text
     assert "Still improving at the last epoch run (not converged): tiny lora lr 0.0003 seed 0." in text
     n = len(calls)
     assert bf.run(tmp_path / "data", **args)["paired"] == res["paired"] and len(calls) == n
