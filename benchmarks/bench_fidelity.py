@@ -153,9 +153,9 @@ def run(data: Path, quick: bool = False, seeds=(0, 1, 2), limit: dict | None = N
         # is a longer schedule too (the lr decays over the whole run), not the same run continued: dev picks the cap.
         if not quick and c.epochs == converge["epochs"] and _capped(r) and r["epochs_run"] < c.epochs * EXTEND:
             longer = train(what, name, d, replace(c, epochs=c.epochs * EXTEND), layer, codec, names)
-            if longer["dev"] > r["dev"]:
+            if r["dev"] is None or longer["dev"] is None or longer["dev"] > r["dev"]:  # no dev slice: the longer, as before
                 return {**longer, "extended_from": c.epochs}
-            return {**r, "longer_dev": longer["dev"]}
+            return {**r, "longer_dev": longer["dev"], "longer_when": longer["when"]}
         return r
 
     def config(method: str, lr: float, seed: int) -> TrainConfig:
@@ -258,8 +258,8 @@ def _break_even(res: dict) -> dict:
 
 def _span(res: dict) -> str:
     probes = [r for by in res["vs_k"].values() for rs in by.values() for r in rs]
-    whens = sorted(r["when"] for r in res["runs"] + res["tuning"] + probes + res.get("at_k_runs", [])
-                   + list(res["codecs"].values()))
+    every = res["runs"] + res["tuning"] + probes + res.get("at_k_runs", []) + list(res["codecs"].values())
+    whens = sorted([r["when"] for r in every] + [r["longer_when"] for r in every if "longer_when" in r])
     return whens[0] if whens[0] == whens[-1] else f"from {whens[0]} to {whens[-1]}"
 
 
@@ -332,9 +332,10 @@ def report(res: dict, plots: list[str], section: str = "fidelity") -> str:
     capped = list(dict.fromkeys(named(r) for r in every if _capped(r) and "longer_dev" not in r))
     if extended or shorter:
         lines += ["", f"Ended at the {cap}-epoch cap with dev still rising, so run again with at most {cap * res['extend']} epochs "
-                      "(a longer schedule, since the lr decays over the whole run); the run better on dev is the one reported."
+                      "(a longer schedule, since the lr decays over the whole run); the longer run is reported only where it "
+                      "did better on dev, each seed's run on its own."
                   + (f" The longer: {'; '.join(extended)}." if extended else "")
-                  + (f" The {cap}-epoch one, better on dev: {'; '.join(shorter)}." if shorter else "")]
+                  + (f" The {cap}-epoch one, not worse on dev: {'; '.join(shorter)}." if shorter else "")]
     if capped:
         lines += ["", f"Still improving at the last epoch run (not converged): {'; '.join(capped)}."]
     for task, by in res["vs_k"].items():
