@@ -263,10 +263,10 @@ def test_an_int8_cache_reaches_upper_as_a_quarter_of_the_bytes_and_decodes_as_th
     assert got[0] == "int8" and got[1][-1] is None
     for (n, hidden, scale) in got[1][:-1]:
         assert len(hidden) == n * reader.spec.hidden_size and len(scale) == 4 * n  # int8, one float32 scale a token
-    want = reader.load(keys)
-    for key, states in zip(keys, decode_rows(got, reader.spec.hidden_size)):
+    want, decoded = reader.load(keys), decode_rows(got, reader.spec.hidden_size)
+    assert len(decoded) == len(keys) + 1 and decoded[-1] is None
+    for key, states in zip(keys, decoded):
         assert np.array_equal(states, want.hidden(want.index[key]))
-    assert decode_rows(got, reader.spec.hidden_size)[-1] is None
 
 
 def test_a_request_goes_to_upper_in_near_equal_calls_of_at_most_half_a_batch():
