@@ -13,7 +13,7 @@ chosen k the user then ingests the corpus once at that layer (`command` in the r
 Several tasks (`advise_tasks`) are probed one by one, the probe caches shared, and the advice is the shallowest k
 any of them needs: one cache at that k serves them all (a task that would do as well deeper trains a few more layers
 than it needs); the alternative, one cache per k, ingests the corpus once per distinct k. Token tasks (NER) often
-need a shallower cut than classification (REPORT `fidelity`, accuracy vs k).
+need a shallower cut than classification (REPORT `fidelity-ncbi-disease`, accuracy vs k).
 """
 
 from __future__ import annotations
