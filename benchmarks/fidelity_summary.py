@@ -45,7 +45,7 @@ def summary(sections: dict[str, dict]) -> str:
             if p["method"] == "full" or p["diff_points"] is None:
                 continue
             f = full[p["task"]]
-            setting = "tuned" if p["setting"].startswith("k=") else p["setting"]
+            setting = "default" if p["setting"].endswith("default") else "tuned" if p["setting"].startswith("k=") else p["setting"]
             if setting == "tuned" and p["lr"] == res["defaults"][p["method"]]["lr"]:
                 setting = "tuned = default"  # the default won on dev: no separate default row
             lines.append(f"| `{name}` | {res['model']} (L={res['num_layers']}) | {p['task']} | {slices} | "

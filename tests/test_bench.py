@@ -190,7 +190,7 @@ def test_fidelity_summary_lists_every_recycled_row_of_the_tuned_sections_against
            "defaults": {"reduced": {"lr": 3e-4}, "lora": {"lr": 1e-3}},
            "paired": [paired("full", "tuned", 1e-4, 0.0), paired("reduced", "tuned", 3e-4, -0.4),
                       paired("lora", "tuned", 3e-3, -2.5), paired("lora", "default", 1e-3, -0.9)],
-           "at_k": [paired("lora", "k=1", 3e-3, 0.3, layer=1)]}
+           "at_k": [paired("lora", "k=1", 3e-3, 0.3, layer=1), paired("lora", "k=1 default", 1e-3, -1.2, layer=1)]}
     (tmp_path / "fidelity-t.json").write_text(json.dumps(res))
     (tmp_path / "fidelity.json").write_text(json.dumps({k: v for k, v in res.items() if k != "tuning"}))  # untuned
     (tmp_path / "fidelity-q.json").write_text(json.dumps({**res, "quick": True}))
@@ -201,7 +201,30 @@ def test_fidelity_summary_lists_every_recycled_row_of_the_tuned_sections_against
         ["3", "reduced", "tuned = default", "0.0003", "-0.40 ± 0.50", "met |"],
         ["3", "lora", "tuned", "0.003", "-2.50 ± 0.50", "missed by 1.50 |"],
         ["3", "lora", "default", "0.001", "-0.90 ± 0.50", "met |"],
-        ["1", "lora", "tuned", "0.003", "+0.30 ± 0.50", "met |"]]
+        ["1", "lora", "tuned", "0.003", "+0.30 ± 0.50", "met |"],
+        ["1", "lora", "default", "0.001", "-1.20 ± 0.50", "missed by 0.20 |"]]
+
+
+@pytest.mark.real
+def test_fidelity_at_a_seeds_at_k_layer_runs_the_shipped_default_too_where_dev_chose_another_lr(tmp_path, monkeypatch):
+    """Every seed at k=1 runs at the lr chosen at the section's k and, where that is not the shipped default, at the
+    default too (the rate a user gets), each paired to the tuned full and named in the report."""
+    from er_core.train_config import DEFAULT_LR
+
+    bf, calls = _fake_fidelity(tmp_path, monkeypatch)
+    res = bf.run(tmp_path / "data", seeds=(0, 1), runs=None, extras=True, seeds_at_k=(1,), log=lambda line: None)
+    runs = {(r["method"], r["setting"], r["lr"], r["seed"]) for r in res["at_k_runs"]}
+    assert {(m, s, lr) for m, s, lr, _ in runs} == {("reduced", "k=1", 1e-4), ("reduced", "k=1 default", DEFAULT_LR["reduced"]),
+                                                    ("lora", "k=1", 3e-3), ("lora", "k=1 default", DEFAULT_LR["lora"])}
+    assert len(runs) == 8 and all(r["layer"] == 1 for r in res["at_k_runs"])
+    assert [(p["method"], p["setting"]) for p in res["at_k"]] == [("reduced", "k=1"), ("lora", "k=1"),
+                                                                  ("reduced", "k=1 default"), ("lora", "k=1 default")]
+    text = bf.report(res, [], "fidelity-tiny")
+    assert "| tiny | 1 | lora | default | 0.001 |" in text and "| tiny | 1 | lora | tuned at k=3 | 0.003 |" in text
+    assert "k=1 (default lr) tiny lora" in text
+    untuned = bf.run(tmp_path / "data", seeds=(0, 1), runs=None, extras=True, seeds_at_k=(1,), log=lambda line: None,
+                     tune=False)
+    assert {r["setting"] for r in untuned["at_k_runs"]} == {"k=1"}  # untuned: the default is the only rate
 
 
 @pytest.mark.real
