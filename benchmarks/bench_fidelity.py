@@ -40,7 +40,7 @@ from er_core import Recycler, TrainConfig, finetune, ingest_local, load_task
 from er_core.metrics import primary_metric
 from er_core.models import MPNET
 from er_core.tasks import example_input, task_folders
-from er_core.train_config import DEFAULT_LR
+from er_core.train_config import DEFAULT_LR, WIDE_LR, default_lr
 
 from .report import write_section
 
@@ -105,24 +105,25 @@ def run(data: Path, quick: bool = False, seeds=(0, 1, 2), limit: dict | None = N
     seeds_at_k: layers at which the accuracy-vs-k probe runs every seed, not only the first. epochs: the cap instead
     of CONVERGE's (every run's key holds it, so runs at another cap are measured anew)."""
     for method, grid in GRIDS.items():
-        if DEFAULT_LR[method] not in grid:
-            raise SystemExit(f"GRIDS[{method!r}] lacks the shipped default lr {DEFAULT_LR[method]:g}: add it")
+        for lr in {DEFAULT_LR[method], WIDE_LR.get(method, DEFAULT_LR[method])} - set(grid):
+            raise SystemExit(f"GRIDS[{method!r}] lacks the shipped default lr {lr:g}: add it")
     limit = limit or (QUICK_LIMIT if quick else FULL_LIMIT)
     dirs = [d for d in task_folders(data) if not only or d.name in only]
     if only and len(dirs) != len(only):
         raise SystemExit(f"--tasks: {sorted(set(only) - {d.name for d in dirs})} not found in {data}")
     tasks = {d.name: load_task(d, limit=limit) for d in dirs}
     path = MODELS.get(model, model)
-    num_layers = Recycler.load(path, layer=0).spec.num_layers
+    spec = Recycler.load(path, layer=0).spec
+    num_layers, default = spec.num_layers, {m: default_lr(m, spec.hidden_size) for m in METHODS}  # the rate a user gets
     k = num_layers // 2 if k is None else k
-    grids = {m: (DEFAULT_LR[m],) for m in METHODS} if quick or not tune else GRIDS
+    grids = {m: (default[m],) for m in METHODS} if quick or not tune else GRIDS
     converge = {"epochs": 1, "patience": 1} if quick else {**CONVERGE, **({"epochs": epochs} if epochs else {})}
     work = Path(tempfile.mkdtemp(prefix="er-fidelity-"))
     done = RunLog(runs)
     res = {"model": model, "tasks": list(tasks), "num_layers": num_layers, "k": k, "limit": limit, "seeds": list(seeds), "quick": quick,
            "device": device, "grids": {m: list(g) for m, g in grids.items()}, "converge": converge, "extend": EXTEND,
            "tuned": tune}
-    shipped = {m: TrainConfig(method=m) for m in METHODS}
+    shipped = {m: TrainConfig(method=m).for_encoder(spec.hidden_size) for m in METHODS}
     res["defaults"] = {m: {f: v for f, v in c.to_dict().items() if f not in ("method", "seed", "peft_config")}
                        for m, c in shipped.items()}
     base = {"model": model, "limit": limit}
@@ -171,7 +172,7 @@ def run(data: Path, quick: bool = False, seeds=(0, 1, 2), limit: dict | None = N
             chosen[name, method] = best
             tuning += [{"task": name, "method": method, "lr": lr, "seed": seeds[0], "chosen": lr == best, **r}
                        for lr, r in by_lr.items()]
-            for which, lr in (("tuned" if tune else "default", best), ("default", DEFAULT_LR[method])):
+            for which, lr in (("tuned" if tune else "default", best), ("default", default[method])):
                 if which == "default" and (method == "full" or lr == best) and tune:
                     continue  # full's baseline is tuned; a default that won on dev is the tuned row itself
                 for seed in seeds:
@@ -198,8 +199,8 @@ def run(data: Path, quick: bool = False, seeds=(0, 1, 2), limit: dict | None = N
         for layer in seeds_at_k:
             # the lr chosen at the section's k, and the shipped default where it differs: the rate a user gets
             runs_at = [(m, f"k={layer}", chosen[first.name, m]) for m in ("reduced", "lora")]
-            runs_at += [(m, f"k={layer} default", DEFAULT_LR[m]) for m in ("reduced", "lora")
-                        if tune and DEFAULT_LR[m] != chosen[first.name, m]]
+            runs_at += [(m, f"k={layer} default", default[m]) for m in ("reduced", "lora")
+                        if tune and default[m] != chosen[first.name, m]]
             rows = [{"task": first.name, "method": method, "setting": setting, "layer": layer, "lr": lr, "seed": seed,
                      **train("vs_k", first.name, first, config(method, lr, seed), layer, "fp16", (first.name,))}
                     for method, setting, lr in runs_at for seed in seeds]

@@ -81,7 +81,7 @@ def run(data_dir: Path = DATA, quick: bool = False, task: str | None = None, lay
         return {"full": full, "reduced": reduced, "lora": lora}
 
     ms = models()
-    opts = {k: make_optimizer(m, TrainConfig(method=k), 1000)[0] for k, m in ms.items()}
+    opts = {k: make_optimizer(m, TrainConfig(method=k).for_encoder(384), 1000)[0] for k, m in ms.items()}
     train_time = {k: 0.0 for k in ms}
     seen = 0
 

@@ -41,7 +41,7 @@ class AdviseConfig:
     budget: int = field(default=1000, metadata={"help": "train examples per probe"})
     dev: int = field(default=500, metadata={"help": "dev examples each probe is scored on"})
     epochs: int = field(default=2, metadata={"help": "epochs per probe"})
-    lr: float | None = field(default=None, metadata={"help": "learning rate (default: the method's)"})
+    lr: float | None = field(default=None, metadata={"help": "learning rate (default: the method's, for the encoder's width)"})
     batch_size: int = 16
     seed: int = 0
     tolerance: float = field(default=1.0, metadata={"help": "points of dev metric a cheaper k may lose against the best"})
@@ -126,6 +126,7 @@ def _probe(url: str, task_dir: str, cfg: AdviseConfig, limit: dict, storage_opti
     tc = cfg.probe_config()
     seed_everything(tc.seed)
     p = setup_data(url, task_dir, tc, storage_options, limit, splits=("train", "dev"))
+    tc = tc.for_encoder(p.spec.hidden_size)
     kind = p.task.kind
     model = build_model(p.encoder, p.spec.layer, kind, len(p.task.labels) or 2, tc)
     train, dev = p.data["train"], p.data["dev"]

@@ -194,6 +194,7 @@ def _finetune(cache_url, task_dir, out: OutputDir, cfg, storage_options, limit, 
     seed_everything(cfg.seed)
     reader = open_cache(cache_url, storage_options=storage_options, manifest=snapshot) if snapshot else None
     p = setup_data(cache_url, task_dir, cfg, storage_options, limit, reader=reader)
+    cfg = cfg.for_encoder(p.spec.hidden_size)
     if p.dev_source != "dev split":
         log_.warning("%s: dev for early stopping is %s", p.task.name, p.dev_source)
     kind = p.task.kind

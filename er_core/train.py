@@ -105,6 +105,8 @@ def make_optimizer(model, cfg: TrainConfig, total_steps: int):
     """AdamW (no decay on biases and norms) with transformers' linear warm-up then linear decay."""
     from transformers import get_linear_schedule_with_warmup
 
+    if cfg.lr is None:
+        raise ErError("TrainConfig.lr is not settled: train with cfg.for_encoder(hidden_size), which picks the default")
     groups: dict[tuple, list] = {}
     for n, p in model.named_parameters():
         if p.requires_grad:  # the head may have its own rate (peft names its trained copy ...head.modules_to_save...)

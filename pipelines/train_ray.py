@@ -299,6 +299,7 @@ def _fit_on_ray(out: OutputDir, cache_url, task_dir, cfg, workers, cpus_per_work
     # Opened once for the whole run: workers get located rows, never the cache.
     reader = open_cache(cache_url, storage_options=storage_options, manifest=None if ingest_missing else snapshot)
     p = setup_data(cache_url, task_dir, cfg, storage_options, limit, splits=("dev", "test"), reader=reader, load_model=False)
+    cfg = cfg.for_encoder(p.spec.hidden_size)
     ds, n_train = train_dataset(reader, p, cfg, storage_options)
     say = (lambda line: print(line, file=sys.stderr, flush=True)) if progress else (lambda line: None)
     say(f"reading {n_train} train examples of {p.task.name} " + ("(text)" if cfg.method == "full" else f"from {cache_url}"))

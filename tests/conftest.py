@@ -45,8 +45,8 @@ WORDS = (
 ).split()
 
 
-def save_tiny(name: str, folder: Path, seed: int = 0) -> Path:
-    """A tiny random model of family `name` plus a WordPiece tokenizer, saved as an HF folder."""
+def save_tiny(name: str, folder: Path, seed: int = 0, **config) -> Path:
+    """A tiny random model of family `name` (`config`: fields to change) plus a WordPiece tokenizer, as an HF folder."""
     from transformers import BertTokenizerFast
 
     from tests.tiny_models import VOCAB, make_tiny
@@ -56,7 +56,7 @@ def save_tiny(name: str, folder: Path, seed: int = 0) -> Path:
     letters = list("abcdefghijklmnopqrstuvwxyz0123456789.,()-")
     vocab = (specials + WORDS + letters + [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"])[:VOCAB]
     tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, model_max_length=48)
-    model = make_tiny(name, seed=seed)
+    model = make_tiny(name, seed=seed, **config)
     if model.config.pad_token_id is None or model.config.pad_token_id != tok.pad_token_id:
         model.config.pad_token_id = tok.pad_token_id
     model.save_pretrained(folder)

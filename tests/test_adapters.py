@@ -67,7 +67,7 @@ def test_min_steps_adds_epochs_to_small_tasks_only_and_early_stopping_still_ends
         return []
 
     dev = iter([0.5, 0.6, 0.6, 0.6, 0.9, 0.9])
-    r = fit(model, "classification", TrainConfig(epochs=1, min_steps=30, patience=2), batches, 5,
+    r = fit(model, "classification", TrainConfig(epochs=1, min_steps=30, patience=2, lr=1e-3), batches, 5,
             lambda: {"micro_f1": next(dev)}, "micro_f1")
     assert runs == [0, 1, 2, 3] and r.best_epoch == 2  # 6 epochs allowed by min_steps, patience ended it after 4
 
@@ -75,7 +75,9 @@ def test_min_steps_adds_epochs_to_small_tasks_only_and_early_stopping_still_ends
 def test_per_method_defaults_fill_only_what_is_left_out():
     assert TrainConfig(method="lora", lora_r=32).lora_r == 32
     d = TrainConfig(method="lora")
-    assert None not in (d.lr, d.min_steps, d.lora_r, d.lora_alpha, d.lora_modules)
+    assert None not in (d.min_steps, d.lora_r, d.lora_alpha, d.lora_modules)
+    assert d.lr is None and d.for_encoder(384).lr == 1e-3 and TrainConfig(lr=2e-4).for_encoder(768).lr == 2e-4  # lr: by width
+    assert TrainConfig(method="reduced").for_encoder(768).lr < TrainConfig(method="reduced").for_encoder(384).lr
     with pytest.raises(ErError, match="lora_modules 'ffn' must be one of"):
         TrainConfig(method="lora", lora_modules="ffn")
     with pytest.raises(ErError, match="min_steps"):

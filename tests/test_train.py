@@ -86,6 +86,25 @@ def test_methods_train_save_and_reload(tiny_cache, tmp_path, method):
     assert [e["train_loss"] for e in again["history"]] == [e["train_loss"] for e in m["history"]]
 
 
+@pytest.mark.parametrize("hidden", [32, 768])
+def test_the_default_lr_follows_the_width_of_the_caches_encoder_and_a_given_lr_is_kept(tmp_path, hidden):
+    # reduced's MiniLM rate diverged on the 768-wide MPNet: a wide encoder trains at WIDE_LR unless told otherwise
+    from er_core.train_config import DEFAULT_LR, WIDE_LR
+    from tests.conftest import save_tiny, write_tiny_task
+
+    model = save_tiny("bert", tmp_path / "m", hidden_size=hidden, intermediate_size=64, num_hidden_layers=2)
+    folder = write_tiny_task(tmp_path / "t", sizes=(("train", 16), ("dev", 8), ("test", 8)))
+    url = str(tmp_path / "c")
+    ingest_local((example_input(e) for exs in load_task(folder).splits.values() for e in exs), url,
+                 Recycler.load(str(model), layer=1, codec="fp32"), progress=False)
+    want = WIDE_LR["reduced"] if hidden == 768 else DEFAULT_LR["reduced"]
+    assert want != DEFAULT_LR["reduced"] or hidden < 768
+    for cfg, lr in ((TrainConfig(epochs=1), want), (TrainConfig(epochs=1, lr=5e-4), 5e-4)):
+        out = tmp_path / f"o-{lr:g}"
+        finetune(url, str(folder), str(out), cfg, progress=False, log=lambda r: None)
+        assert json.loads((out / "er_model.json").read_text())["train_config"]["lr"] == lr
+
+
 def test_lora_trains_only_adapters_and_head(tiny_bert):
     from er_core.train import build_model
 

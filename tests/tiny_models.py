@@ -59,11 +59,15 @@ TINY_CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
 }
 
 
-def make_tiny(name: str, seed: int = 0, attn_implementation: str | None = None) -> torch.nn.Module:
-    """A fresh `AutoModel` for `TINY_CONFIGS[name]`, in eval mode; the same seed gives the same weights."""
+def make_tiny(name: str, seed: int = 0, attn_implementation: str | None = None, **config) -> torch.nn.Module:
+    """A fresh `AutoModel` for `TINY_CONFIGS[name]` (with `config`'s fields changed), in eval mode; the same seed gives
+    the same weights."""
     torch.manual_seed(seed)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    return AutoModel.from_config(TINY_CONFIGS[name](), **kwargs).eval()
+    cfg = TINY_CONFIGS[name]()
+    for field, value in config.items():
+        setattr(cfg, field, value)
+    return AutoModel.from_config(cfg, **kwargs).eval()
 
 
 def attn_implementations(name: str) -> list[str]:
