@@ -113,6 +113,9 @@ def test_train_config_file_with_flags_over_it_and_print_config(tmp_path, capsys)
     got = yaml.safe_load(capsys.readouterr().out)
     assert (got["method"], got["lr"], got["epochs"], got["cache"], got["endpoint_url"]) == ("lora", 2e-3, 7, "./c", "http://s3:9000")
     assert got["batch_size"] == 16 and got["workers"] == 1  # the fields' defaults
+    assert main(["train", "--method", "reduced", "--print-config"]) == 0  # no lr: settled from the cache's encoder
+    out = capsys.readouterr().out
+    assert yaml.safe_load(out)["lr"] is None and "# lr null: reduced's default, 0.0003, or 0.0001 on an encoder" in out
     run.write_text("method: lora\nlearning_rate: 1.0e-3\n")
     assert main(["train", "--config", str(run), "--print-config"]) == 2
     assert "unknown setting(s) learning_rate" in capsys.readouterr().err
