@@ -23,7 +23,7 @@ METHOD_DEFAULTS = {
 DEFAULT_LR = {m: d["lr"] for m, d in METHOD_DEFAULTS.items()}
 # The rates above were chosen on MiniLM (hidden size 384). On an encoder at least WIDE wide, a method listed here
 # takes this rate instead: `reduced` at 3e-4 diverged on the 768-wide MPNet (NER dev F1 0.0 and 0.72 on two seeds,
-# 0.75 at 1e-4; sci-cite dev 0.817 against 0.837 at 1e-4). REPORT fidelity-mpnet and encoder-12 hold the runs.
+# 0.75 at 1e-4; sci-cite dev 0.817 against 0.837 at 1e-4): REPORT, the MPNet note by fidelity-mpnet, and encoder-12.
 WIDE = 768
 WIDE_LR = {"reduced": 1e-4}
 _PER_METHOD = ("min_steps", "lora_modules", "lora_r", "lora_alpha")
