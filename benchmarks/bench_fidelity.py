@@ -172,9 +172,10 @@ def run(data: Path, quick: bool = False, seeds=(0, 1, 2), limit: dict | None = N
             chosen[name, method] = best
             tuning += [{"task": name, "method": method, "lr": lr, "seed": seeds[0], "chosen": lr == best, **r}
                        for lr, r in by_lr.items()]
-            for which, lr in (("tuned" if tune else "default", best), ("default", default[method])):
-                if which == "default" and (method == "full" or lr == best) and tune:
-                    continue  # full's baseline is tuned; a default that won on dev is the tuned row itself
+            settings = [("tuned" if tune else "default", best)]
+            if tune and method != "full" and default[method] != best:  # full's baseline is tuned; a default that
+                settings.append(("default", default[method]))  # won on dev is the tuned row itself
+            for which, lr in settings:
                 for seed in seeds:
                     r = by_lr[lr] if seed == seeds[0] else train("table", name, d, config(method, lr, seed), k, "fp16", all_names)
                     table.append({"task": name, "kind": tasks[name].kind, "method": method, "setting": which, "lr": lr,

@@ -234,6 +234,7 @@ def test_fidelity_without_tuning_runs_each_method_at_its_default_only_and_says_s
     bf, calls = _fake_fidelity(tmp_path, monkeypatch)
     res = bf.run(tmp_path / "data", seeds=(0, 1), runs=None, extras=False, log=lambda line: None, tune=False)
     assert sorted({(m, lr) for m, lr, _, _ in calls}) == sorted(DEFAULT_LR.items())
+    assert sorted((r["method"], r["seed"]) for r in res["runs"]) == sorted((m, s) for m in DEFAULT_LR for s in (0, 1))  # once each
     assert [(p["method"], p["setting"]) for p in res["paired"]] == [("full", "default"), ("reduced", "default"),
                                                                      ("lora", "default")]
     text = bf.report(res, [], "fidelity-tiny")
