@@ -24,7 +24,7 @@ from .errors import CacheMismatchError
 from .evaluate import evaluate
 from .store import key_digests
 from .keys import example_key
-from .metrics import majority_baseline, primary_metric
+from .metrics import majority_baseline, nothing_learned, primary_metric
 from .models import load_encoder
 from .outputs import OutputDir
 from .store import is_local
@@ -146,6 +146,10 @@ def run_metrics(p: Prepared, cfg: TrainConfig, result: FitResult, model, workers
             if kind == "classification":
                 metrics[f"{split}_majority_baseline"] = majority_baseline(
                     [ex.label for ex in train], [it.example.label for it in p.data[split].items])
+    warning = nothing_learned(kind, metrics.get("dev", {}), metrics.get("dev_majority_baseline"))
+    if warning:  # e.g. a rate too high for a wide encoder: say so rather than ship a constant predictor quietly
+        metrics["warning"] = warning
+        log_.warning("%s: %s", p.task.name, warning)
     return metrics
 
 

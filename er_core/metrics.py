@@ -12,6 +12,7 @@ from .errors import ErError
 __all__ = [
     "classification_metrics",
     "majority_baseline",
+    "nothing_learned",
     "ner_metrics",
     "qa_metrics",
     "primary_metric",
@@ -60,6 +61,24 @@ def majority_baseline(train_labels, eval_labels) -> dict[str, float]:
     top = max(counts.values())
     majority = min(lab for lab, n in counts.items() if n == top)
     return classification_metrics(list(eval_labels), [majority] * len(eval_labels))
+
+
+def nothing_learned(kind: str, dev: dict, majority: dict | None = None) -> str | None:
+    """Why a run's dev scores say it learned nothing, or None: a classifier no better than always predicting the most
+    frequent label, or a tagger/reader that finds nothing (the all-O plateau of too high a learning rate)."""
+    primary = _PRIMARY.get(kind)
+    score = dev.get(primary) if primary else None
+    if score is None:
+        return None
+    if kind == "classification":
+        if majority is None or score > majority["micro_f1"]:
+            return None
+        why = f"dev {primary} {score:.4f} is no better than always predicting the most frequent label ({majority['micro_f1']:.4f})"
+    elif score > 0:
+        return None
+    else:
+        why = f"dev {primary} is 0: the model " + ("tags no entity" if kind == "ner" else "finds no answer")
+    return why + "; it learned nothing: try another --lr (a lower one if the loss stalled early) or more --epochs"
 
 
 def ner_metrics(true_tags, pred_tags) -> dict[str, float]:

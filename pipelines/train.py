@@ -25,6 +25,8 @@ def print_metrics(m: dict) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    if m.get("warning"):
+        print(f"warning: {m['warning']}", file=sys.stderr)
 
 
 def resume_request(out: str) -> dict:

@@ -70,3 +70,16 @@ def test_primary_metric():
     assert [primary_metric(k) for k in ("classification", "ner", "qa")] == ["micro_f1", "f1", "f1"]
     with pytest.raises(ErError, match="'regression'"):
         primary_metric("regression")
+
+
+def test_nothing_learned_names_a_constant_classifier_and_an_empty_tagger_only():
+    from er_core.metrics import nothing_learned
+
+    base = {"micro_f1": 0.6}
+    assert "most frequent label (0.6000)" in nothing_learned("classification", {"micro_f1": 0.6}, base)
+    assert "most frequent label" in nothing_learned("classification", {"micro_f1": 0.4}, base)
+    assert nothing_learned("classification", {"micro_f1": 0.61}, base) is None
+    assert nothing_learned("classification", {"micro_f1": 0.2}, None) is None  # no baseline, no claim
+    assert "tags no entity" in nothing_learned("ner", {"f1": 0.0})
+    assert "finds no answer" in nothing_learned("qa", {"f1": 0.0, "exact_match": 0.0})
+    assert nothing_learned("ner", {"f1": 0.01}) is None and nothing_learned("ner", {}) is None

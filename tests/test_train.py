@@ -86,6 +86,20 @@ def test_methods_train_save_and_reload(tiny_cache, tmp_path, method):
     assert [e["train_loss"] for e in again["history"]] == [e["train_loss"] for e in m["history"]]
 
 
+def test_a_run_that_learns_nothing_says_so_in_its_metrics_and_summary(tiny_cache, tmp_path, capsys):
+    from pipelines.train import print_metrics
+
+    url, folder, _ = tiny_cache
+    runs = {lr: finetune(url, str(folder), str(tmp_path / f"o-{lr:g}"), TrainConfig(epochs=2, lr=lr, batch_size=8),
+                         progress=False, log=lambda r: None) for lr in (1e-3, 1e3)}
+    assert "warning" not in runs[1e-3] and runs[1e-3]["dev"]["micro_f1"] > runs[1e-3]["dev_majority_baseline"]["micro_f1"]
+    bad = runs[1e3]  # far too high a rate: a constant predictor
+    assert "learned nothing" in bad["warning"]
+    assert json.loads((tmp_path / "o-1000" / "metrics.json").read_text())["warning"] == bad["warning"]
+    print_metrics(bad)
+    assert f"warning: {bad['warning']}" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("hidden", [32, 768])
 def test_the_default_lr_follows_the_width_of_the_caches_encoder_and_a_given_lr_is_kept(tmp_path, hidden):
     # reduced's MiniLM rate diverged on the 768-wide MPNet: a wide encoder trains at WIDE_LR unless told otherwise
