@@ -12,8 +12,9 @@ from er_core.tasks import example_input, task_folders
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 2
-# Every line er train may print besides its epoch lines: the read phase, the summary header and table, the output.
-ER_LINES = ("reading ", "read in ", "task ", "  split ", "  dev ", "  test ", "wrote ")
+# Every line er train may print besides its epoch lines: the read phase, the summary header and table, the output,
+# and the warning of a run that learned nothing (40 examples for 2 epochs may not).
+ER_LINES = ("reading ", "read in ", "task ", "  split ", "  dev ", "  test ", "wrote ", "warning: ")
 BAR = re.compile(r"^epoch \d+/\d+:\s+\d+%\|")  # a tqdm frame of er's per-epoch bar
 EPOCH = re.compile(rf"^epoch \d+/{EPOCHS}  train loss \d+\.\d+  dev micro_f1 \d\.\d+  \d+ s")
 
