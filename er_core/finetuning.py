@@ -146,10 +146,10 @@ def run_metrics(p: Prepared, cfg: TrainConfig, result: FitResult, model, workers
             if kind == "classification":
                 metrics[f"{split}_majority_baseline"] = majority_baseline(
                     [ex.label for ex in train], [it.example.label for it in p.data[split].items])
+    # e.g. a rate too high for a wide encoder: said, not shipped quietly (er train prints it; a Ray worker's log would hide it)
     warning = nothing_learned(kind, metrics.get("dev", {}), metrics.get("dev_majority_baseline"))
-    if warning:  # e.g. a rate too high for a wide encoder: say so rather than ship a constant predictor quietly
+    if warning:
         metrics["warning"] = warning
-        log_.warning("%s: %s", p.task.name, warning)
     return metrics
 
 
