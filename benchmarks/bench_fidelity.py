@@ -37,7 +37,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from er_core import Recycler, TrainConfig, finetune, ingest_local, load_task
-from er_core.metrics import primary_metric
+from er_core.metrics import majority_baseline, nothing_learned, primary_metric
 from er_core.models import MPNET
 from er_core.tasks import example_input, task_folders
 from er_core.train_config import DEFAULT_LR, WIDE_LR, default_lr
@@ -122,7 +122,10 @@ def run(data: Path, quick: bool = False, seeds=(0, 1, 2), limit: dict | None = N
     done = RunLog(runs)
     res = {"model": model, "tasks": list(tasks), "num_layers": num_layers, "k": k, "limit": limit, "seeds": list(seeds), "quick": quick,
            "device": device, "grids": {m: list(g) for m, g in grids.items()}, "converge": converge, "extend": EXTEND,
-           "tuned": tune}
+           "tuned": tune, "kinds": {n: t.kind for n, t in tasks.items()},
+           # what a run that learned nothing scores on dev (finetune's own check): flagged in the report
+           "majority_dev": {n: majority_baseline([e.label for e in t.splits["train"]], [e.label for e in t.splits["dev"]])
+                            for n, t in tasks.items() if t.kind == "classification" and t.splits.get("dev")}}
     shipped = {m: TrainConfig(method=m).for_encoder(spec.hidden_size) for m in METHODS}
     res["defaults"] = {m: {f: v for f, v in c.to_dict().items() if f not in ("method", "seed", "peft_config")}
                        for m, c in shipped.items()}
@@ -345,6 +348,12 @@ def report(res: dict, plots: list[str], section: str = "fidelity") -> str:
                   + (f" The {cap}-epoch one, not worse on dev: {'; '.join(shorter)}." if shorter else "")]
     if capped:
         lines += ["", f"Still improving at the last epoch run (not converged): {'; '.join(capped)}."]
+    kinds, majority = res.get("kinds", {}), res.get("majority_dev", {})
+    nothing = list(dict.fromkeys(f"{named(r)} (dev {r['dev']:.4f})" for r in every if r["dev"] is not None and r["task"] in kinds
+                                 and nothing_learned(kinds[r["task"]], {r["metric"]: r["dev"]}, majority.get(r["task"]))))
+    if nothing:
+        lines += ["", "**Learned nothing** (dev no better than always predicting the most frequent label, or an F1 of 0): "
+                  f"{'; '.join(nothing)}. Such a run is no baseline: its rate (or its schedule) does not suit this task and encoder."]
     for task, by in res["vs_k"].items():
         for method, rows in by.items():
             lines += ["", f"Accuracy vs k, {task} (`{method}` at lr {rows[0]['lr']:g}, seed {res['seeds'][0]}): "

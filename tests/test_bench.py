@@ -240,5 +240,24 @@ def test_fidelity_without_tuning_runs_each_method_at_its_default_only_and_says_s
     text = bf.report(res, [], "fidelity-tiny")
     assert "Not tuned (--no-tune): every method at its shipped default lr" in text and "Tuned on dev" not in text
     assert "--no-tune --section fidelity-tiny" in text and "| vs full at its default, points" in text and "| vs tuned full" not in text
-    assert "within 1.0 point of `full` at its default" in text
+    assert "within 1.0 point of `full` at its default" in text and "Learned nothing" not in text
     assert bf._speedups(res)["tiny"]["reduced"] == 1.0  # the speed line reads the default rows
+
+
+@pytest.mark.real
+def test_fidelity_report_flags_a_run_that_learned_nothing(tmp_path, monkeypatch):
+    """A baseline stuck at the majority label (MPNet sci-cite `full` at 1e-4 did this) is named, not averaged quietly."""
+    bf, calls = _fake_fidelity(tmp_path, monkeypatch)
+    trained = bf._train
+
+    def full_stalls(*a):
+        r = trained(*a)
+        return {**r, "dev": 0.5} if a[3].method == "full" else r  # the tiny task's dev is balanced: majority 0.5
+
+    monkeypatch.setattr(bf, "_train", full_stalls)
+    res = bf.run(tmp_path / "data", seeds=(0, 1), runs=None, extras=False, log=lambda line: None, tune=False)
+    assert res["majority_dev"]["tiny"]["micro_f1"] == 0.5
+    text = bf.report(res, [], "fidelity-tiny")
+    line = next(x for x in text.splitlines() if "Learned nothing" in x)
+    assert "tiny full lr 0.0001 seed 0 (dev 0.5000); tiny full lr 0.0001 seed 1 (dev 0.5000)." in line
+    assert "reduced" not in line and "lora" not in line
