@@ -353,7 +353,8 @@ def report(res: dict, plots: list[str], section: str = "fidelity") -> str:
                                  and nothing_learned(kinds[r["task"]], {r["metric"]: r["dev"]}, majority.get(r["task"]))))
     if nothing:
         lines += ["", "**Learned nothing** (dev no better than always predicting the most frequent label, or an F1 of 0): "
-                  f"{'; '.join(nothing)}. Such a run is no baseline: its rate (or its schedule) does not suit this task and encoder."]
+                  f"{'; '.join(nothing)}. Such a run measures a failure to train, not the method: its rate (or its "
+                  "schedule) does not suit this task and encoder."]
     for task, by in res["vs_k"].items():
         for method, rows in by.items():
             lines += ["", f"Accuracy vs k, {task} (`{method}` at lr {rows[0]['lr']:g}, seed {res['seeds'][0]}): "
