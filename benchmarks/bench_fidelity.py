@@ -142,7 +142,9 @@ def run(data: Path, quick: bool = False, seeds=(0, 1, 2), limit: dict | None = N
         return url
 
     def train(what: str, name: str, d: Path, c: TrainConfig, layer: int, codec: str, names: tuple) -> dict:
-        key = {**base, "what": what, "task": name, "layer": layer, "codec": codec, "config": c.to_dict()}
+        # the config as training settles it (a wide encoder's default head rate): a changed default misses the key
+        key = {**base, "what": what, "task": name, "layer": layer, "codec": codec,
+               "config": c.for_encoder(spec.hidden_size).to_dict()}
         if quick:
             key["quick"] = True
 
@@ -282,6 +284,10 @@ def _goal(p: dict) -> str:
     return f"{p['task']} {p['method']} {p['diff_points']:+.2f}: " + verdict(p["diff_points"])
 
 
+def _head(cfg: dict) -> str:
+    return "" if cfg.get("head_lr") is None else f", head at {cfg['head_lr']:g}"
+
+
 def report(res: dict, plots: list[str], section: str = "fidelity") -> str:
     lim = ", ".join(f"{k} {v}" for k, v in res["limit"].items()) + ("" if "test" in res["limit"] else ", test all")
     d = res["defaults"]
@@ -307,7 +313,7 @@ def report(res: dict, plots: list[str], section: str = "fidelity") -> str:
              f"every run at most {res['converge']['epochs']} epochs with early stopping on dev (patience "
              f"{res['converge']['patience']}){extend_note}. {how}. Shipped defaults: lr full {d['full']['lr']:g}, reduced "
              f"{d['reduced']['lr']:g}, lora {lora['lr']:g} (LoRA {lora['lora_modules']}, r{lora['lora_r']}/{lora['lora_alpha']}, "
-             f"at least {lora['min_steps']} steps); batch {d['reduced']['batch_size']}, warmup {d['reduced']['warmup_ratio']}. "
+             f"at least {lora['min_steps']} steps{_head(lora)}); batch {d['reduced']['batch_size']}, warmup {d['reduced']['warmup_ratio']}. "
              f"Measured {res['when']} on {res['device']}, one process, one run after another (a rerun keeps the runs already in "
              f"`results/fidelity-runs.jsonl`); wall time is `finetune` from its call to metrics.json.", "",
              f"| task | method | setting | lr | test metric (mean ± std) | {vs}, points (paired, mean ± std) | macro-F1 "
