@@ -45,14 +45,12 @@ def main(args) -> int:
         import yaml
 
         print(yaml.safe_dump(resolved((run, cfg, storage)), sort_keys=False), end="")
-        from er_core.train_config import WIDE, default_head_lr, default_lr
-
         if cfg.lr is None:  # settled at training, from the cache's encoder
+            from er_core.train_config import WIDE, default_lr
+
             narrow, wide = default_lr(cfg.method), default_lr(cfg.method, WIDE)
             print(f"# lr null: {cfg.method}'s default, {narrow:g}"
                   + (f", or {wide:g} on an encoder of hidden size >= {WIDE}" if wide != narrow else ""))
-        if cfg.head_lr is None and default_head_lr(cfg.method, WIDE) is not None:
-            print(f"# head_lr null: lr, or {default_head_lr(cfg.method, WIDE):g} on an encoder of hidden size >= {WIDE}")
         return 0
     opts = storage.options()
     if args.resume:
