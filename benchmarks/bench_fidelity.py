@@ -142,9 +142,7 @@ def run(data: Path, quick: bool = False, seeds=(0, 1, 2), limit: dict | None = N
         return url
 
     def train(what: str, name: str, d: Path, c: TrainConfig, layer: int, codec: str, names: tuple) -> dict:
-        # the config as training settles it (its lr from the encoder's width): a changed default misses the key
-        key = {**base, "what": what, "task": name, "layer": layer, "codec": codec,
-               "config": c.for_encoder(spec.hidden_size).to_dict()}
+        key = {**base, "what": what, "task": name, "layer": layer, "codec": codec, "config": c.to_dict()}
         if quick:
             key["quick"] = True
 

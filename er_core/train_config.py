@@ -55,7 +55,7 @@ class TrainConfig:
     lr: float | None = field(default=None, metadata={"help": f"peak learning rate ({_defaults('lr')}; "
                              + ", ".join(f"{m} {v:g}" for m, v in WIDE_LR.items()) + f" on encoders of hidden size >= {WIDE})"})
     head_lr: float | None = field(default=None, metadata={
-        "help": f"peak learning rate of the task head (default: lr; {_defaults('head_lr').removeprefix('default per method: ')})"})
+        "help": f"peak learning rate of the task head (default: lr; lora {METHOD_DEFAULTS['lora']['head_lr']:g})"})
     min_steps: int | None = field(default=None, metadata={
         "help": "at least this many optimizer steps: a small task gets more epochs than --epochs, and early stopping on dev "
         f"still ends the run ({_defaults('min_steps')})"})
