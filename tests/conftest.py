@@ -31,9 +31,11 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The specs er's drivers remember (er_core.model_specs) go to a folder of this run, not the user's ~/.cache;
-# the suite's subprocesses inherit it, as a user's commands share theirs.
-_SPECS = None if "ER_SPECS" in os.environ else tempfile.mkdtemp(prefix="er-specs-")
-os.environ.setdefault("ER_SPECS", _SPECS or "")
+# the suite's subprocesses inherit it, as a user's commands share theirs. Under pytest-xdist each worker gets its own
+# (a worker inherits the controller's): a test plants a wrong spec on purpose, which must not reach the other worker.
+_OWN = "ER_SPECS" not in os.environ or "PYTEST_XDIST_WORKER" in os.environ
+_SPECS = tempfile.mkdtemp(prefix="er-specs-") if _OWN else None
+os.environ["ER_SPECS"] = _SPECS or os.environ["ER_SPECS"]
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tasks"
 
