@@ -12,7 +12,7 @@ sliced by --train/--dev/--test (test: the whole split by default):
    `full` (same seed, same data order) as mean +- std, in points of the task's main metric; where the dev-chosen
    rate of `reduced`/`lora` is not the shipped default, the default runs the 3 seeds too (the shipped-defaults rows);
 4. accuracy vs k: the first classification and the first NER task, `reduced` and `lora` at their chosen rates at
-   every k = 0..L-1 (seed 0), each from a cache of its slice at that k; at the k's of --seeds-at-k (where the curve
+   every k = 0..L-1 (seed 0; --vs-k: these k only), each from a cache of its slice at that k; at the k's of --seeds-at-k (where the curve
    says parity lies), every seed, paired to the tuned `full` as in the table, and the shipped default rate's seeds too
    where the rate chosen at k is not it;
 5. codec cost: the first classification task, `reduced` from fp32, fp16 and int8 caches;
@@ -100,10 +100,12 @@ def _train(cache: str, task_dir: Path, out: Path, cfg: TrainConfig, limit: dict,
 
 def run(data: Path, quick: bool = False, seeds=(0, 1, 2), limit: dict | None = None, log=print, runs: Path | None = None,
         model: str = "bundled", k: int | None = None, only: list[str] | None = None, extras: bool = True,
-        device: str = "cpu", seeds_at_k: tuple[int, ...] = (), epochs: int | None = None, tune: bool = True) -> dict:
+        device: str = "cpu", seeds_at_k: tuple[int, ...] = (), epochs: int | None = None, tune: bool = True,
+        vs_k: tuple[int, ...] | None = None) -> dict:
     """runs: the RunLog file (None: measure everything now). only: task folder names to run (default all).
     seeds_at_k: layers at which the accuracy-vs-k probe runs every seed, not only the first. epochs: the cap instead
-    of CONVERGE's (every run's key holds it, so runs at another cap are measured anew)."""
+    of CONVERGE's (every run's key holds it, so runs at another cap are measured anew). vs_k: the layers of the
+    accuracy-vs-k probe (default every k: L runs per method, hours for a 12-layer model on CPU)."""
     for method, grid in GRIDS.items():
         for lr in {DEFAULT_LR[method], WIDE_LR.get(method, DEFAULT_LR[method])} - set(grid):
             raise SystemExit(f"GRIDS[{method!r}] lacks the shipped default lr {lr:g}: add it")
@@ -116,6 +118,8 @@ def run(data: Path, quick: bool = False, seeds=(0, 1, 2), limit: dict | None = N
     spec = Recycler.load(path, layer=0).spec
     num_layers, default = spec.num_layers, {m: default_lr(m, spec.hidden_size) for m in METHODS}  # the rate a user gets
     k = num_layers // 2 if k is None else k
+    if vs_k is not None and not set(vs_k) <= set(range(num_layers)):
+        raise SystemExit(f"--vs-k: {sorted(set(vs_k) - set(range(num_layers)))} not a layer of this model (0..{num_layers - 1})")
     grids = {m: (default[m],) for m in METHODS} if quick or not tune else GRIDS
     converge = {"epochs": 1, "patience": 1} if quick else {**CONVERGE, **({"epochs": epochs} if epochs else {})}
     work = Path(tempfile.mkdtemp(prefix="er-fidelity-"))
@@ -198,7 +202,7 @@ def run(data: Path, quick: bool = False, seeds=(0, 1, 2), limit: dict | None = N
             lr = chosen[first.name, method]
             probe[first.name][method] = [{"layer": layer, "lr": lr, **train("vs_k", first.name, first, config(method, lr, seeds[0]),
                                                                    layer, "fp16", (first.name,))}
-                                         for layer in range(num_layers)]
+                                         for layer in (range(num_layers) if vs_k is None else sorted(set(vs_k)))]
         full = [r for r in table if r["task"] == first.name and r["method"] == "full"]
         for layer in seeds_at_k:
             # the lr chosen at the section's k, and the shipped default where it differs: the rate a user gets
@@ -210,7 +214,7 @@ def run(data: Path, quick: bool = False, seeds=(0, 1, 2), limit: dict | None = N
                     for method, setting, lr in runs_at for seed in seeds]
             at_k += [{**p, "layer": layer} for s in (f"k={layer}", f"k={layer} default") for p in _paired(full + rows, s)]
             res.setdefault("at_k_runs", []).extend(rows)
-    res["vs_k"], res["at_k"] = probe, at_k
+    res["vs_k"], res["at_k"], res["vs_k_layers"] = probe, at_k, None if vs_k is None else sorted(set(vs_k))
 
     res["codecs"] = {}
     if firsts[0] is not None and extras:
@@ -295,6 +299,7 @@ def report(res: dict, plots: list[str], section: str = "fidelity") -> str:
     args = ((" --quick" if res["quick"] else "") + ("" if res["model"] == "bundled" else f" --model {res['model']}")
             + (f" --tasks {' '.join(res['tasks'])}" if own else "") + ("" if res["vs_k"] or res["quick"] else " --no-extras")
             + "".join(f" --seeds-at-k {k}" for k in dict.fromkeys(p["layer"] for p in res.get("at_k", [])))
+            + (f" --vs-k {' '.join(map(str, res['vs_k_layers']))}" if res.get("vs_k_layers") is not None else "")
             + ("" if res["converge"]["epochs"] == CONVERGE["epochs"] or res["quick"] else f" --epochs {res['converge']['epochs']}")
             + ("" if res.get("tuned", True) else " --no-tune") + (f" --section {section}" if own else ""))
     # results from before EXTEND carry no "extended_from" anywhere and were not extended: say so only where it applied
@@ -480,6 +485,8 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds-at-k", type=int, nargs="+", default=[], metavar="K",
                     help="layers at which accuracy vs k runs every seed, paired to the tuned full (e.g. where the "
                          "curve puts parity for NER); for both of its tasks, the first classification and first NER")
+    ap.add_argument("--vs-k", type=int, nargs="+", metavar="K", help="accuracy vs k at these layers only (default: "
+                    "every k, seed 0: L runs per method, hours for a 12-layer model on CPU)")
     ap.add_argument("--epochs", type=int, help=f"epoch cap of every run (default {CONVERGE['epochs']}; early stopping "
                     f"on dev usually ends a run first, and a run still improving at the cap runs again with {EXTEND}x it)")
     ap.add_argument("--no-tune", action="store_true", help="every method at its shipped default lr only, 3 seeds: "
@@ -492,6 +499,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.seeds_at_k and args.no_extras:
         ap.error("--seeds-at-k runs with accuracy vs k, which --no-extras leaves out")
+    if args.vs_k and args.no_extras:
+        ap.error("--vs-k is a part of accuracy vs k, which --no-extras leaves out")
     if args.no_tune and args.quick:
         ap.error("--quick runs the default lr only already")
     if args.epochs and args.quick:
@@ -502,7 +511,8 @@ def main(argv=None) -> None:
     limit = None if args.quick else {"train": args.train, "dev": args.dev, **({"test": args.test} if args.test else {})}
     res = run(args.data, quick=args.quick, seeds=(0, 1) if args.quick else (0, 1, 2), limit=limit, runs=runs,
               model=args.model, k=args.k, only=args.tasks, extras=not args.no_extras, device=args.device,
-              seeds_at_k=tuple(args.seeds_at_k), epochs=args.epochs, tune=not args.no_tune)
+              seeds_at_k=tuple(args.seeds_at_k), epochs=args.epochs, tune=not args.no_tune,
+              vs_k=tuple(args.vs_k) if args.vs_k else None)
     (args.out.parent / "results").mkdir(exist_ok=True)
     (args.out.parent / "results" / f"{args.section}.json").write_text(json.dumps(res, indent=1))
     write_section(args.section, report(res, plot(res, args.out.parent, args.section), args.section), args.out)

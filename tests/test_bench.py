@@ -228,6 +228,19 @@ def test_fidelity_at_a_seeds_at_k_layer_runs_the_shipped_default_too_where_dev_c
 
 
 @pytest.mark.real
+def test_fidelity_vs_k_probes_only_the_layers_asked_for_and_the_report_says_how_to_remake_it(tmp_path, monkeypatch):
+    bf, calls = _fake_fidelity(tmp_path, monkeypatch)
+    res = bf.run(tmp_path / "data", seeds=(0, 1), runs=None, extras=True, vs_k=(3, 1), log=lambda line: None)
+    assert {m: [r["layer"] for r in rows] for m, rows in res["vs_k"]["tiny"].items()} == {"reduced": [1, 3], "lora": [1, 3]}
+    text = bf.report(res, [], "fidelity-tiny")
+    assert "--vs-k 1 3 --section fidelity-tiny" in text and "Accuracy vs k, tiny (`lora` at lr 0.003, seed 0): k=1:" in text
+    assert "--vs-k" not in bf.report(bf.run(tmp_path / "data", seeds=(0, 1), runs=None, extras=True, log=lambda line: None),
+                                     [], "fidelity-tiny")
+    with pytest.raises(SystemExit, match="--vs-k: \\[6\\] not a layer"):
+        bf.run(tmp_path / "data", seeds=(0, 1), runs=None, extras=True, vs_k=(6,), log=lambda line: None)
+
+
+@pytest.mark.real
 def test_fidelity_without_tuning_runs_each_method_at_its_default_only_and_says_so(tmp_path, monkeypatch):
     from er_core.train_config import DEFAULT_LR
 
