@@ -187,7 +187,7 @@ def test_fidelity_summary_lists_every_recycled_row_of_the_tuned_sections_against
                 "std": 0.01, "diff_points": diff, "diff_std": 0.5, **extra}
 
     res = {"model": "bundled", "num_layers": 6, "k": 3, "limit": {"train": 2000, "dev": 500}, "tuning": [{}],
-           "defaults": {"reduced": {"lr": 3e-4}, "lora": {"lr": 1e-3}},
+           "defaults": {"reduced": {"lr": 3e-4}, "lora": {"lr": 1e-3, "head_lr": 1e-2}},
            "paired": [paired("full", "tuned", 1e-4, 0.0), paired("reduced", "tuned", 3e-4, -0.4),
                       paired("lora", "tuned", 3e-3, -2.5), paired("lora", "default", 1e-3, -0.9)],
            "at_k": [paired("lora", "k=1", 3e-3, 0.3, layer=1), paired("lora", "k=1 default", 1e-3, -1.2, layer=1)]}
@@ -203,6 +203,10 @@ def test_fidelity_summary_lists_every_recycled_row_of_the_tuned_sections_against
         ["3", "lora", "default", "0.001", "-0.90 ± 0.50", "met |"],
         ["1", "lora", "tuned", "0.003", "+0.30 ± 0.50", "met |"],
         ["1", "lora", "default", "0.001", "-1.20 ± 0.50", "missed by 0.20 |"]]
+    res["defaults"]["lora"]["head_lr"] = None  # measured before lora's head had a rate of its own: the rows say so
+    rows = [line for line in summary({"fidelity-t": res}).splitlines() if line.startswith("| `fidelity-t`")]
+    assert [r.split(" | ")[5] for r in rows] == ["reduced", "lora (head at lr)", "lora (head at lr)", "lora (head at lr)",
+                                                 "lora (head at lr)"]
 
 
 @pytest.mark.real
