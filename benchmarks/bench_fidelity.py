@@ -12,9 +12,9 @@ sliced by --train/--dev/--test (test: the whole split by default):
    `full` (same seed, same data order) as mean +- std, in points of the task's main metric; where the dev-chosen
    rate of `reduced`/`lora` is not the shipped default, the default runs the 3 seeds too (the shipped-defaults rows);
 4. accuracy vs k: the first classification and the first NER task, `reduced` and `lora` at their chosen rates at
-   every k = 0..L-1 (seed 0; --vs-k: these k only), each from a cache of its slice at that k; at the k's of --seeds-at-k (where the curve
-   says parity lies), every seed, paired to the tuned `full` as in the table, and the shipped default rate's seeds too
-   where the rate chosen at k is not it;
+   every k = 0..L-1 (seed 0; --vs-k: these k only), each from a cache of its slice at that k; at the k's of
+   --seeds-at-k (where the curve says parity lies), every seed, paired to the tuned `full` as in the table, and the
+   shipped default rate's seeds too where the rate chosen at k is not it;
 5. codec cost: the first classification task, `reduced` from fp32, fp16 and int8 caches;
 6. break-even: one ingestion plus N `reduced` runs against N `full` runs, from the measured times.
 
@@ -118,7 +118,8 @@ def run(data: Path, quick: bool = False, seeds=(0, 1, 2), limit: dict | None = N
     spec = Recycler.load(path, layer=0).spec
     num_layers, default = spec.num_layers, {m: default_lr(m, spec.hidden_size) for m in METHODS}  # the rate a user gets
     k = num_layers // 2 if k is None else k
-    if vs_k is not None and not set(vs_k) <= set(range(num_layers)):
+    vs_k = list(range(num_layers)) if vs_k is None else sorted(set(vs_k))
+    if not set(vs_k) <= set(range(num_layers)):
         raise SystemExit(f"--vs-k: {sorted(set(vs_k) - set(range(num_layers)))} not a layer of this model (0..{num_layers - 1})")
     grids = {m: (default[m],) for m in METHODS} if quick or not tune else GRIDS
     converge = {"epochs": 1, "patience": 1} if quick else {**CONVERGE, **({"epochs": epochs} if epochs else {})}
@@ -202,7 +203,7 @@ def run(data: Path, quick: bool = False, seeds=(0, 1, 2), limit: dict | None = N
             lr = chosen[first.name, method]
             probe[first.name][method] = [{"layer": layer, "lr": lr, **train("vs_k", first.name, first, config(method, lr, seeds[0]),
                                                                    layer, "fp16", (first.name,))}
-                                         for layer in (range(num_layers) if vs_k is None else sorted(set(vs_k)))]
+                                         for layer in vs_k]
         full = [r for r in table if r["task"] == first.name and r["method"] == "full"]
         for layer in seeds_at_k:
             # the lr chosen at the section's k, and the shipped default where it differs: the rate a user gets
@@ -214,7 +215,8 @@ def run(data: Path, quick: bool = False, seeds=(0, 1, 2), limit: dict | None = N
                     for method, setting, lr in runs_at for seed in seeds]
             at_k += [{**p, "layer": layer} for s in (f"k={layer}", f"k={layer} default") for p in _paired(full + rows, s)]
             res.setdefault("at_k_runs", []).extend(rows)
-    res["vs_k"], res["at_k"], res["vs_k_layers"] = probe, at_k, None if vs_k is None else sorted(set(vs_k))
+    res["vs_k"], res["at_k"] = probe, at_k
+    res["vs_k_layers"] = None if len(vs_k) == num_layers else vs_k  # every k: the default, not named in the report
 
     res["codecs"] = {}
     if firsts[0] is not None and extras:
