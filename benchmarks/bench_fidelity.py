@@ -169,7 +169,7 @@ def run(data: Path, quick: bool = False, seeds=(0, 1, 2), limit: dict | None = N
         return r
 
     def config(method: str, lr: float, seed: int) -> TrainConfig:
-        return TrainConfig(method=method, lr=lr, seed=seed, **converge)
+        return TrainConfig(method=method, lr=lr, seed=seed, **converge).for_encoder(spec.hidden_size)  # head: by width
 
     all_names = tuple(tasks)
     table, tuning, chosen = [], [], {}

@@ -34,8 +34,8 @@ def summary(sections: dict[str, dict]) -> str:
              f"and its paired difference to the `full` of the same task and section, tuned unless the section ran "
              f"`--no-tune` (points; goal: within {GOAL_POINTS:g}). "
              "`tuned`: the method at its dev-chosen lr; `default`: at the shipped default lr, where that differs; "
-             "`k=N`: every seed at a k other than the section's. `lora (head at lr)`: a section measured before `lora`'s "
-             "task head had a default rate of its own. The sections say how each was measured.", "",
+             "`k=N`: every seed at a k other than the section's. `lora (head R)`: the task head trained at rate R rather "
+             "than at lr (the default on encoders at least 768 wide). The sections say how each was measured.", "",
              "| section | model | task | train / dev / test | k | method | setting | lr | test (mean ± std) "
              "| full (lr) | vs that full (paired) | goal |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, res in sections.items():
@@ -49,8 +49,8 @@ def summary(sections: dict[str, dict]) -> str:
             setting = "default" if p["setting"].endswith("default") else "tuned" if p["setting"].startswith("k=") else p["setting"]
             if setting == "tuned" and p["lr"] == res["defaults"][p["method"]]["lr"]:
                 setting = "tuned = default"  # the default won on dev: no separate default row
-            head_at_lr = p["method"] == "lora" and res["defaults"]["lora"].get("head_lr") is None
-            method = p["method"] + (" (head at lr)" if head_at_lr else "")
+            head = res["defaults"][p["method"]].get("head_lr")
+            method = p["method"] + (f" (head {head:g})" if head is not None else "")
             lines.append(f"| `{name}` | {res['model']} (L={res['num_layers']}) | {p['task']} | {slices} | "
                          f"{p.get('layer', res['k'])} | {method} | {setting} | {p['lr']:g} | "
                          f"{p['metric']} {p['mean']:.4f} ± {p['std']:.4f} | {f['mean']:.4f} ({f['setting']} lr {f['lr']:g}) | "

@@ -21,10 +21,16 @@ from .report import REPORT, write_section
 
 SETTING = ("lr", "head_lr", "min_steps", "epochs", "patience", "batch_size")  # what a defaults trial varies or fixes
 LORA_SETTING = ("lora_modules", "lora_r", "lora_alpha", "lora_variant")
+# The first sweeps' slice, which their saved rows do not record. A sweep at a larger slice reruns settings the
+# small ones narrowed down to, and where it did, its rows decide (choose).
+BASE_TRAIN = 1000
 
 
 def setting_of(method: str, cfg: dict) -> dict:
-    return {k: cfg.get(k) for k in SETTING + (LORA_SETTING if method == "lora" else ())}
+    setting = {k: cfg.get(k) for k in SETTING + (LORA_SETTING if method == "lora" else ())}
+    if setting["head_lr"] == setting["lr"]:  # a head at lr trains as one left unset
+        setting["head_lr"] = None
+    return setting
 
 
 def label(setting: dict) -> str:
@@ -39,6 +45,19 @@ def label(setting: dict) -> str:
     return ", ".join(parts)
 
 
+def _train(row: dict) -> float:
+    """The train examples a trial ran on: None is the whole train set."""
+    t = row.get("train_examples", BASE_TRAIN)
+    return float("inf") if t is None else t
+
+
+def _slice(row: dict) -> str:
+    """Where a trial left the first sweeps' slice and seed: ` (2000 train, seed 1)`."""
+    parts = [] if _train(row) == BASE_TRAIN else [f"{'all' if row['train_examples'] is None else row['train_examples']} train"]
+    parts += [f"seed {row['seed']}"] if row.get("seed") else []
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def trials(outputs: list[Path]) -> list[dict]:
     rows = []
     for out in outputs:
@@ -48,7 +67,9 @@ def trials(outputs: list[Path]) -> list[dict]:
             m = json.loads((d / "metrics.json").read_text())
             cfg = json.loads((d / "er_model.json").read_text())["train_config"]
             primary = primary_metric(m["kind"])
+            train = (read_status(str(d))["request"].get("limit") or {}).get("train")
             rows.append({"task": m["task"], "method": m["method"], "lr": cfg["lr"], "metric": primary,
+                         "train_examples": train, "seed": cfg["seed"],
                          "dev": m["dev"][primary], "best_epoch": m["best_epoch"], "epochs_run": len(m["history"]),
                          "per_epoch": [round(h.get(f"dev_{primary}", float("nan")), 4) for h in m["history"]],
                          "train_seconds": m["train_seconds"], "setting": setting_of(m["method"], cfg)})
@@ -56,18 +77,24 @@ def trials(outputs: list[Path]) -> list[dict]:
 
 
 def choose(rows: list[dict]) -> dict:
-    """Per method: the setting with the best mean dev over tasks, among the settings every task of that method ran."""
+    """Per method: the setting with the best mean dev over tasks (each task's dev a mean over its seeds), among the
+    settings every task of that method ran, at the largest slice the method was swept at."""
     out = {}
     for method in sorted({r["method"] for r in rows}):
         mine = [r for r in rows if r["method"] == method]
         tasks = {r["task"] for r in mine}
-        by_setting: dict[str, list] = {}
+        largest = max(map(_train, mine))
+        by_task: dict[tuple, list] = {}
         for r in mine:
-            by_setting.setdefault(json.dumps(r["setting"], sort_keys=True), []).append(r["dev"])
+            if _train(r) == largest:
+                by_task.setdefault((json.dumps(r["setting"], sort_keys=True), r["task"]), []).append(r["dev"])
+        by_setting: dict[str, list] = {}
+        for (setting, _), devs in by_task.items():
+            by_setting.setdefault(setting, []).append(sum(devs) / len(devs))
         common = {k: sum(d) / len(d) for k, d in by_setting.items() if len(d) == len(tasks)}
         if common:
             best = max(common, key=common.get)
-            out[method] = {**json.loads(best), "mean_dev": round(common[best], 4), "tasks": sorted(tasks),
+            out[method] = {**json.loads(best), "mean_dev": round(common[best], 4), "tasks": sorted(tasks), "train_examples": largest,
                            "mean_dev_by_setting": {label(json.loads(k)): round(v, 4)
                                                    for k, v in sorted(common.items(), key=lambda kv: -kv[1])}}
     return out
@@ -77,18 +104,21 @@ def section(rows: list[dict], outputs: list[Path], expected: int | None = None) 
     lines = ["## Dev-set sweeps for the defaults (`er sweep benchmarks/sweeps/defaults-dev*.yaml`)", "",
              "Bundled MiniLM at k=3 (L/2), fp16 cache of the three task folders; per task 1000 train / 300 dev examples "
              "(test not read), at most 4 epochs (or 500 optimizer steps where the setting says so) with early stopping "
-             "(patience 2), batch 16, warmup 6%, seed 0; one trial at a time on this machine (2 cores). Dev metric of the best epoch; per-epoch dev in brackets. `train s` is as measured, "
+             "(patience 2), batch 16, warmup 6%, seed 0, where a row names no other slice or seed (the larger slices' dev: "
+             "500); one or two trials at a time on this machine (2 cores). Dev metric of the best epoch; per-epoch dev in brackets. `train s` is as measured, "
              "with other work sharing the machine at times: not a speed figure.", "",
              "| task | method | setting | dev | best epoch / run | dev per epoch | train s |", "|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["task"], r["method"], label(r["setting"]))):
-        lines.append(f"| {r['task']} | {r['method']} | {label(r['setting'])} | {r['metric']} {r['dev']:.4f} | {r['best_epoch']} / "
+    for r in sorted(rows, key=lambda r: (r["task"], r["method"], _train(r), label(r["setting"]), r.get("seed") or 0)):
+        lines.append(f"| {r['task']} | {r['method']} | {label(r['setting'])}{_slice(r)} | {r['metric']} {r['dev']:.4f} | {r['best_epoch']} / "
                      f"{r['epochs_run']} | {r['per_epoch']} | {r['train_seconds']:.0f} |")
     chosen = choose(rows)
     if chosen:
-        lines += ["", "Mean dev over the tasks, per method and setting (settings that every task of the method ran), best first:",
-                  "", "| method | tasks | mean dev by setting | chosen |", "|---|---|---|---|"]
+        lines += ["", "Mean dev over the tasks, per method and setting (settings that every task of the method ran, at the "
+                  "largest slice the method was swept at; a task's dev is the mean over its seeds), best first:",
+                  "", "| method | tasks | train | mean dev by setting | chosen |", "|---|---|---|---|---|"]
         for method, c in chosen.items():
-            lines.append(f"| {method} | {len(c['tasks'])} | {'; '.join(f'{k}: {v:.4f}' for k, v in c['mean_dev_by_setting'].items())}"
+            train = "all" if c["train_examples"] == float("inf") else c["train_examples"]
+            lines.append(f"| {method} | {len(c['tasks'])} | {train} | {'; '.join(f'{k}: {v:.4f}' for k, v in c['mean_dev_by_setting'].items())}"
                          f" | {label(c)} |")
     if expected is not None and len(rows) < expected:
         lines += ["", f"**Incomplete:** {len(rows)} of {expected} trials have finished (`er sweep FILE --resume` continues "

@@ -45,12 +45,16 @@ def main(args) -> int:
         import yaml
 
         print(yaml.safe_dump(resolved((run, cfg, storage)), sort_keys=False), end="")
-        if cfg.lr is None:  # settled at training, from the cache's encoder
-            from er_core.train_config import WIDE, default_lr
+        from er_core.train_config import WIDE, default_head_lr, default_lr
 
-            narrow, wide = default_lr(cfg.method), default_lr(cfg.method, WIDE)
-            print(f"# lr null: {cfg.method}'s default, {narrow:g}"
-                  + (f", or {wide:g} on an encoder of hidden size >= {WIDE}" if wide != narrow else ""))
+        def rate(r):
+            return "lr" if r is None else f"{r:g}"
+
+        for name, default in (("lr", default_lr), ("head_lr", default_head_lr)):
+            if getattr(cfg, name) is None:  # settled at training, from the cache's encoder
+                narrow, wide = default(cfg.method), default(cfg.method, WIDE)
+                print(f"# {name} null: {cfg.method}'s default, {rate(narrow)}"
+                      + (f", or {rate(wide)} on an encoder of hidden size >= {WIDE}" if wide != narrow else ""))
         return 0
     opts = storage.options()
     if args.resume:

@@ -9,7 +9,7 @@ import torch
 from er_core import TrainConfig
 from er_core.errors import ErError
 from er_core.families import family_by_type
-from er_core.train_config import METHOD_DEFAULTS
+from er_core.train_config import default_head_lr
 from er_core.train import build_model, fit, make_optimizer
 
 from .tiny_models import TINY_CONFIGS, make_tiny
@@ -53,10 +53,12 @@ def test_the_head_gets_its_own_rate_and_nothing_else_does(method):
     head = {names[i] for i in by_lr[5e-3]}
     assert head and all(".head." in f".{n}" for n in head)
     assert {n for n, p in model.named_parameters() if p.requires_grad and ".head." in f".{n}"} == head
-    default = make_optimizer(model, TrainConfig(method=method, lr=1e-4), 10)[0]
-    # lora's head has a rate of its own by default (at lr it stalled MPNet NER); reduced's trains at lr
-    want = {1e-4, METHOD_DEFAULTS["lora"]["head_lr"]} if method == "lora" else {1e-4}
-    assert {g["initial_lr"] for g in default.param_groups} == want
+    for hidden in (384, 768):  # the head's default rate is settled by the encoder's width, as lr is
+        default = make_optimizer(model, TrainConfig(method=method, lr=1e-4).for_encoder(hidden), 10)[0]
+        head = default_head_lr(method, hidden)
+        assert {g["initial_lr"] for g in default.param_groups} == {1e-4} | ({head} if head else set())
+    # lora's head on a wide encoder has a rate of its own (at lr it stalled MPNet NER at all-O); reduced's trains at lr
+    assert default_head_lr("lora", 768) not in (None, 1e-4) and default_head_lr("reduced", 768) is None
     same = make_optimizer(model, TrainConfig(method=method, lr=1e-4, head_lr=1e-4), 10)[0]
     assert {g["initial_lr"] for g in same.param_groups} == {1e-4}
 
@@ -83,6 +85,8 @@ def test_per_method_defaults_fill_only_what_is_left_out():
     assert None not in (d.min_steps, d.lora_r, d.lora_alpha, d.lora_modules)
     assert d.lr is None and d.for_encoder(384).lr == 1e-3 and TrainConfig(lr=2e-4).for_encoder(768).lr == 2e-4  # lr: by width
     assert TrainConfig(method="reduced").for_encoder(768).lr < TrainConfig(method="reduced").for_encoder(384).lr
+    assert d.head_lr is None and d.for_encoder(768).head_lr == 1e-2  # the head's rate: by width too
+    assert TrainConfig(method="lora", head_lr=3e-3).for_encoder(768).head_lr == 3e-3
     with pytest.raises(ErError, match="lora_modules 'ffn' must be one of"):
         TrainConfig(method="lora", lora_modules="ffn")
     with pytest.raises(ErError, match="min_steps"):

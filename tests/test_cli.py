@@ -116,6 +116,8 @@ def test_train_config_file_with_flags_over_it_and_print_config(tmp_path, capsys)
     assert main(["train", "--method", "reduced", "--print-config"]) == 0  # no lr: settled from the cache's encoder
     out = capsys.readouterr().out
     assert yaml.safe_load(out)["lr"] is None and "# lr null: reduced's default, 0.0003, or 0.0001 on an encoder" in out
+    assert main(["train", "--method", "lora", "--print-config"]) == 0  # the head's rate is settled by width too
+    assert "# head_lr null: lora's default, lr, or 0.01 on an encoder of hidden size >= 768" in capsys.readouterr().out
     run.write_text("method: lora\nlearning_rate: 1.0e-3\n")
     assert main(["train", "--config", str(run), "--print-config"]) == 2
     assert "unknown setting(s) learning_rate" in capsys.readouterr().err

@@ -37,3 +37,20 @@ def test_trainconfig_defaults_are_the_settings_chosen_on_dev():
                      "lora_modules", "lora_r", "lora_alpha", "lora_variant"):
             if name in setting:
                 assert getattr(default, name) == setting[name], (method, name, getattr(default, name), setting[name])
+
+
+def test_a_sweep_at_a_larger_slice_decides_between_the_settings_it_reran_and_seeds_are_averaged_per_task():
+    def row(task, head, dev, train=None, seed=0):
+        r = {"task": task, "method": "lora", "dev": dev, "seed": seed,
+             "setting": {"lr": 1e-3, "head_lr": head, "epochs": 4, "lora_modules": "all", "lora_r": 16, "lora_alpha": 32,
+                         "lora_variant": "lora"}}
+        return r if train is None else {**r, "train_examples": train}  # rows saved without a slice: the first sweeps'
+
+    small = [row("a", 1e-2, 0.9), row("a", None, 0.8), row("b", 1e-2, 0.9), row("b", None, 0.8)]
+    assert choose(small)["lora"]["head_lr"] == 1e-2
+    # at 2000, head at lr leads on a's mean over two seeds (0.75 vs 0.7) and b (0.8 vs 0.79), though seed 1 of a has
+    # the single best dev with the head at 1e-2
+    large = [row("a", None, 0.7, 2000), row("a", None, 0.8, 2000, 1), row("a", 1e-2, 0.55, 2000), row("a", 1e-2, 0.85, 2000, 1),
+             row("b", None, 0.8, 2000), row("b", 1e-2, 0.79, 2000)]
+    got = choose(small + large)["lora"]
+    assert got["head_lr"] is None and got["train_examples"] == 2000 and got["mean_dev"] == round((0.75 + 0.8) / 2, 4)
