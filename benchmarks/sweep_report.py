@@ -94,9 +94,9 @@ def choose(rows: list[dict]) -> dict:
         common = {k: sum(d) / len(d) for k, d in by_setting.items() if len(d) == len(tasks)}
         if common:
             best = max(common, key=common.get)
-            out[method] = {**json.loads(best), "mean_dev": round(common[best], 4), "tasks": sorted(tasks), "train_examples": largest,
-                           "mean_dev_by_setting": {label(json.loads(k)): round(v, 4)
-                                                   for k, v in sorted(common.items(), key=lambda kv: -kv[1])}}
+            ranked = {label(json.loads(k)): round(v, 4) for k, v in sorted(common.items(), key=lambda kv: -kv[1])}
+            out[method] = {**json.loads(best), "mean_dev": round(common[best], 4), "tasks": sorted(tasks),
+                           "train_examples": largest, "mean_dev_by_setting": ranked}
     return out
 
 
@@ -118,8 +118,8 @@ def section(rows: list[dict], outputs: list[Path], expected: int | None = None) 
                   "", "| method | tasks | train | mean dev by setting | chosen |", "|---|---|---|---|---|"]
         for method, c in chosen.items():
             train = "all" if c["train_examples"] == float("inf") else c["train_examples"]
-            lines.append(f"| {method} | {len(c['tasks'])} | {train} | {'; '.join(f'{k}: {v:.4f}' for k, v in c['mean_dev_by_setting'].items())}"
-                         f" | {label(c)} |")
+            by_setting = "; ".join(f"{k}: {v:.4f}" for k, v in c["mean_dev_by_setting"].items())
+            lines.append(f"| {method} | {len(c['tasks'])} | {train} | {by_setting} | {label(c)} |")
     if expected is not None and len(rows) < expected:
         lines += ["", f"**Incomplete:** {len(rows)} of {expected} trials have finished (`er sweep FILE --resume` continues "
                   f"an interrupted sweep in the same output folder)."]
