@@ -12,6 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
+from er_core.train_config import WIDE
+
 from .bench_fidelity import GOAL_POINTS, verdict
 from .report import REPORT, write_section
 
@@ -35,7 +37,7 @@ def summary(sections: dict[str, dict]) -> str:
              f"`--no-tune` (points; goal: within {GOAL_POINTS:g}). "
              "`tuned`: the method at its dev-chosen lr; `default`: at the shipped default lr, where that differs; "
              "`k=N`: every seed at a k other than the section's. `lora (head R)`: the task head trained at rate R rather "
-             "than at lr (the default on encoders at least 768 wide). The sections say how each was measured.", "",
+             f"than at lr (the default on encoders at least {WIDE} wide). The sections say how each was measured.", "",
              "| section | model | task | train / dev / test | k | method | setting | lr | test (mean ± std) "
              "| full (lr) | vs that full (paired) | goal |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, res in sections.items():

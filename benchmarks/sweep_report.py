@@ -15,14 +15,15 @@ from pathlib import Path
 
 from er_core.metrics import primary_metric
 from er_core.outputs import read_status
+from er_core.tasks import _normalize_limit
 
 from .report import REPORT, write_section
 
 
 SETTING = ("lr", "head_lr", "min_steps", "epochs", "patience", "batch_size")  # what a defaults trial varies or fixes
 LORA_SETTING = ("lora_modules", "lora_r", "lora_alpha", "lora_variant")
-# The first sweeps' slice, which their saved rows do not record. A sweep at a larger slice reruns settings the
-# small ones narrowed down to, and where it did, its rows decide (choose).
+# The first sweeps' slice, which their saved rows do not record. A sweep at a larger slice reruns the setting the
+# small ones chose with a field or two varied, and its rows decide those fields (choose; tests/test_defaults.py).
 BASE_TRAIN = 1000
 
 
@@ -62,12 +63,14 @@ def trials(outputs: list[Path]) -> list[dict]:
     rows = []
     for out in outputs:
         for d in sorted(p for p in Path(out).iterdir() if p.is_dir() and p.name != "tune"):
-            if (read_status(str(d)) or {}).get("status") != "complete":
+            status = read_status(str(d)) or {}
+            if status.get("status") != "complete":
                 continue
             m = json.loads((d / "metrics.json").read_text())
             cfg = json.loads((d / "er_model.json").read_text())["train_config"]
             primary = primary_metric(m["kind"])
-            train = (read_status(str(d))["request"].get("limit") or {}).get("train")
+            limit = _normalize_limit(status["request"].get("limit")) if "request" in status else BASE_TRAIN
+            train = limit if not isinstance(limit, dict) else limit.get("train")  # None: the whole train set
             rows.append({"task": m["task"], "method": m["method"], "lr": cfg["lr"], "metric": primary,
                          "train_examples": train, "seed": cfg["seed"],
                          "dev": m["dev"][primary], "best_epoch": m["best_epoch"], "epochs_run": len(m["history"]),

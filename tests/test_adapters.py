@@ -9,7 +9,6 @@ import torch
 from er_core import TrainConfig
 from er_core.errors import ErError
 from er_core.families import family_by_type
-from er_core.train_config import default_head_lr
 from er_core.train import build_model, fit, make_optimizer
 
 from .tiny_models import TINY_CONFIGS, make_tiny
@@ -53,12 +52,11 @@ def test_the_head_gets_its_own_rate_and_nothing_else_does(method):
     head = {names[i] for i in by_lr[5e-3]}
     assert head and all(".head." in f".{n}" for n in head)
     assert {n for n, p in model.named_parameters() if p.requires_grad and ".head." in f".{n}"} == head
-    for hidden in (384, 768):  # the head's default rate is settled by the encoder's width, as lr is
+    # the head's default rate is settled by the encoder's width, as lr is: lora's on a wide one has its own (at lr it
+    # stalled MPNet NER at all-O); every other head trains at lr
+    for hidden, want in ((384, {1e-4}), (768, {1e-4, 1e-2} if method == "lora" else {1e-4})):
         default = make_optimizer(model, TrainConfig(method=method, lr=1e-4).for_encoder(hidden), 10)[0]
-        head = default_head_lr(method, hidden)
-        assert {g["initial_lr"] for g in default.param_groups} == {1e-4} | ({head} if head else set())
-    # lora's head on a wide encoder has a rate of its own (at lr it stalled MPNet NER at all-O); reduced's trains at lr
-    assert default_head_lr("lora", 768) not in (None, 1e-4) and default_head_lr("reduced", 768) is None
+        assert {g["initial_lr"] for g in default.param_groups} == want, hidden
     same = make_optimizer(model, TrainConfig(method=method, lr=1e-4, head_lr=1e-4), 10)[0]
     assert {g["initial_lr"] for g in same.param_groups} == {1e-4}
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from benchmarks.sweep_report import choose
+from benchmarks.sweep_report import BASE_TRAIN, choose
 from er_core import TrainConfig
 from er_core.models import bundled_model_path
 from er_core.train_config import METHODS
@@ -37,6 +37,17 @@ def test_trainconfig_defaults_are_the_settings_chosen_on_dev():
                      "lora_modules", "lora_r", "lora_alpha", "lora_variant"):
             if name in setting:
                 assert getattr(default, name) == setting[name], (method, name, getattr(default, name), setting[name])
+
+
+def test_a_larger_slice_decides_only_the_fields_it_varied_the_rest_stay_the_first_sweeps_choice():
+    rows = _rows()
+    first = choose([r for r in rows if r.get("train_examples", BASE_TRAIN) == BASE_TRAIN])
+    for method, c in choose(rows).items():
+        larger = [r["setting"] for r in rows
+                  if r["method"] == method and r.get("train_examples", BASE_TRAIN) == c["train_examples"]]
+        varied = {k for k in larger[0] if len({json.dumps(s[k]) for s in larger}) > 1}
+        assert {k: v for k, v in c.items() if k in larger[0] and k not in varied} == \
+            {k: v for k, v in first[method].items() if k in larger[0] and k not in varied}, method
 
 
 def test_a_sweep_at_a_larger_slice_decides_between_the_settings_it_reran_and_seeds_are_averaged_per_task():
