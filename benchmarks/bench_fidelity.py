@@ -299,7 +299,9 @@ def report(res: dict, plots: list[str], section: str = "fidelity") -> str:
     own = section != "fidelity" and "tasks" in res  # a section of its own: say which tasks, and how to remake it
     title = "Fidelity and cost of recycling" + (f": {', '.join(res['tasks'])} ({res['model']})" if own else "")
     args = ((" --quick" if res["quick"] else "") + ("" if res["model"] == "bundled" else f" --model {res['model']}")
-            + (f" --tasks {' '.join(res['tasks'])}" if own else "") + ("" if res["vs_k"] or res["quick"] else " --no-extras")
+            + (f" --tasks {' '.join(res['tasks'])}" if own else "")
+            + ("" if res["quick"] else "".join(f" --{s} {n}" for s, n in res["limit"].items() if FULL_LIMIT.get(s) != n))
+            + ("" if res["vs_k"] or res["quick"] else " --no-extras")
             + "".join(f" --seeds-at-k {k}" for k in dict.fromkeys(p["layer"] for p in res.get("at_k", [])))
             + (f" --vs-k {' '.join(map(str, res['vs_k_layers']))}" if res.get("vs_k_layers") is not None else "")
             + ("" if res["converge"]["epochs"] == CONVERGE["epochs"] or res["quick"] else f" --epochs {res['converge']['epochs']}")

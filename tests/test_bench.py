@@ -256,6 +256,8 @@ def test_fidelity_without_tuning_runs_each_method_at_its_default_only_and_says_s
     text = bf.report(res, [], "fidelity-tiny")
     assert "Not tuned (--no-tune): every method at its shipped default lr" in text and "Tuned on dev" not in text
     assert "--no-tune --section fidelity-tiny" in text and "| vs full at its default, points" in text and "| vs tuned full" not in text
+    assert "--train" not in text and " --train 500 --dev 300 --no-extras" in bf.report({**res, "limit": {"train": 500, "dev": 300}},
+                                                                                      [], "fidelity-tiny")  # slices: remade as run
     assert "within 1.0 point of `full` at its default" in text and "Learned nothing" not in text
     assert bf._speedups(res)["tiny"]["reduced"] == 1.0  # the speed line reads the default rows
 
