@@ -46,7 +46,7 @@ def label(setting: dict) -> str:
     return ", ".join(parts)
 
 
-def _train(row: dict) -> float:
+def train_examples(row: dict) -> float:
     """The train examples a trial ran on: None is the whole train set."""
     t = row.get("train_examples", BASE_TRAIN)
     return float("inf") if t is None else t
@@ -54,7 +54,7 @@ def _train(row: dict) -> float:
 
 def _slice(row: dict) -> str:
     """Where a trial left the first sweeps' slice and seed: ` (2000 train, seed 1)`."""
-    parts = [] if _train(row) == BASE_TRAIN else [f"{'all' if row['train_examples'] is None else row['train_examples']} train"]
+    parts = [] if train_examples(row) == BASE_TRAIN else [f"{'all' if row['train_examples'] is None else row['train_examples']} train"]
     parts += [f"seed {row['seed']}"] if row.get("seed") else []
     return f" ({', '.join(parts)})" if parts else ""
 
@@ -86,10 +86,10 @@ def choose(rows: list[dict]) -> dict:
     for method in sorted({r["method"] for r in rows}):
         mine = [r for r in rows if r["method"] == method]
         tasks = {r["task"] for r in mine}
-        largest = max(map(_train, mine))
+        largest = max(map(train_examples, mine))
         by_task: dict[tuple, list] = {}
         for r in mine:
-            if _train(r) == largest:
+            if train_examples(r) == largest:
                 by_task.setdefault((json.dumps(r["setting"], sort_keys=True), r["task"]), []).append(r["dev"])
         by_setting: dict[str, list] = {}
         for (setting, _), devs in by_task.items():
@@ -111,7 +111,7 @@ def section(rows: list[dict], outputs: list[Path], expected: int | None = None) 
              "500); one or two trials at a time on this machine (2 cores). Dev metric of the best epoch; per-epoch dev in brackets. `train s` is as measured, "
              "with other work sharing the machine at times: not a speed figure.", "",
              "| task | method | setting | dev | best epoch / run | dev per epoch | train s |", "|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["task"], r["method"], _train(r), label(r["setting"]), r.get("seed") or 0)):
+    for r in sorted(rows, key=lambda r: (r["task"], r["method"], train_examples(r), label(r["setting"]), r.get("seed") or 0)):
         lines.append(f"| {r['task']} | {r['method']} | {label(r['setting'])}{_slice(r)} | {r['metric']} {r['dev']:.4f} | {r['best_epoch']} / "
                      f"{r['epochs_run']} | {r['per_epoch']} | {r['train_seconds']:.0f} |")
     chosen = choose(rows)

@@ -35,18 +35,18 @@ WIDE_HEAD_LR = {"lora": 1e-2}
 _PER_METHOD = ("min_steps", "lora_modules", "lora_r", "lora_alpha")
 
 
+def _wide(table: dict, method: str, hidden_size: int | None) -> float | None:
+    return table.get(method) if hidden_size is not None and hidden_size >= WIDE else None
+
+
 def default_lr(method: str, hidden_size: int | None = None) -> float:
     """The peak learning rate `method` trains at where none is given, on an encoder of this hidden size."""
-    if hidden_size is not None and hidden_size >= WIDE and method in WIDE_LR:
-        return WIDE_LR[method]
-    return DEFAULT_LR[method]
+    return _wide(WIDE_LR, method, hidden_size) or DEFAULT_LR[method]
 
 
 def default_head_lr(method: str, hidden_size: int | None = None) -> float | None:
     """The task head's peak learning rate where none is given: None trains it at lr."""
-    if hidden_size is not None and hidden_size >= WIDE and method in WIDE_HEAD_LR:
-        return WIDE_HEAD_LR[method]
-    return METHOD_DEFAULTS[method].get("head_lr")
+    return _wide(WIDE_HEAD_LR, method, hidden_size) or METHOD_DEFAULTS[method].get("head_lr")
 
 
 def _defaults(name: str) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from benchmarks.sweep_report import BASE_TRAIN, choose
+from benchmarks.sweep_report import BASE_TRAIN, choose, train_examples
 from er_core import TrainConfig
 from er_core.models import bundled_model_path
 from er_core.train_config import METHODS
@@ -41,10 +41,9 @@ def test_trainconfig_defaults_are_the_settings_chosen_on_dev():
 
 def test_a_larger_slice_decides_only_the_fields_it_varied_the_rest_stay_the_first_sweeps_choice():
     rows = _rows()
-    first = choose([r for r in rows if r.get("train_examples", BASE_TRAIN) == BASE_TRAIN])
+    first = choose([r for r in rows if train_examples(r) == BASE_TRAIN])
     for method, c in choose(rows).items():
-        larger = [r["setting"] for r in rows
-                  if r["method"] == method and r.get("train_examples", BASE_TRAIN) == c["train_examples"]]
+        larger = [r["setting"] for r in rows if r["method"] == method and train_examples(r) == c["train_examples"]]
         varied = {k for k in larger[0] if len({json.dumps(s[k]) for s in larger}) > 1}
         assert {k: v for k, v in c.items() if k in larger[0] and k not in varied} == \
             {k: v for k, v in first[method].items() if k in larger[0] and k not in varied}, method
