@@ -147,7 +147,8 @@ def run(data: Path, quick: bool = False, seeds=(0, 1, 2), limit: dict | None = N
         return url
 
     def train(what: str, name: str, d: Path, c: TrainConfig, layer: int, codec: str, names: tuple) -> dict:
-        key = {**base, "what": what, "task": name, "layer": layer, "codec": codec, "config": c.to_dict()}
+        key = {**base, "what": what, "task": name, "layer": layer, "codec": codec,
+               "config": keyed(c, len(tasks[name].splits["train"]))}
         if quick:
             key["quick"] = True
 
@@ -228,6 +229,15 @@ def run(data: Path, quick: bool = False, seeds=(0, 1, 2), limit: dict | None = N
     res["when"] = _span(res)
     shutil.rmtree(work, ignore_errors=True)  # caches and models of the runs: the figures are in `res`
     return res
+
+
+def keyed(c: TrainConfig, train_examples: int) -> dict:
+    """The config as the run log keys it. A min_steps that adds no epoch (the cap already runs that many steps)
+    leaves the run as it was, so it keys as 0: a new default misses only the runs it lengthens."""
+    d = c.to_dict()
+    if c.max_epochs(-(-train_examples // c.batch_size)) == c.epochs:
+        d["min_steps"] = 0
+    return d
 
 
 def _capped(r: dict) -> bool:

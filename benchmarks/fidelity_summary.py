@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from er_core.train_config import WIDE
+from er_core.train_config import WIDE, TrainConfig
 
 from .bench_fidelity import GOAL_POINTS, verdict
 from .report import REPORT, write_section
@@ -37,7 +37,8 @@ def summary(sections: dict[str, dict]) -> str:
              f"`--no-tune` (points; goal: within {GOAL_POINTS:g}). "
              "`tuned`: the method at its dev-chosen lr; `default`: at the shipped default lr, where that differs; "
              "`k=N`: every seed at a k other than the section's. `lora (head R)`: the task head trained at rate R rather "
-             f"than at lr (the default on encoders at least {WIDE} wide). The sections say how each was measured.", "",
+             f"than at lr (the default on encoders at least {WIDE} wide); `>= N steps`: trained at least N steps, not the "
+             "shipped `min_steps` (a section measured before that default moved). The sections say how each was measured.", "",
              "| section | model | task | train / dev / test | k | method | setting | lr | test (mean ± std) "
              "| full (lr) | vs that full (paired) | goal |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, res in sections.items():
@@ -51,8 +52,12 @@ def summary(sections: dict[str, dict]) -> str:
             setting = "default" if p["setting"].endswith("default") else "tuned" if p["setting"].startswith("k=") else p["setting"]
             if setting == "tuned" and p["lr"] == res["defaults"][p["method"]]["lr"]:
                 setting = "tuned = default"  # the default won on dev: no separate default row
-            head = res["defaults"][p["method"]].get("head_lr")
-            method = p["method"] + (f" (head {head:g})" if head is not None else "")
+            d = res["defaults"][p["method"]]
+            tags = [f"head {d['head_lr']:g}"] if d.get("head_lr") is not None else []
+            shipped = TrainConfig(method=p["method"]).min_steps
+            if d.get("min_steps", shipped) != shipped:
+                tags.append(f">= {d['min_steps']} steps")  # measured before the default moved
+            method = p["method"] + (f" ({', '.join(tags)})" if tags else "")
             lines.append(f"| `{name}` | {res['model']} (L={res['num_layers']}) | {p['task']} | {slices} | "
                          f"{p.get('layer', res['k'])} | {method} | {setting} | {p['lr']:g} | "
                          f"{p['metric']} {p['mean']:.4f} ± {p['std']:.4f} | {f['mean']:.4f} ({f['setting']} lr {f['lr']:g}) | "

@@ -106,7 +106,7 @@ def choose(rows: list[dict]) -> dict:
 def section(rows: list[dict], outputs: list[Path], expected: int | None = None) -> str:
     lines = ["## Dev-set sweeps for the defaults (`er sweep benchmarks/sweeps/defaults-dev*.yaml`)", "",
              "Bundled MiniLM at k=3 (L/2), fp16 cache of the three task folders; per task 1000 train / 300 dev examples "
-             "(test not read), at most 4 epochs (or 500 optimizer steps where the setting says so) with early stopping "
+             "(test not read), at most 4 epochs (more where a setting names a minimum of optimizer steps) with early stopping "
              "(patience 2), batch 16, warmup 6%, seed 0, where a row names no other slice or seed (the larger slices' dev: "
              "500); one or two trials at a time on this machine (2 cores). Dev metric of the best epoch; per-epoch dev in brackets. `train s` is as measured, "
              "with other work sharing the machine at times: not a speed figure.", "",

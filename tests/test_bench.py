@@ -181,6 +181,7 @@ def test_fidelity_runs_a_run_still_improving_at_the_cap_again_with_twice_the_cap
 
 def test_fidelity_summary_lists_every_recycled_row_of_the_tuned_sections_against_the_goal(tmp_path):
     from er_bench.fidelity_summary import load, summary
+    from er_core import TrainConfig
 
     def paired(method, setting, lr, diff, **extra):
         return {"task": "t", "method": method, "setting": setting, "lr": lr, "metric": "f1", "mean": 0.8 + diff / 100,
@@ -206,6 +207,25 @@ def test_fidelity_summary_lists_every_recycled_row_of_the_tuned_sections_against
     res["defaults"]["lora"]["head_lr"] = None  # the head at lr: the rows name no rate of its own
     rows = [line for line in summary({"fidelity-t": res}).splitlines() if line.startswith("| `fidelity-t`")]
     assert [r.split(" | ")[5] for r in rows] == ["reduced", "lora", "lora", "lora", "lora"]
+    # a section measured at another min_steps than the shipped one says so; at the shipped one, nothing
+    res["defaults"]["lora"]["min_steps"] = 7
+    rows = [line for line in summary({"fidelity-t": res}).splitlines() if line.startswith("| `fidelity-t`")]
+    assert [r.split(" | ")[5] for r in rows] == ["reduced"] + ["lora (>= 7 steps)"] * 4
+    res["defaults"]["lora"]["min_steps"] = TrainConfig(method="lora").min_steps
+    rows = [line for line in summary({"fidelity-t": res}).splitlines() if line.startswith("| `fidelity-t`")]
+    assert [r.split(" | ")[5] for r in rows] == ["reduced", "lora", "lora", "lora", "lora"]
+
+
+def test_run_log_keys_a_min_steps_that_adds_no_epoch_as_0():
+    """Such a run is the same run at any min_steps up to the cap's steps, so a new default keeps it."""
+    from er_bench.bench_fidelity import keyed
+    from er_core import TrainConfig
+
+    c = TrainConfig(method="lora", epochs=10, min_steps=1000)
+    assert keyed(c, 2000)["min_steps"] == 0  # 125 steps an epoch: the 10-epoch cap runs 1,250
+    assert keyed(c, 500)["min_steps"] == 1000  # 32 steps an epoch: it adds 22 epochs
+    assert keyed(TrainConfig(method="lora", epochs=10, min_steps=500), 2000) == keyed(c, 2000)
+    assert keyed(TrainConfig(method="lora", epochs=10, min_steps=500), 500) != keyed(c, 500)
 
 
 @pytest.mark.real
