@@ -58,8 +58,9 @@ FULL_LIMIT = {"train": 2000, "dev": 500}  # test: the whole split
 
 class RunLog:
     """Finished measurements, one JSON line each, keyed by everything that determines them (task, method, seed,
-    layer, codec, the whole TrainConfig, slices, model): a rerun keeps what is done, since the full table takes
-    hours on 2 cores, and any change of settings or shipped defaults misses the key and measures anew."""
+    layer, codec, the whole TrainConfig as `keyed` gives it, slices, model): a rerun keeps what is done, since the
+    full table takes hours on 2 cores, and any change of settings or shipped defaults that changes a run misses the
+    key and measures anew."""
 
     def __init__(self, path: Path | None):
         self.path, self.done = path, {}
