@@ -47,8 +47,9 @@ class AdviseConfig:
     tolerance: float = field(default=1.0, metadata={"help": "points of dev metric a cheaper k may lose against the best"})
 
     def probe_config(self) -> TrainConfig:
+        # exactly `epochs`, at every k alike: lora's min_steps would stretch a 2-epoch probe to 16 at the default budget
         return TrainConfig(method=self.method, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, seed=self.seed,
-                           patience=self.epochs)
+                           patience=self.epochs, min_steps=0)
 
 
 def default_layers(num_layers: int, cache_layer: int) -> list[int]:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from er_core.advise import recommend
+from er_core.advise import AdviseConfig, recommend
 from pipelines.cli import main as er
 
 
@@ -15,6 +15,12 @@ def test_the_largest_k_within_tolerance_of_the_best_is_recommended():
     assert recommend(rows, tolerance=1.0)["layer"] == 3  # 0.9 points behind the best (k=2): within 1
     assert recommend(rows, tolerance=0.5)["layer"] == 2
     assert recommend(rows, tolerance=3.0)["layer"] == 4
+
+
+@pytest.mark.parametrize("method", ["reduced", "lora"])
+def test_a_probe_trains_exactly_its_epochs_whatever_the_method(method):
+    steps_per_epoch = -(-AdviseConfig().budget // AdviseConfig().batch_size)
+    assert AdviseConfig(method=method, epochs=2).probe_config().max_epochs(steps_per_epoch) == 2
 
 
 @pytest.mark.real
