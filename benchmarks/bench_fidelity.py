@@ -13,8 +13,9 @@ sliced by --train/--dev/--test (test: the whole split by default):
    rate of `reduced`/`lora` is not the shipped default, the default runs the 3 seeds too (the shipped-defaults rows);
 4. accuracy vs k: the first classification and the first NER task, `reduced` and `lora` at their chosen rates at
    every k = 0..L-1 (seed 0; --vs-k: these k only), each from a cache of its slice at that k; at the k's of
-   --seeds-at-k (where the curve says parity lies), every seed, paired to the tuned `full` as in the table, and the
-   shipped default rate's seeds too where the rate chosen at k is not it;
+   --seeds-at-k (where the curve says parity lies), the lr tuned again on dev at that k (seed 0, GRIDS), then every
+   seed at it, paired to the tuned `full` as in the table, and the shipped default rate's seeds too where the rate
+   chosen at that k is not it;
 5. codec cost: the first classification task, `reduced` from fp32, fp16 and int8 caches;
 6. break-even: one ingestion plus N `reduced` runs against N `full` runs, from the measured times.
 
@@ -208,10 +209,18 @@ def run(data: Path, quick: bool = False, seeds=(0, 1, 2), limit: dict | None = N
                                          for layer in vs_k]
         full = [r for r in table if r["task"] == first.name and r["method"] == "full"]
         for layer in seeds_at_k:
-            # the lr chosen at the section's k, and the shipped default where it differs: the rate a user gets
-            runs_at = [(m, f"k={layer}", chosen[first.name, m]) for m in ("reduced", "lora")]
-            runs_at += [(m, f"k={layer} default", default[m]) for m in ("reduced", "lora")
-                        if tune and default[m] != chosen[first.name, m]]
+            # tuned at this k as at the section's (dev, seed 0, the same grid): fewer frozen layers may want another
+            # rate; then every seed at it, and at the shipped default where it differs: the rate a user gets
+            at = {}
+            for m in ("reduced", "lora"):
+                by_lr = {lr: train("vs_k", first.name, first, config(m, lr, seeds[0]), layer, "fp16", (first.name,))
+                         for lr in grids[m]}
+                at[m] = max(by_lr, key=lambda lr: by_lr[lr]["dev"])
+                res.setdefault("at_k_tuning", []).extend(
+                    {"task": first.name, "method": m, "layer": layer, "lr": lr, "seed": seeds[0], "chosen": lr == at[m], **r}
+                    for lr, r in by_lr.items())
+            runs_at = [(m, f"k={layer}", at[m]) for m in ("reduced", "lora")]
+            runs_at += [(m, f"k={layer} default", default[m]) for m in ("reduced", "lora") if tune and default[m] != at[m]]
             rows = [{"task": first.name, "method": method, "setting": setting, "layer": layer, "lr": lr, "seed": seed,
                      **train("vs_k", first.name, first, config(method, lr, seed), layer, "fp16", (first.name,))}
                     for method, setting, lr in runs_at for seed in seeds]
@@ -285,7 +294,8 @@ def _break_even(res: dict) -> dict:
 
 def _span(res: dict) -> str:
     probes = [r for by in res["vs_k"].values() for rs in by.values() for r in rs]
-    every = res["runs"] + res["tuning"] + probes + res.get("at_k_runs", []) + list(res["codecs"].values())
+    every = (res["runs"] + res["tuning"] + probes + res.get("at_k_runs", []) + res.get("at_k_tuning", [])
+             + list(res["codecs"].values()))
     whens = sorted([r["when"] for r in every] + [r["longer_when"] for r in every if "longer_when" in r])
     return whens[0] if whens[0] == whens[-1] else f"from {whens[0]} to {whens[-1]}"
 
@@ -358,7 +368,7 @@ def report(res: dict, plots: list[str], section: str = "fidelity") -> str:
         return f"{r['task']} {r['method']} lr {r['lr']:g} seed {r['seed']}" + (f" k={r['layer']}" if "layer" in r else "")
 
     cap = res["converge"]["epochs"]
-    every = res["runs"] + probes + res.get("at_k_runs", []) + res["tuning"]
+    every = res["runs"] + probes + res.get("at_k_runs", []) + res["tuning"] + res.get("at_k_tuning", [])
     # a probe's first seed is also an at-k run, and a tuning run also a table run: each named once
     extended = list(dict.fromkeys(named(r) for r in every if "extended_from" in r))
     shorter = list(dict.fromkeys(f"{named(r)} (dev {r['dev']:.4f}, at {cap * res['extend']}: {r['longer_dev']:.4f})"
@@ -389,9 +399,14 @@ def report(res: dict, plots: list[str], section: str = "fidelity") -> str:
                   f"| task | k | method | setting | lr | test metric (mean ± std) | {vs}, points (paired, mean ± std) "
                   "| best epoch / run |", "|---|---|---|---|---|---|---|---|"]
         for p in res["at_k"]:
-            setting = "default" if p["setting"].endswith("default") else f"{kept} at k={res['k']}"
+            setting = "default" if p["setting"].endswith("default") else f"{kept} at k={p['layer']}"
             lines.append(f"| {p['task']} | {p['layer']} | {p['method']} | {setting} | {p['lr']:g} | {p['metric']} {p['mean']:.4f} ± "
                          f"{p['std']:.4f} | {p['diff_points']:+.2f} ± {p['diff_std']:.2f} | {', '.join(p['epochs'])} |")
+        if res.get("at_k_tuning") and kept == "tuned":
+            lines += ["", "Dev by lr at those k's (seed 0; * chosen): " + "; ".join(
+                f"k={k} {t} {m}: " + ", ".join(f"{r['lr']:g} {r['dev']:.4f}{'*' if r['chosen'] else ''}" for r in res["at_k_tuning"]
+                                               if (r["layer"], r["task"], r["method"]) == (k, t, m))
+                for k, t, m in dict.fromkeys((r["layer"], r["task"], r["method"]) for r in res["at_k_tuning"]))]
         lines += ["", f"Goal at those k's: within {GOAL_POINTS} point of {base}: "
                   + "; ".join(f"k={p['layer']}{' (default lr)' if p['setting'].endswith('default') else ''} " + _goal(p)
                              for p in res["at_k"]) + "."]
@@ -498,8 +513,9 @@ def main(argv=None) -> None:
     ap.add_argument("--test", type=int, help="test examples per task (default: the whole split)")
     ap.add_argument("--no-extras", action="store_true", help="the table only: no accuracy vs k, no codec cost")
     ap.add_argument("--seeds-at-k", type=int, nargs="+", default=[], metavar="K",
-                    help="layers at which accuracy vs k runs every seed, paired to the tuned full (e.g. where the "
-                         "curve puts parity for NER); for both of its tasks, the first classification and first NER")
+                    help="layers at which the lr is tuned again on dev and accuracy vs k runs every seed, paired to "
+                         "the tuned full (e.g. where the curve puts parity for NER); for both of its tasks, the first "
+                         "classification and first NER")
     ap.add_argument("--vs-k", type=int, nargs="+", metavar="K", help="accuracy vs k at these layers only (default: "
                     "every k, seed 0: L runs per method, hours for a 12-layer model on CPU)")
     ap.add_argument("--epochs", type=int, help=f"epoch cap of every run (default {CONVERGE['epochs']}; early stopping "

@@ -229,22 +229,33 @@ def test_run_log_keys_a_min_steps_that_adds_no_epoch_as_0():
 
 
 @pytest.mark.real
-def test_fidelity_at_a_seeds_at_k_layer_runs_the_shipped_default_too_where_dev_chose_another_lr(tmp_path, monkeypatch):
-    """Every seed at k=1 runs at the lr chosen at the section's k and, where that is not the shipped default, at the
-    default too (the rate a user gets), each paired to the tuned full and named in the report."""
+def test_fidelity_at_a_seeds_at_k_layer_tunes_the_lr_there_and_runs_the_shipped_default_too(tmp_path, monkeypatch):
+    """At k=1 the lr is tuned again on dev (seed 0, the same grid); every seed runs at that lr and, where it is not the
+    shipped default, at the default too (the rate a user gets), each paired to the tuned full and named in the report."""
     from er_core.train_config import DEFAULT_LR
 
     bf, calls = _fake_fidelity(tmp_path, monkeypatch)
+    trained = bf._train
+
+    def lora_wants_less_at_k1(cache, task_dir, out, cfg, limit, device):  # at k=3, lora's dev picks 3e-3
+        r = trained(cache, task_dir, out, cfg, limit, device)
+        at_k1 = Path(cache).name.startswith("k1-")
+        return {**r, "dev": 0.99} if at_k1 and (cfg.method, cfg.lr) == ("lora", 3e-4) else r
+
+    monkeypatch.setattr(bf, "_train", lora_wants_less_at_k1)
     res = bf.run(tmp_path / "data", seeds=(0, 1), runs=None, extras=True, seeds_at_k=(1,), log=lambda line: None)
+    assert {(r["method"], r["lr"]) for r in res["at_k_tuning"] if r["layer"] == 1} == {
+        (m, lr) for m in ("reduced", "lora") for lr in bf.GRIDS[m]}  # every cell of the grid, at k=1
+    assert [(r["method"], r["lr"]) for r in res["at_k_tuning"] if r["chosen"]] == [("reduced", 1e-4), ("lora", 3e-4)]
     runs = {(r["method"], r["setting"], r["lr"], r["seed"]) for r in res["at_k_runs"]}
     assert {(m, s, lr) for m, s, lr, _ in runs} == {("reduced", "k=1", 1e-4), ("reduced", "k=1 default", DEFAULT_LR["reduced"]),
-                                                    ("lora", "k=1", 3e-3), ("lora", "k=1 default", DEFAULT_LR["lora"])}
+                                                    ("lora", "k=1", 3e-4), ("lora", "k=1 default", DEFAULT_LR["lora"])}
     assert len(runs) == 8 and all(r["layer"] == 1 for r in res["at_k_runs"])
     assert [(p["method"], p["setting"]) for p in res["at_k"]] == [("reduced", "k=1"), ("lora", "k=1"),
                                                                   ("reduced", "k=1 default"), ("lora", "k=1 default")]
     text = bf.report(res, [], "fidelity-tiny")
-    assert "| tiny | 1 | lora | default | 0.001 |" in text and "| tiny | 1 | lora | tuned at k=3 | 0.003 |" in text
-    assert "k=1 (default lr) tiny lora" in text
+    assert "| tiny | 1 | lora | default | 0.001 |" in text and "| tiny | 1 | lora | tuned at k=1 | 0.0003 |" in text
+    assert "k=1 (default lr) tiny lora" in text and "k=1 tiny lora: 0.0003 0.9900*, 0.001" in text
     untuned = bf.run(tmp_path / "data", seeds=(0, 1), runs=None, extras=True, seeds_at_k=(1,), log=lambda line: None,
                      tune=False)
     assert {r["setting"] for r in untuned["at_k_runs"]} == {"k=1"}  # untuned: the default is the only rate
