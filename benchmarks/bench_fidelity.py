@@ -174,15 +174,21 @@ def run(data: Path, quick: bool = False, seeds=(0, 1, 2), limit: dict | None = N
     def config(method: str, lr: float, seed: int) -> TrainConfig:
         return TrainConfig(method=method, lr=lr, seed=seed, **converge).for_encoder(spec.hidden_size)  # head: by width
 
+    def tuned(what: str, name: str, d: Path, method: str, layer: int, names: tuple) -> tuple[float, dict, list[dict]]:
+        """Every lr of the grid at seed 0: the dev-best lr (the test figures are not looked at), the runs by lr,
+        and the rows that say so."""
+        by_lr = {lr: train(what, name, d, config(method, lr, seeds[0]), layer, "fp16", names) for lr in grids[method]}
+        best = max(by_lr, key=lambda lr: by_lr[lr]["dev"])
+        return best, by_lr, [{"task": name, "method": method, "lr": lr, "seed": seeds[0], "chosen": lr == best, **r}
+                             for lr, r in by_lr.items()]
+
     all_names = tuple(tasks)
     table, tuning, chosen = [], [], {}
     for name, d in zip(tasks, dirs):
         for method in METHODS:
-            by_lr = {lr: train("table", name, d, config(method, lr, seeds[0]), k, "fp16", all_names) for lr in grids[method]}
-            best = max(by_lr, key=lambda lr: by_lr[lr]["dev"])  # dev only: the test figures are not looked at
+            best, by_lr, rows = tuned("table", name, d, method, k, all_names)
             chosen[name, method] = best
-            tuning += [{"task": name, "method": method, "lr": lr, "seed": seeds[0], "chosen": lr == best, **r}
-                       for lr, r in by_lr.items()]
+            tuning += rows
             settings = [("tuned" if tune else "default", best)]
             if tune and method != "full" and default[method] != best:  # full's baseline is tuned; a default that
                 settings.append(("default", default[method]))  # won on dev is the tuned row itself
@@ -213,12 +219,8 @@ def run(data: Path, quick: bool = False, seeds=(0, 1, 2), limit: dict | None = N
             # rate; then every seed at it, and at the shipped default where it differs: the rate a user gets
             at = {}
             for m in ("reduced", "lora"):
-                by_lr = {lr: train("vs_k", first.name, first, config(m, lr, seeds[0]), layer, "fp16", (first.name,))
-                         for lr in grids[m]}
-                at[m] = max(by_lr, key=lambda lr: by_lr[lr]["dev"])
-                res.setdefault("at_k_tuning", []).extend(
-                    {"task": first.name, "method": m, "layer": layer, "lr": lr, "seed": seeds[0], "chosen": lr == at[m], **r}
-                    for lr, r in by_lr.items())
+                at[m], _, rows = tuned("vs_k", first.name, first, m, layer, (first.name,))
+                res.setdefault("at_k_tuning", []).extend({**r, "layer": layer} for r in rows)
             runs_at = [(m, f"k={layer}", at[m]) for m in ("reduced", "lora")]
             runs_at += [(m, f"k={layer} default", default[m]) for m in ("reduced", "lora") if tune and default[m] != at[m]]
             rows = [{"task": first.name, "method": method, "setting": setting, "layer": layer, "lr": lr, "seed": seed,
@@ -300,6 +302,15 @@ def _span(res: dict) -> str:
     return whens[0] if whens[0] == whens[-1] else f"from {whens[0]} to {whens[-1]}"
 
 
+def _dev_by_lr(rows: list[dict], at_k: bool = False) -> str:
+    """`task method: lr dev, lr dev*, ...` per task and method (and layer, at_k), the chosen rate starred."""
+    def group(r):
+        return (f"k={r['layer']} " if at_k else "") + f"{r['task']} {r['method']}"
+
+    return "; ".join(f"{g}: " + ", ".join(f"{r['lr']:g} {r['dev']:.4f}{'*' if r['chosen'] else ''}" for r in rows if group(r) == g)
+                     for g in dict.fromkeys(map(group, rows)))
+
+
 def verdict(diff: float) -> str:
     """A paired gap to `full`, in points, against the goal."""
     return "met" if diff >= -GOAL_POINTS else f"missed by {-GOAL_POINTS - diff:.2f}"
@@ -357,10 +368,7 @@ def report(res: dict, plots: list[str], section: str = "fidelity") -> str:
         if ps:
             lines += ["", f"Goal, {setting}: `reduced` and `lora` within {GOAL_POINTS} point of {base} (paired mean): "
                       + "; ".join(_goal(p) for p in ps) + "."]
-    lines += ["", "Dev by lr (seed 0; * chosen): " + "; ".join(
-        f"{t} {m}: " + ", ".join(f"{r['lr']:g} {r['dev']:.4f}{'*' if r['chosen'] else ''}" for r in res["tuning"]
-                                 if r["task"] == t and r["method"] == m)
-        for t, m in dict.fromkeys((r["task"], r["method"]) for r in res["tuning"]))]
+    lines += ["", "Dev by lr (seed 0; * chosen): " + _dev_by_lr(res["tuning"])]
     probes = [{**r, "task": t, "method": m, "seed": res["seeds"][0]} for t, by in res["vs_k"].items()
               for m, rows in by.items() for r in rows]
 
@@ -403,10 +411,7 @@ def report(res: dict, plots: list[str], section: str = "fidelity") -> str:
             lines.append(f"| {p['task']} | {p['layer']} | {p['method']} | {setting} | {p['lr']:g} | {p['metric']} {p['mean']:.4f} ± "
                          f"{p['std']:.4f} | {p['diff_points']:+.2f} ± {p['diff_std']:.2f} | {', '.join(p['epochs'])} |")
         if res.get("at_k_tuning") and kept == "tuned":
-            lines += ["", "Dev by lr at those k's (seed 0; * chosen): " + "; ".join(
-                f"k={k} {t} {m}: " + ", ".join(f"{r['lr']:g} {r['dev']:.4f}{'*' if r['chosen'] else ''}" for r in res["at_k_tuning"]
-                                               if (r["layer"], r["task"], r["method"]) == (k, t, m))
-                for k, t, m in dict.fromkeys((r["layer"], r["task"], r["method"]) for r in res["at_k_tuning"]))]
+            lines += ["", "Dev by lr at those k's (seed 0; * chosen): " + _dev_by_lr(res["at_k_tuning"], at_k=True)]
         lines += ["", f"Goal at those k's: within {GOAL_POINTS} point of {base}: "
                   + "; ".join(f"k={p['layer']}{' (default lr)' if p['setting'].endswith('default') else ''} " + _goal(p)
                              for p in res["at_k"]) + "."]
