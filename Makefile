@@ -29,7 +29,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
-# Two workers, one file each at a time (module fixtures stay in one process): 18 min on 2 cores against 23 serially,
+# Two workers, one file each at a time (module fixtures stay in one process): 18-20 min on 2 cores against 23 serially,
 # since many tests wait on subprocesses and Ray. `make test PYTEST_WORKERS=0` runs them in one process.
 PYTEST_WORKERS ?= 2
 test: install models
